@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny random Llama with a 384-token ChatML tokenizer, so every test runs in seconds on CPU."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QUESTIONS = [
+    "What is 3 plus 4?",
+    "Name a mammal.",
+    "Where does rain come from?",
+    "What do plants need?",
+    "Which is bigger, 12 or 30?",
+    "Say hello.",
+    "What is the answer?",
+    "Name a school subject.",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(FIXTURES / "tiny_tokenizer")
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """A copy of ``model`` with every weight nudged: a stand-in for M1 = M0 after SFT."""
+    generator = torch.Generator().manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return other
+
+
+@pytest.fixture()
+def tokenizer() -> PreTrainedTokenizerBase:
+    return tiny_tokenizer()
+
+
+@pytest.fixture()
+def m0(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture()
+def prompts() -> Dataset:
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
+
+
+def cream_args(output_dir: Path, **overrides):
+    from trl_cream import CreamConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        num_iterations=2,
+        num_generations=3,
+        max_new_tokens=8,
+        max_length=128,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        generation_batch_size=4,
+        scoring_batch_size=8,
+    )
+    kwargs.update(overrides)
+    return CreamConfig(**kwargs)

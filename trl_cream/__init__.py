@@ -1,0 +1,12 @@
+"""trl-cream: Consistency Regularized sElf-rewarding lAnguage Models (CREAM) for Hugging Face TRL."""
+
+import os
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from .cream_config import CreamConfig  # noqa: E402
+from .cream_trainer import CreamTrainer  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["CreamConfig", "CreamTrainer", "__version__"]
