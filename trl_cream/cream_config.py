@@ -1,0 +1,183 @@
+"""Configuration of CREAM training: TRL's online DPO config plus the fields of Algorithm 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.experimental.online_dpo import OnlineDPOConfig
+
+from .consistency import GRANULARITIES, MEASURES
+
+REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
+
+
+@dataclass
+class CreamConfig(OnlineDPOConfig):
+    r"""
+    Configuration class for the [`CreamTrainer`].
+
+    CREAM (Wang et al., ICLR 2025, [arXiv:2410.12735](https://huggingface.co/papers/2410.12735)) runs
+    `num_iterations` self-rewarding rounds ``M_t → M_{t+1}``. Each round samples `num_generations` candidates per
+    prompt from the round-start policy ``π_t``, ranks them with the implicit reward ``log π_t − log π_0`` and with
+    the previous checkpoint's reward ``log π_{t−1} − log π_0``, measures how consistent the two rankings are
+    (``C``), and trains on best/worst pairs with ``C · DPO(y+, y−) + (1 − C) · DPO(y−, y+)``.
+
+    This class only documents the parameters that CREAM adds or whose defaults differ from
+    [`~trl.experimental.online_dpo.OnlineDPOConfig`]; everything else keeps its TRL meaning.
+
+    Parameters:
+        > Parameters that control the rounds
+
+        num_iterations (`int`, *optional*, defaults to `2`):
+            Number of CREAM rounds ``T`` (the paper runs 2: M1 → M2 → M3). The prompts are shuffled with `seed` and
+            split equally across the rounds.
+        num_generations (`int`, *optional*, defaults to `5`):
+            Number of candidates ``N`` sampled per prompt (paper: 5). Must be at least 2.
+        consistency_measure (`str`, *optional*, defaults to `"kendall"`):
+            How ``C`` is measured between the current and the previous ranking: `"kendall"` (``(τ_b + 1) / 2``,
+            the paper's choice), `"spearman"` (``(ρ + 1) / 2``), `"toporder"` (best and worst agree) or `"none"`
+            (``C ≡ 1``: plain self-rewarding iterative DPO, the SRLM baseline).
+        consistency_granularity (`str`, *optional*, defaults to `"dataset"`):
+            `"dataset"` uses one ``C``, the mean over the round's prompts (Algorithm 1 line 11); `"sample"` gives
+            every pair the ``C`` of its own prompt.
+        ref_policy (`str`, *optional*, defaults to `"round_start"`):
+            DPO reference of a round: `"round_start"` (``π_t``, Algorithm 1 line 14) or `"initial"` (``π_0``). Both
+            come from the scoring pass, so training runs no reference forward.
+        generation_batch_size (`int`, *optional*, defaults to `8`):
+            Prompts per `generate` call when sampling candidates (each call produces
+            `generation_batch_size * num_generations` sequences).
+        scoring_batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward pass when scoring candidates under ``π_t``, ``π_0`` and ``π_{t−1}``.
+        save_round_artifacts (`bool`, *optional*, defaults to `True`):
+            Save each round's candidates (with every log-prob, reward and rank), its pairs and `metrics.json` as
+            `datasets` folders under `output_dir/rounds/round_<t>`.
+
+        > Parameters whose defaults differ from [`~trl.experimental.online_dpo.OnlineDPOConfig`]
+
+        learning_rate (`float`, *optional*, defaults to `1e-6`):
+            Learning rate of AdamW (paper: 1e-6). Each round starts a fresh optimizer and schedule.
+        num_train_epochs (`float`, *optional*, defaults to `1.0`):
+            Epochs over each round's pairs (paper: 1).
+        warmup_steps (`float`, *optional*, defaults to `0.1`):
+            Linear warm-up, as a ratio of each round's steps when below 1 (paper: warm-up ratio 0.1).
+        temperature (`float`, *optional*, defaults to `0.8`):
+            Sampling temperature of the candidates (paper: 0.8).
+        top_p (`float`, *optional*, defaults to `0.95`):
+            Nucleus sampling of the candidates.
+        save_strategy (`str`, *optional*, defaults to `"no"`):
+            Intra-round Trainer checkpoints; off by default since every round's model is saved as `M<t+1>`.
+
+    `beta` (default 0.1) may also be a list with one value per round.
+    """
+
+    num_iterations: int = field(
+        default=2,
+        metadata={"help": "Number of CREAM rounds T; the prompts are split equally across them."},
+    )
+    num_generations: int = field(
+        default=5,
+        metadata={"help": "Number of candidates N sampled per prompt (>= 2)."},
+    )
+    consistency_measure: str = field(
+        default="kendall",
+        metadata={"help": "Consistency measure between rankings.", "choices": list(MEASURES)},
+    )
+    consistency_granularity: str = field(
+        default="dataset",
+        metadata={
+            "help": "One C for the whole round ('dataset') or one per prompt ('sample').",
+            "choices": list(GRANULARITIES),
+        },
+    )
+    ref_policy: str = field(
+        default="round_start",
+        metadata={
+            "help": "DPO reference: the round-start policy or the initial model.",
+            "choices": list(REF_POLICIES),
+        },
+    )
+    generation_batch_size: int = field(
+        default=8,
+        metadata={"help": "Prompts per generate call when sampling candidates."},
+    )
+    scoring_batch_size: int = field(
+        default=16,
+        metadata={"help": "Sequences per forward pass when scoring candidates."},
+    )
+    save_round_artifacts: bool = field(
+        default=True,
+        metadata={"help": "Save candidates, pairs and metrics of every round under output_dir/rounds."},
+    )
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={"help": "The initial learning rate for AdamW (paper: 1e-6)."},
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Epochs over each round's preference pairs (paper: 1)."},
+    )
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={"help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1)."},
+    )
+    temperature: float = field(
+        default=0.8,
+        metadata={"help": "Sampling temperature of the candidates (paper: 0.8)."},
+    )
+    top_p: float = field(
+        default=0.95,
+        metadata={"help": "Top-p of candidate sampling."},
+    )
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "Intra-round Trainer checkpoints; every round's model is saved as M<t+1> regardless."},
+    )
+
+    def __post_init__(self) -> None:
+        self._validate()
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        """Check the CREAM fields before anything is loaded or generated."""
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: CREAM ranks candidates against each other, so it needs at "
+                "least 2 per prompt (the paper uses 5)."
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
+        if self.consistency_measure not in MEASURES:
+            raise ValueError(
+                f"consistency_measure={self.consistency_measure!r} is unknown; choose one of {', '.join(MEASURES)}."
+            )
+        if self.consistency_granularity not in GRANULARITIES:
+            raise ValueError(
+                f"consistency_granularity={self.consistency_granularity!r} is unknown; choose one of "
+                f"{', '.join(GRANULARITIES)}."
+            )
+        if self.ref_policy not in REF_POLICIES:
+            raise ValueError(f"ref_policy={self.ref_policy!r} is unknown; choose one of {', '.join(REF_POLICIES)}.")
+        for name in ("generation_batch_size", "scoring_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.loss_type != "sigmoid":
+            raise ValueError(f"loss_type={self.loss_type!r}: CREAM's loss is built on the sigmoid DPO loss only.")
+        if self.use_vllm:
+            raise NotImplementedError(
+                "use_vllm=True is not supported yet by CreamTrainer: sampling uses transformers' generate. "
+                "Set use_vllm=False."
+            )
+        betas = self.beta if isinstance(self.beta, (list, tuple)) else [self.beta]
+        if len(betas) not in (1, self.num_iterations):
+            raise ValueError(
+                f"beta={self.beta}: give one value, or one per round ({self.num_iterations} values for "
+                f"num_iterations={self.num_iterations})."
+            )
+        if any(b <= 0 for b in betas):
+            raise ValueError(f"beta={self.beta}: every β must be positive.")
+
+    def beta_for_round(self, round_index: int) -> float:
+        """β of round ``round_index`` (1-based)."""
+        if isinstance(self.beta, (list, tuple)):
+            return float(self.beta[min(round_index, len(self.beta)) - 1])
+        return float(self.beta)
