@@ -194,9 +194,14 @@ _CANDIDATE_COLUMNS = (
 )
 
 
-def save_round(round_dir: Path, candidates: Dataset, pairs: Dataset, metrics: dict[str, Any]) -> None:
-    """Write ``candidates/``, ``pairs/`` and ``metrics.json`` into ``round_dir``."""
+def save_round(round_dir: Path, candidates: Dataset, pairs: Dataset) -> None:
+    """Write the ``candidates/`` and ``pairs/`` datasets of a round into ``round_dir``."""
     round_dir.mkdir(parents=True, exist_ok=True)
     candidates.save_to_disk(str(round_dir / "candidates"))
     pairs.save_to_disk(str(round_dir / "pairs"))
+
+
+def save_metrics(round_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write a round's ``metrics.json``."""
+    round_dir.mkdir(parents=True, exist_ok=True)
     (round_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

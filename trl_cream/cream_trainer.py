@@ -21,7 +21,7 @@ from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from . import adapters
-from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_round
+from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
 from .cream_config import CreamConfig
 from .loss import cream_dpo_loss
 from .sampling import (
@@ -262,8 +262,10 @@ class CreamTrainer(OnlineDPOTrainer):
             if args.save_round_artifacts and self.accelerator.is_main_process:
                 completions = [self.processing_class.batch_decode(c, skip_special_tokens=True) for c in candidates]
                 table = candidates_dataset(prompts, candidates, completions, scores, labels)
-                save_round(self.round_dir(t), table, pairs, {**metrics, "timings_s": timings})
+                save_round(self.round_dir(t), table, pairs)
         metrics.update({f"time_{k}_s": v for k, v in timings.items()}, train_loss=output.training_loss)
+        if args.save_round_artifacts and self.accelerator.is_main_process:
+            save_metrics(self.round_dir(t), {**metrics, "timings_s": timings})
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
         self.round_metrics.append(metrics)
         return output
@@ -278,7 +280,9 @@ class CreamTrainer(OnlineDPOTrainer):
         self.train_dataset = pairs
         self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
         self.stats = {}
+        history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
         output = super().train()
+        self.state.log_history = history + self.state.log_history
         self._step_offset += self.state.global_step
         return output
 

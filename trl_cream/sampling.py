@@ -6,6 +6,7 @@ any other generation backend (e.g. vLLM) share one definition of "the log-probab
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,8 @@ def generate_candidates(
     stop = generation_config.eos_token_id
     stop_ids = [stop] if isinstance(stop, int) else list(stop or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
+    generation_config = copy.deepcopy(generation_config)
+    generation_config.use_cache = True
     out: list[list[TokenIds]] = []
     starts = range(0, len(prompt_ids), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
@@ -86,9 +89,7 @@ def generate_candidates(
         ids, mask = _left_pad(chunk, pad_id)
         ids = ids.repeat_interleave(num_generations, 0).to(device)
         mask = mask.repeat_interleave(num_generations, 0).to(device)
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=generation_config, use_cache=True
-        )
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
         completions = generated[:, ids.shape[1] :].tolist()
         for p in range(len(chunk)):
             rows = completions[p * num_generations : (p + 1) * num_generations]

@@ -1,0 +1,42 @@
+# One-command set-up and run. Every target creates .venv on first use.
+#   make test   - set up, then lint, build the docs (--strict) and run the whole test suite
+#   make demo   - set up, then run the embedded offline demo (SmolLM2-135M, M0 -> M1 -> M2 -> M3)
+# TORCH_SPEC picks the torch build installed first (the default is the CPU wheel this project is tested with;
+# elsewhere e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.trl-cream-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export TRL_EXPERIMENTAL_SILENCE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test lint docs demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check trl_cream tests examples benchmarks
+	$(PY) -m ruff format --check trl_cream tests examples benchmarks
+
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
+
+test: lint docs
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(VENV)/bin/trl-cream demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) build site .pytest_cache

@@ -1,0 +1,408 @@
+"""Evaluation harness: downstream accuracy per iteration (paper Table 1) and ranking consistency (Table 2).
+
+Accuracy is exact match under greedy decoding. Ranking consistency samples ``N`` candidates per prompt from the newer
+checkpoint ``M_k`` and ranks them twice, with its implicit DPO reward ``r = log π_k - log π_0`` and with the older
+checkpoint's ``r' = log π_{k-1} - log π_0``, then reports Kendall's τ, Spearman's ρ, TopOrder and ``C = (τ + 1) / 2``
+as mean ± std over prompts. Sampling and scoring reuse `trl_cream.sampling`, so the numbers here are computed
+exactly as the trainer computes its rewards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import sampling
+from .answers import is_correct, predict
+from .consistency import kendall_tau, spearman, top_order
+from .rewards import baseline_rewards, implicit_rewards
+
+ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
+
+
+@dataclass
+class TaskResult:
+    """Accuracy of one checkpoint on one task.
+
+    Attributes:
+        task (`str`): Task name, e.g. ``"arc_easy"``.
+        accuracy (`float`): Fraction of rows answered correctly, in ``[0, 1]`` (0 for an empty task).
+        n (`int`): Number of rows evaluated.
+        num_correct (`int`): Number of rows answered correctly.
+        predictions (`list[dict]`): One entry per row: ``prompt``, gold ``answer``, ``completion``, extracted
+            ``prediction`` and ``correct``.
+    """
+
+    task: str
+    accuracy: float
+    n: int
+    num_correct: int
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationResults:
+    """Everything `run_evaluation` measured; `to_dict` is the content of ``results.json``.
+
+    Attributes:
+        iterations (`list[str]`): Checkpoint names in order, e.g. ``["M0", "M1", "M2", "M3"]``.
+        accuracy (`dict[str, dict[str, TaskResult]]`): iteration -> task -> result (Table 1).
+        consistency (`dict[str, dict]`): ``"M2 vs M1"`` -> `consistency_stats` output (Table 2).
+        settings (`dict`): The evaluation settings, for the record.
+    """
+
+    iterations: list[str]
+    accuracy: dict[str, dict[str, TaskResult]] = field(default_factory=dict)
+    consistency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResults:
+        accuracy = {it: {t: TaskResult(**r) for t, r in tasks.items()} for it, tasks in data["accuracy"].items()}
+        return cls(list(data["iterations"]), accuracy, dict(data["consistency"]), dict(data.get("settings", {})))
+
+
+def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Any:
+    """A plain prompt string becomes one user message (left as text when the tokenizer has no chat template)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
+    return list(prompt)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token` first.")
+    return pad
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def greedy_generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding with the tokenizer's eos and pad tokens (the accuracy setting)."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
+    return config
+
+
+def evaluate_accuracy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets: Mapping[str, Sequence[Mapping[str, Any]]],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    desc: str = "accuracy",
+) -> dict[str, TaskResult]:
+    """Exact-match accuracy of ``model`` on each eval set, with greedy decoding.
+
+    Each row is ``{"task", "prompt", "answer", "kind": "mc" | "gsm8k", "num_choices"}``; the prompt (a plain user
+    message) is wrapped as ``[{"role": "user", "content": prompt}]`` and goes through the chat template. Prompts are
+    batched by length to limit padding; results keep the original row order.
+
+    Args:
+        model (`torch.nn.Module`): A causal LM (or `PeftModel`), already on its device.
+        tokenizer (`PreTrainedTokenizerBase`): Its tokenizer.
+        datasets (`Mapping[str, Dataset]`): Task name -> eval rows (a `datasets.Dataset` or a list of dicts).
+        max_new_tokens (`int`, *optional*, defaults to `256`): Generation budget per answer.
+        batch_size (`int`, *optional*, defaults to `8`): Prompts per `generate` call.
+        show_progress (`bool`, *optional*, defaults to `True`): Show one progress bar per task.
+        desc (`str`, *optional*, defaults to `"accuracy"`): Progress bar prefix.
+
+    Returns:
+        `dict[str, TaskResult]`: Task name -> accuracy, counts and per-row predictions.
+    """
+    config = greedy_generation_config(tokenizer, max_new_tokens)
+    results: dict[str, TaskResult] = {}
+    for task, dataset in datasets.items():
+        rows = [dict(row) for row in dataset]
+        prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(row["prompt"], tokenizer) for row in rows])
+        order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
+        sorted_ids = [prompt_ids[i] for i in order]
+        with _eval_mode(model):  # greedy, one completion per prompt
+            generated = sampling.generate_candidates(
+                model, tokenizer, sorted_ids, 1, config, batch_size, show_progress, desc=f"{desc} {task}"
+            )
+        completions = [""] * len(rows)
+        for i, candidates in zip(order, generated, strict=True):
+            completions[i] = tokenizer.decode(candidates[0], skip_special_tokens=True)
+        predictions = [
+            {
+                "prompt": row["prompt"],
+                "answer": row["answer"],
+                "completion": completion,
+                "prediction": predict(row, completion),
+                "correct": is_correct(row, completion),
+            }
+            for row, completion in zip(rows, completions, strict=True)
+        ]
+        num_correct = sum(p["correct"] for p in predictions)
+        accuracy = num_correct / len(rows) if rows else 0.0
+        results[task] = TaskResult(task, accuracy, len(rows), num_correct, predictions)
+    return results
+
+
+def _mean_std(values: torch.Tensor) -> dict[str, float | None]:
+    """Mean and population std (ddof = 0, as the paper's TopOrder column implies); `None` when there is no value."""
+    if values.numel() == 0:
+        return {"mean": None, "std": None}
+    return {"mean": values.mean().item(), "std": values.std(correction=0).item()}
+
+
+def _nan_to_none(values: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values.tolist()]
+
+
+def consistency_stats(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
+    """Table 2 from two ``[num_prompts, N]`` reward tensors: ``r`` of the newer model and ``r'`` of the older one.
+
+    A prompt whose ``r`` or ``r'`` is entirely tied has no ranking (τ and ρ are undefined). Such prompts are left out
+    of every mean and std, TopOrder included, so all columns describe the same prompts; they are counted in
+    ``num_undefined``. ``spearman`` is ρ in ``[-1, 1]``; ``spearman_normalized`` is ``(ρ + 1) / 2``, the scale the
+    paper's Table 2 uses (its SRLM row has τ = -0.22 but "Spearman" 0.36).
+
+    Args:
+        rewards (`torch.Tensor`): ``r``, ``[num_prompts, N]``, e.g. saved by the trainer for a round.
+        baseline (`torch.Tensor`): ``r'``, ``[num_prompts, N]``.
+
+    Returns:
+        `dict`: ``{"consistency" | "kendall_tau" | "spearman" | "spearman_normalized" | "top_order": {"mean", "std"},
+        "num_prompts", "num_defined", "num_undefined", "per_prompt": {metric: list with None where undefined}}``.
+    """
+    tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
+    defined = ~(torch.isnan(tau) | torch.isnan(rho))
+    top = torch.where(defined, top, torch.full_like(top, float("nan")))
+    metrics = {"consistency": (tau + 1) / 2, "kendall_tau": tau, "spearman": rho, "spearman_normalized": (rho + 1) / 2}
+    metrics["top_order"] = top
+    stats: dict[str, Any] = {name: _mean_std(values[defined]) for name, values in metrics.items()}
+    num_defined = int(defined.sum())
+    stats.update(num_prompts=int(tau.numel()), num_defined=num_defined, num_undefined=int(tau.numel()) - num_defined)
+    stats["per_prompt"] = {name: _nan_to_none(values) for name, values in metrics.items()}
+    return stats
+
+
+def ranking_consistency(
+    new_model: torch.nn.Module,
+    old_model: torch.nn.Module | None,
+    initial_model: torch.nn.Module | None,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Any],
+    num_generations: int = 4,
+    generation_config: GenerationConfig | None = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    seed: int | None = None,
+    show_progress: bool = True,
+    desc: str = "consistency",
+) -> dict[str, Any]:
+    """Ranking consistency between a checkpoint and its predecessor (paper Table 2, e.g. "M3 vs M2").
+
+    ``num_generations`` candidates per prompt are sampled from ``new_model`` and scored (summed completion
+    log-probs) under the new, old and initial (π_0) models. ``r = log π_new - log π_0`` ranks them for the new model,
+    ``r' = log π_old - log π_0`` for the old one, and `consistency_stats` compares the two rankings.
+
+    Special cases:
+        - ``old_model is initial_model`` (or ``old_model=None``): round 1, where ``r'`` would be identically 0.
+          The trainer's edge case is used instead: ``r'`` = π_0's length-normalised log-likelihood
+          (`rewards.baseline_rewards` with ``previous_logps=None``).
+        - ``initial_model=None``: ``new_model`` must be a `PeftModel`; π_0 is its base, scored inside
+          ``with new_model.disable_adapter():``. ``old_model`` may be another `PeftModel` or the same object.
+        - ``new_model is old_model``: scored once; every defined prompt then has τ = 1 and C = 1.
+
+    Args:
+        new_model (`torch.nn.Module`): The newer checkpoint ``M_k``; candidates are sampled from it.
+        old_model (`torch.nn.Module` or `None`): The previous checkpoint ``M_{k-1}``.
+        initial_model (`torch.nn.Module` or `None`): π_0, the reference of the implicit rewards (``M0``).
+        tokenizer (`PreTrainedTokenizerBase`): Shared tokenizer.
+        prompts (`Sequence`): Prompt strings (wrapped as one user message) or chat message lists.
+        num_generations (`int`, *optional*, defaults to `4`): Candidates per prompt ``N`` (at least 2).
+        generation_config (`GenerationConfig`, *optional*): Sampling settings; defaults to ``do_sample=True``,
+            temperature 1, 128 new tokens, the tokenizer's eos/pad.
+        max_length (`int`, *optional*, defaults to `1024`): Prompt + completion tokens when scoring (the prompt is
+            left-truncated).
+        batch_size (`int`, *optional*, defaults to `8`): Prompts per `generate` call and sequences per forward.
+        seed (`int`, *optional*): Seeds torch (globally) before sampling, for reproducible candidates.
+        show_progress (`bool`, *optional*, defaults to `True`): One progress bar for sampling, one per scoring.
+        desc (`str`, *optional*, defaults to `"consistency"`): Progress bar prefix.
+
+    Returns:
+        `dict`: `consistency_stats` output, with ``num_generations`` added.
+    """
+    if num_generations < 2:
+        raise ValueError(f"Ranking needs num_generations >= 2 candidates per prompt, got {num_generations}.")
+    if initial_model is None and not hasattr(new_model, "disable_adapter"):
+        raise ValueError(
+            f"initial_model=None means 'π_0 = new_model with adapters disabled', but new_model is a "
+            f"{type(new_model).__name__}, not a PeftModel. Pass the initial (M0) model explicitly."
+        )
+    if hasattr(prompts, "column_names"):
+        prompts = prompts["prompt"]
+    if generation_config is None:
+        generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128)
+        generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
+    if seed is not None:
+        torch.manual_seed(seed)
+    prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(p, tokenizer) for p in prompts])
+    common = {"batch_size": batch_size, "show_progress": show_progress}
+    with _eval_mode(new_model):
+        candidates = sampling.generate_candidates(
+            new_model, tokenizer, prompt_ids, num_generations, generation_config, **common, desc=f"{desc} sampling"
+        )
+
+    def score(model: torch.nn.Module, name: str, disable_adapter: bool = False) -> torch.Tensor:
+        with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
+            return sampling.score_candidates(
+                model, prompt_ids, candidates, _pad_id(tokenizer), max_length, **common, desc=f"{desc} scoring {name}"
+            )
+
+    if initial_model is None:
+        initial_logps = score(new_model, "π_0", disable_adapter=True)
+    else:
+        initial_logps = score(initial_model, "π_0")
+    new_logps = score(new_model, "new")
+    rewards = implicit_rewards(new_logps, initial_logps)
+    lengths = torch.tensor([[len(c) for c in cands] for cands in candidates])
+    if old_model is None or old_model is initial_model:
+        old_logps = None  # round 1: rank by π_0's length-normalised likelihood
+    else:
+        old_logps = new_logps if old_model is new_model else score(old_model, "old")
+    baseline = baseline_rewards(old_logps, initial_logps, lengths)
+    stats = consistency_stats(rewards, baseline)
+    stats["num_generations"] = num_generations
+    return stats
+
+
+def load_checkpoint(
+    path: str | Path,
+    base: ModelOrPath | None = None,
+    device: str | torch.device | None = None,
+    **from_pretrained_kwargs: Any,
+) -> torch.nn.Module:
+    """Load a saved checkpoint for evaluation: a full model folder, or a PEFT adapter folder on its base model.
+
+    An adapter folder (one with ``adapter_config.json``) is loaded on ``base`` when given (a path, or a model that
+    is deep-copied so that several adapters never share one wrapped base), else on the adapter's
+    ``base_model_name_or_path``. The model is returned in eval mode, on ``device`` when given.
+
+    Args:
+        path (`str` or `Path`): The checkpoint folder.
+        base (`str`, `Path` or model, *optional*): Base model for an adapter folder.
+        device (`str` or `torch.device`, *optional*): Where to move the model.
+        **from_pretrained_kwargs: Passed to `AutoModelForCausalLM.from_pretrained` (e.g. ``dtype``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {str(path)!r} does not exist; pass a saved model or adapter.")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        if base is None:
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"{adapter_config} names no base_model_name_or_path; pass `base=` explicitly.")
+        if isinstance(base, str | Path):
+            base_model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained_kwargs)
+        else:
+            base_model = copy.deepcopy(base)
+        model = PeftModel.from_pretrained(base_model, path)
+    elif (path / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    else:
+        raise ValueError(f"{str(path)!r} holds neither config.json (full model) nor adapter_config.json (adapter).")
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def run_evaluation(
+    checkpoints: Mapping[str, ModelOrPath],
+    eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    consistency_prompts: Sequence[Any] | None,
+    output_dir: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    base: ModelOrPath | None = None,
+    max_new_tokens: int = 256,
+    num_generations: int = 4,
+    generation_config: GenerationConfig | None = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    seed: int | None = 0,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> EvaluationResults:
+    """Evaluate every iteration (Table 1) and every consecutive pair from ``M2 vs M1`` on (Table 2), then report.
+
+    Checkpoints are visited in the mapping's order; the first one is π_0 for the implicit rewards. Paths are loaded
+    with `load_checkpoint` when needed and released when no longer needed, so at most three models (π_0, the
+    previous and the current checkpoint) are in memory at once.
+
+    Args:
+        checkpoints (`Mapping[str, model or path]`): e.g. ``{"M0": base, "M1": "out/sft", "M2": "out/round1", ...}``.
+        eval_sets (`Mapping[str, Dataset]`): Task name -> eval rows (see `evaluate_accuracy`).
+        consistency_prompts (`Sequence` or `None`): Prompts for Table 2; `None` or empty skips it.
+        output_dir (`str` or `Path` or `None`): Where `write_report` writes ``results.{json,md,png}``; `None` skips.
+        tokenizer (`PreTrainedTokenizerBase`): Shared tokenizer.
+        base (model or path, *optional*): Base model for adapter checkpoints (see `load_checkpoint`).
+        max_new_tokens (`int`, *optional*, defaults to `256`): Greedy budget for accuracy.
+        num_generations, generation_config, max_length, batch_size, seed: See `ranking_consistency`.
+        device (`str` or `torch.device`, *optional*): Where loaded checkpoints go.
+        show_progress (`bool`, *optional*, defaults to `True`): Progress bars for every phase.
+    """
+    names = list(checkpoints)
+    if not names:
+        raise ValueError("`checkpoints` is empty; pass e.g. {'M0': model_or_path, 'M1': ...}.")
+    pair_kwargs = {"num_generations": num_generations, "generation_config": generation_config, "seed": seed}
+    pair_kwargs.update(max_length=max_length, batch_size=batch_size, show_progress=show_progress)
+    settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens}
+    settings.update(num_consistency_prompts=len(consistency_prompts or []))
+    if generation_config is not None:
+        settings["generation_config"] = generation_config.to_dict()
+    results = EvaluationResults(iterations=names, settings=settings)
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in loaded:
+            spec = checkpoints[name]
+            loaded[name] = load_checkpoint(spec, base, device) if isinstance(spec, str | Path) else spec
+        return loaded[name]
+
+    for k, name in enumerate(names):
+        results.accuracy[name] = evaluate_accuracy(
+            get(name), tokenizer, eval_sets, max_new_tokens, batch_size, show_progress, desc=f"{name} accuracy"
+        )
+        if k >= 2 and consistency_prompts:
+            label = f"{name} vs {names[k - 1]}"
+            old, initial = get(names[k - 1]), get(names[0])
+            results.consistency[label] = ranking_consistency(
+                get(name), old, initial, tokenizer, consistency_prompts, **pair_kwargs, desc=label
+            )
+        for stale in [n for n in loaded if n not in (names[0], name)]:
+            del loaded[stale]  # keep π_0 and the current checkpoint (the next one's predecessor)
+        gc.collect()
+    if output_dir is not None:
+        from .report import write_report
+
+        write_report(results, output_dir)
+    return results

@@ -1,0 +1,176 @@
+"""Evaluation reports: ``results.json``, ``results.md`` (paper Tables 1 and 2) and ``results.png``.
+
+Every function accepts a `trl_cream.evaluation.EvaluationResults` or its dict form (a reloaded ``results.json``), so
+a report can be re-rendered from disk without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# (key in the consistency stats, column header); Spearman uses the paper's (ρ + 1) / 2 scale, see `consistency_stats`.
+CONSISTENCY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("consistency", "Consistency C ↑"),
+    ("kendall_tau", "Kendall τ ↑"),
+    ("spearman_normalized", "Spearman (ρ+1)/2 ↑"),
+    ("top_order", "TopOrder ↑"),
+)
+
+
+def _as_dict(results: Any) -> dict[str, Any]:
+    data = results.to_dict() if hasattr(results, "to_dict") else dict(results)
+    missing = [key for key in ("iterations", "accuracy", "consistency") if key not in data]
+    if missing:
+        raise ValueError(f"Results are missing {missing}; pass an EvaluationResults or a loaded results.json.")
+    return data
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace nan/inf with `None` (strict JSON) and stringify what json cannot encode."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def _tasks(data: Mapping[str, Any]) -> list[str]:
+    tasks: list[str] = []
+    for iteration in data["iterations"]:
+        tasks += [t for t in data["accuracy"].get(iteration, {}) if t not in tasks]
+    return tasks
+
+
+def accuracy_table(results: Any) -> dict[str, dict[str, float]]:
+    """Iteration -> task -> accuracy in percent, plus ``"Average"`` (the mean over the iteration's tasks)."""
+    data = _as_dict(results)
+    table: dict[str, dict[str, float]] = {}
+    for iteration in data["iterations"]:
+        row = {task: 100 * r["accuracy"] for task, r in data["accuracy"].get(iteration, {}).items()}
+        if row:
+            row["Average"] = sum(row.values()) / len(row)
+        table[iteration] = row
+    return table
+
+
+def _arrow(value: float, previous: float | None) -> str:
+    if previous is None or round(value, 2) == round(previous, 2):
+        return ""
+    return " ↑" if value > previous else " ↓"
+
+
+def _mean_std(stat: Mapping[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def render_markdown(results: Any) -> str:
+    """Tables 1 and 2 as a Markdown string (also what ``results.md`` contains).
+
+    Table 1: one row per iteration, exact-match accuracy (%) per task and on average, with ↑/↓ against the previous
+    iteration as in the paper. Table 2: one row per consecutive pair ("M2 vs M1", ...), mean ± std over prompts.
+    """
+    data = _as_dict(results)
+    tasks = _tasks(data) + ["Average"]
+    table = accuracy_table(data)
+    lines = ["## Table 1: exact-match accuracy (%)", ""]
+    lines += ["| Iteration | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    previous: dict[str, float] = {}
+    for iteration in data["iterations"]:
+        row = table[iteration]
+        cells = [f"{row[t]:.2f}{_arrow(row[t], previous.get(t))}" if t in row else "–" for t in tasks]
+        lines.append(f"| {iteration} | " + " | ".join(cells) + " |")
+        previous = row
+    lines += ["", "## Table 2: ranking consistency between consecutive checkpoints (mean ± std over prompts)", ""]
+    if not data["consistency"]:
+        lines.append("_No pairs: Table 2 needs at least three checkpoints (M0, M1, M2) and consistency prompts._")
+        return "\n".join(lines) + "\n"
+    headers = [header for _, header in CONSISTENCY_COLUMNS] + ["Prompts (undefined)"]
+    lines += ["| Iterations | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    for label, stats in data["consistency"].items():
+        cells = [_mean_std(stats.get(key)) for key, _ in CONSISTENCY_COLUMNS]
+        cells.append(f"{stats.get('num_prompts', 0)} ({stats.get('num_undefined', 0)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "C = (τ + 1) / 2. Prompts whose candidates are all tied under either reward have no ranking; they are left "
+        "out of every column and counted as undefined.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Any, path: str | Path) -> Path:
+    """Save a two-panel figure: accuracy per task per iteration, and consistency metrics per consecutive pair.
+
+    Uses matplotlib's Agg canvas directly, so neither pyplot nor the global backend is touched.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - matplotlib is an optional (demo/test) dependency
+        raise ImportError("Plotting needs matplotlib: `pip install matplotlib` (or `trl-cream[demo]`).") from error
+    data = _as_dict(results)
+    table = accuracy_table(data)
+    iterations = data["iterations"]
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    accuracy_axes, consistency_axes = figure.subplots(1, 2)
+    for task in _tasks(data) + ["Average"]:
+        points = [(i, table[it][task]) for i, it in enumerate(iterations) if task in table[it]]
+        style = {"color": "black", "linestyle": "--", "linewidth": 2} if task == "Average" else {}
+        accuracy_axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task, **style)
+    top = max([v for row in table.values() for v in row.values()], default=0.0)
+    accuracy_axes.set(xticks=range(len(iterations)), xticklabels=iterations, ylabel="accuracy (%)")
+    accuracy_axes.set_ylim(0, max(5.0, min(100.0, 1.15 * top)))
+    accuracy_axes.set_title("Accuracy per iteration (Table 1)")
+    accuracy_axes.legend(fontsize="small")
+    pairs = list(data["consistency"])
+    if pairs:
+        for offset, (key, header) in enumerate(CONSISTENCY_COLUMNS):
+            stats = [data["consistency"][p].get(key) or {} for p in pairs]
+            xs = [i + 0.08 * (offset - 1.5) for i in range(len(pairs))]
+            means = [s.get("mean") if s.get("mean") is not None else math.nan for s in stats]
+            stds = [s.get("std") if s.get("std") is not None else 0.0 for s in stats]
+            consistency_axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=header.rstrip(" ↑"))
+        consistency_axes.set(xticks=range(len(pairs)), xticklabels=pairs, ylim=(-1.05, 1.05))
+        consistency_axes.axhline(0, color="grey", linewidth=0.5)
+        consistency_axes.legend(fontsize="small")
+    else:
+        consistency_axes.text(0.5, 0.5, "no consecutive pairs", ha="center", va="center")
+        consistency_axes.set_axis_off()
+    consistency_axes.set_title("Ranking consistency (Table 2, mean ± std)")
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_report(results: Any, output_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json`` (every number and per-row prediction), ``results.md`` and ``results.png``.
+
+    The figure needs matplotlib (an optional dependency); without it the PNG is skipped with a warning.
+
+    Returns:
+        `dict[str, Path]`: ``{"json": ..., "markdown": ..., "png": ...}`` (no ``"png"`` without matplotlib).
+    """
+    data = _as_dict(results)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    text = json.dumps(_json_safe(data), indent=2, ensure_ascii=False, allow_nan=False)
+    paths["json"].write_text(text + "\n", encoding="utf-8")
+    paths["markdown"].write_text(render_markdown(data), encoding="utf-8")
+    try:
+        paths["png"] = plot_results(data, output_dir / "results.png")
+    except ImportError as error:
+        warnings.warn(f"Skipping results.png: {error}", stacklevel=2)
+    return paths
