@@ -52,6 +52,15 @@ class CreamConfig(OnlineDPOConfig):
             Save each round's candidates (with every log-prob, reward and rank), its pairs and `metrics.json` as
             `datasets` folders under `output_dir/rounds/round_<t>`.
 
+        > Parameters of the SFT stage (Algorithm 1 line 2, used when the trainer gets an `sft_dataset`)
+
+        sft_num_train_epochs (`float`, *optional*, defaults to `3.0`):
+            Epochs over the seed SFT data (paper: 3).
+        sft_learning_rate (`float`, *optional*, defaults to `1e-6`):
+            Learning rate of the SFT stage (paper: 1e-6).
+        sft_max_length (`int` or `None`, *optional*, defaults to `1024`):
+            Maximum tokenized length of an SFT example; longer ones are truncated.
+
         > Parameters whose defaults differ from [`~trl.experimental.online_dpo.OnlineDPOConfig`]
 
         learning_rate (`float`, *optional*, defaults to `1e-6`):
@@ -107,6 +116,18 @@ class CreamConfig(OnlineDPOConfig):
     save_round_artifacts: bool = field(
         default=True,
         metadata={"help": "Save candidates, pairs and metrics of every round under output_dir/rounds."},
+    )
+    sft_num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Epochs of the SFT stage M0 -> M1 on the seed data (paper: 3)."},
+    )
+    sft_learning_rate: float = field(
+        default=1e-6,
+        metadata={"help": "Learning rate of the SFT stage (paper: 1e-6)."},
+    )
+    sft_max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Maximum tokenized length of an SFT example."},
     )
     learning_rate: float = field(
         default=1e-6,

@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,10 @@ from trl.models.utils import unwrap_model_for_generation
 from . import adapters
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
 from .cream_config import CreamConfig
+from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
-from .sampling import (
-    completion_logps,
-    generate_candidates,
-    pad_pairs,
-    score_candidates,
-    tokenize_prompts,
-    truncate_prompts,
-)
+from .sampling import completion_logps, generate_candidates, score_candidates, tokenize_prompts
+from .sft import run_sft
 
 logger = logging.getLogger(__name__)
 
@@ -43,34 +37,6 @@ _CITATION = """\
     year         = 2025,
     booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
 }"""
-
-
-@dataclass
-class PairCollator:
-    """Pads a batch of pairs: prompts left, completions right, chosen rows first, then rejected rows.
-
-    Prompts are left-truncated to ``max_length`` exactly as in the scoring pass, so the training forward of the
-    round-start policy reproduces the reference log-probs stored in the pairs.
-    """
-
-    pad_token_id: int
-    max_length: int
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = [r["prompt_input_ids"] for r in rows] * 2
-        completions = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-        prompt_ids, prompt_mask, completion_ids, completion_mask = pad_pairs(
-            truncate_prompts(prompts, completions, self.max_length), completions, self.pad_token_id
-        )
-        return {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-            "ref_chosen_logps": torch.tensor([r["ref_chosen_logps"] for r in rows]),
-            "ref_rejected_logps": torch.tensor([r["ref_rejected_logps"] for r in rows]),
-            "consistency": torch.tensor([r["consistency"] for r in rows]),
-        }
 
 
 class _AdapterReference(nn.Module):
@@ -116,19 +82,29 @@ class CreamTrainer(OnlineDPOTrainer):
         peft_config: Any | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
+        sft_dataset: Dataset | None = None,
     ) -> None:
         if not isinstance(args, CreamConfig):
             raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
-        _validate_prompts(train_dataset, args)
+        validate_prompts(train_dataset, args.num_iterations)
         if isinstance(model, str):
             raise TypeError("Pass an instantiated model (M1), not a model id; load it with from_pretrained first.")
-        use_peft = is_peft_model(model) or peft_config is not None
-        if not use_peft and ref_model is None:
-            raise ValueError(
-                "Full fine-tuning needs the initial model π_0 (M0) as `ref_model`: CREAM's rewards are "
-                "log π_t − log π_0. Pass ref_model=M0, or train LoRA adapters (π_0 is then the adapter-free base)."
-            )
-        _check_distinct_from_initial(model, ref_model, peft_config)
+        if sft_dataset is not None:
+            validate_sft_dataset(sft_dataset)
+            if ref_model is not None:
+                raise ValueError(
+                    "With `sft_dataset`, `model` is M0 and π_0 is taken from it before the SFT stage: leave "
+                    "`ref_model=None`."
+                )
+        else:
+            use_peft = is_peft_model(model) or peft_config is not None
+            if not use_peft and ref_model is None:
+                raise ValueError(
+                    "Full fine-tuning needs the initial model π_0 (M0) as `ref_model`: CREAM's rewards are "
+                    "log π_t − log π_0. Pass ref_model=M0, pass `sft_dataset` to run the SFT stage from M0, or "
+                    "train LoRA adapters (π_0 is then the adapter-free base)."
+                )
+            _check_distinct_from_initial(model, ref_model, peft_config)
         self._peft_placeholder = is_peft_model(model) and ref_model is None
         super().__init__(
             model=model,
@@ -150,6 +126,8 @@ class CreamTrainer(OnlineDPOTrainer):
         self.prompts = train_dataset
         self.round = 0
         self.round_metrics: list[dict[str, Any]] = []
+        self.sft_dataset = sft_dataset
+        self.sft_metrics: dict[str, float] = {}
         self._step_offset = 0
 
     # ---------------------------------------------------------------- parent fixes
@@ -216,14 +194,27 @@ class CreamTrainer(OnlineDPOTrainer):
         if resume_from_checkpoint:
             raise NotImplementedError("Resuming CREAM rounds is not supported yet; start a new output_dir.")
         shards = self.split_prompts()
-        first = self.first_iteration
-        self.save_policy(self.iteration_dir(first))
+        if self.sft_dataset is not None and not self.sft_metrics:
+            self.run_sft_stage()
+        self.save_policy(self.iteration_dir(self.first_iteration))
         output = TrainOutput(0, 0.0, {})
         for t, shard in enumerate(shards, start=1):
             self.round = t
             output = self._run_round(t, shard)
         output.metrics["rounds"] = self.round_metrics
+        if self.sft_metrics:
+            output.metrics["sft"] = self.sft_metrics
         return output
+
+    def run_sft_stage(self) -> dict[str, float]:
+        """Algorithm 1 line 2: train M0 → M1 on `sft_dataset` with TRL's SFTTrainer, in place."""
+        start = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)
+        self.sft_metrics = run_sft(model, self.processing_class, self.sft_dataset, self.args)
+        self.sft_metrics["time_sft_s"] = round(time.perf_counter() - start, 3)
+        _check_distinct_from_initial(model, self.ref_model, None)
+        self.log({f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
+        return self.sft_metrics
 
     @property
     def first_iteration(self) -> int:
@@ -237,7 +228,7 @@ class CreamTrainer(OnlineDPOTrainer):
         """Shuffle the prompts with ``args.seed`` and split them equally across the rounds."""
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.args.seed)).tolist()
         prompts = [self.prompts[i]["prompt"] for i in order]
-        return [list(chunk) for chunk in _split_equally(prompts, self.args.num_iterations)]
+        return [list(chunk) for chunk in split_equally(prompts, self.args.num_iterations)]
 
     def _run_round(self, t: int, prompts: list[Any]) -> TrainOutput:
         args, timings = self.args, {}
@@ -367,15 +358,6 @@ class CreamTrainer(OnlineDPOTrainer):
         self.accelerator.wait_for_everyone()
 
 
-def _split_equally(items: list[Any], parts: int) -> Iterator[list[Any]]:
-    size, extra = divmod(len(items), parts)
-    start = 0
-    for k in range(parts):
-        end = start + size + (1 if k < extra else 0)
-        yield items[start:end]
-        start = end
-
-
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -383,22 +365,6 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = round(time.perf_counter() - start, 3)
-
-
-def _validate_prompts(dataset: Dataset | None, args: CreamConfig) -> None:
-    if dataset is None:
-        raise ValueError("`train_dataset` is required: a prompt-only dataset with a `prompt` column.")
-    columns = getattr(dataset, "column_names", None) or []
-    if "prompt" not in columns:
-        raise ValueError(
-            f"`train_dataset` needs a `prompt` column (strings or chat messages); it has {columns}. "
-            "Rename your column, e.g. dataset.rename_column('question', 'prompt')."
-        )
-    if len(dataset) < args.num_iterations:
-        raise ValueError(
-            f"num_iterations={args.num_iterations} is larger than the number of prompts ({len(dataset)}): every "
-            "round needs at least one prompt. Lower num_iterations or add prompts."
-        )
 
 
 def _check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, peft_config: Any | None) -> None:

@@ -1,0 +1,79 @@
+"""Datasets in and out of the trainer: prompt and SFT dataset checks, the round split and the pair collator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from .sampling import pad_pairs, truncate_prompts
+
+
+@dataclass
+class PairCollator:
+    """Pads a batch of pairs: prompts left, completions right, chosen rows first, then rejected rows.
+
+    Prompts are left-truncated to ``max_length`` exactly as in the scoring pass, so the training forward of the
+    round-start policy reproduces the reference log-probs stored in the pairs.
+    """
+
+    pad_token_id: int
+    max_length: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [r["prompt_input_ids"] for r in rows] * 2
+        completions = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        prompt_ids, prompt_mask, completion_ids, completion_mask = pad_pairs(
+            truncate_prompts(prompts, completions, self.max_length), completions, self.pad_token_id
+        )
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "ref_chosen_logps": torch.tensor([r["ref_chosen_logps"] for r in rows]),
+            "ref_rejected_logps": torch.tensor([r["ref_rejected_logps"] for r in rows]),
+            "consistency": torch.tensor([r["consistency"] for r in rows]),
+        }
+
+
+def validate_prompts(dataset: Dataset | None, num_iterations: int) -> None:
+    """Check the prompt dataset before anything is loaded or generated."""
+    if dataset is None:
+        raise ValueError("`train_dataset` is required: a prompt-only dataset with a `prompt` column.")
+    columns = getattr(dataset, "column_names", None) or []
+    if "prompt" not in columns:
+        raise ValueError(
+            f"`train_dataset` needs a `prompt` column (strings or chat messages); it has {columns}. "
+            "Rename your column, e.g. dataset.rename_column('question', 'prompt')."
+        )
+    if len(dataset) < num_iterations:
+        raise ValueError(
+            f"num_iterations={num_iterations} is larger than the number of prompts ({len(dataset)}): every "
+            "round needs at least one prompt. Lower num_iterations or add prompts."
+        )
+
+
+def validate_sft_dataset(dataset: Dataset) -> None:
+    """An SFT dataset is conversational (`messages`) or prompt-completion (`prompt` + `completion`), as in TRL."""
+    columns = getattr(dataset, "column_names", None) or []
+    if "messages" not in columns and not {"prompt", "completion"} <= set(columns) and "text" not in columns:
+        raise ValueError(
+            f"`sft_dataset` needs a `messages` column (chat) or `prompt` and `completion` columns (or `text`); it has "
+            f"{columns}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("`sft_dataset` is empty.")
+
+
+def split_equally(items: list[Any], parts: int) -> Iterator[list[Any]]:
+    """Split ``items`` into ``parts`` consecutive chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(items), parts)
+    start = 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        yield items[start:end]
+        start = end
