@@ -1,0 +1,227 @@
+"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations) and `demo`.
+
+Every subcommand is parsed by TRL's `TrlParser`, so `--config file.yaml` sets any field and command-line flags
+override the file, as with `trl sft`/`trl dpo`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+USAGE = """usage: trl-cream {train,eval,demo} [--config FILE.yaml] [--field value ...]
+
+CREAM: Consistency Regularized Self-Rewarding Language Models (ICLR 2025) on Hugging Face TRL.
+
+commands:
+  train   SFT stage (optional) + CREAM rounds from a model, prompts and CreamConfig fields
+  eval    accuracy of saved iterations (Table 1) and ranking consistency between them (Table 2)
+  demo    the offline end-to-end demo: SmolLM2-135M, M0 -> M1 -> M2 -> M3, then Table 1 and Table 2
+
+Run `trl-cream <command> --help` for every option of a command.
+"""
+
+
+@dataclass
+class TrainScriptArguments:
+    """Data and model sources of `trl-cream train` (the model itself is described by TRL's ModelConfig)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Prompts: a Hub dataset id, a `save_to_disk` folder or a .json/.jsonl/.csv/.parquet file."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split holding the prompts."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompts (renamed to `prompt`)."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    sft_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Seed SFT data (`messages` or `prompt`/`completion`); runs the SFT stage M0 -> M1 first."},
+    )
+    sft_dataset_split: str = field(default="train", metadata={"help": "Split of the SFT dataset."})
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "π_0 (M0) for full fine-tuning when `model_name_or_path` is already M1 (no SFT stage)."},
+    )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "M1 as a LoRA adapter on `model_name_or_path` (π_0 = the base with adapters disabled)."},
+    )
+
+
+@dataclass
+class EvalArguments:
+    """Arguments of `trl-cream eval`."""
+
+    checkpoints: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Iterations in order, as NAME=PATH (e.g. M0=HuggingFaceTB/SmolLM2-135M-Instruct M1=out/M1)."
+        },
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model of adapter checkpoints (default: from adapter_config.json)."}
+    )
+    size: str = field(
+        default="small",
+        metadata={"help": "Size of the offline benchmark subsets.", "choices": ["tiny", "small", "medium", "full"]},
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: ["arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"],
+        metadata={"help": "Tasks to evaluate."},
+    )
+    consistency_prompts: int = field(default=8, metadata={"help": "Prompts for Table 2 (0 skips it)."})
+    num_generations: int = field(default=4, metadata={"help": "Candidates per prompt for Table 2."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy token budget per answer."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
+    output_dir: str = field(default="cream_eval", metadata={"help": "Where results.{json,md,png} are written."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed for Table 2."})
+
+
+def _load_dataset(spec: str, split: str, config: str | None = None) -> Any:
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(spec)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        data = load_from_disk(str(path))
+        return data[split] if hasattr(data, "keys") else data
+    suffix = path.suffix.lstrip(".")
+    if path.is_file() and suffix in {"json", "jsonl", "csv", "parquet"}:
+        return load_dataset("json" if suffix == "jsonl" else suffix, data_files=str(path), split="train")
+    return load_dataset(spec, name=config, split=split)
+
+
+def train_parser() -> Any:
+    """The `trl-cream train` parser: script arguments, every CreamConfig field and TRL's ModelConfig."""
+    from trl import ModelConfig, TrlParser
+
+    from . import CreamConfig
+
+    return TrlParser((TrainScriptArguments, CreamConfig, ModelConfig), prog="trl-cream train")
+
+
+def train_main(argv: list[str]) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_peft_config, get_quantization_config
+
+    from . import CreamTrainer
+
+    parser = train_parser()
+    script, args, model_args = parser.parse_args_and_config(argv)
+    if script.dataset_name is None:
+        parser.error("--dataset_name (the prompts) is required.")
+    if model_args.model_name_or_path is None:
+        parser.error("--model_name_or_path (M0, or M1 with --ref_model_name_or_path) is required.")
+    prompts = _load_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
+    if script.prompt_column != "prompt":
+        prompts = prompts.rename_column(script.prompt_column, "prompt")
+    if script.max_prompts is not None:
+        prompts = prompts.select(range(min(script.max_prompts, len(prompts))))
+    sft = _load_dataset(script.sft_dataset_name, script.sft_dataset_split) if script.sft_dataset_name else None
+
+    quantization = get_quantization_config(model_args)
+    kwargs: dict[str, Any] = {"dtype": model_args.dtype, "revision": model_args.model_revision}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": 0} if _has_cuda() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    ref_model, peft_config = None, None
+    if script.adapter_name_or_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, script.adapter_name_or_path, is_trainable=True)
+    elif model_args.use_peft:
+        peft_config = get_peft_config(model_args)
+    if script.ref_model_name_or_path:
+        ref_model = AutoModelForCausalLM.from_pretrained(script.ref_model_name_or_path, **kwargs)
+    trainer = CreamTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        sft_dataset=sft,
+    )
+    output = trainer.train()
+    trainer.accelerator.print(f"CREAM done: {len(output.metrics['rounds'])} rounds, iterations in {args.output_dir}")
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def eval_main(argv: list[str]) -> int:
+    from transformers import AutoTokenizer
+    from trl import TrlParser
+
+    from .demo_data import build_demo_datasets
+    from .evaluation import run_evaluation
+    from .report import render_markdown
+
+    parser = TrlParser((EvalArguments,), prog="trl-cream eval")
+    (args,) = parser.parse_args_and_config(argv)
+    if len(args.checkpoints) < 1:
+        parser.error("--checkpoints needs at least one NAME=PATH (e.g. --checkpoints M0=base M1=out/M1).")
+    checkpoints = {}
+    for k, spec in enumerate(args.checkpoints):
+        name, _, path = spec.rpartition("=") if "=" in spec else (f"M{k}", "", spec)
+        checkpoints[name] = path
+    unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
+    if unknown:
+        parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")
+    data = build_demo_datasets(args.size, seed=args.seed)
+    eval_sets = {task: data.eval[task] for task in args.tasks}
+    prompts = [row["prompt"] for row in data.prompts.select(range(min(args.consistency_prompts, len(data.prompts))))]
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model or next(iter(checkpoints.values())))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    results = run_evaluation(
+        checkpoints, eval_sets, prompts, args.output_dir, tokenizer, base=args.base_model,
+        max_new_tokens=args.max_new_tokens, num_generations=args.num_generations, batch_size=args.batch_size,
+        seed=args.seed,
+    )  # fmt: skip
+    print(render_markdown(results))
+    print(f"Report written to {args.output_dir}/results.{{json,md,png}}")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    import torch
+    from trl import TrlParser
+
+    from . import CreamConfig
+    from .demo import DEMO_DEFAULTS, DemoArguments, run_demo
+
+    parser = TrlParser((DemoArguments, CreamConfig), prog="trl-cream demo")
+    parser.set_defaults(**DEMO_DEFAULTS, use_cpu=not torch.cuda.is_available())
+    demo, args = parser.parse_args_and_config(argv)
+    run_demo(demo, args)
+    return 0
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"trl-cream: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
