@@ -4,8 +4,10 @@ the base with adapters disabled. Base weights are shared, never copied."""
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -62,3 +64,14 @@ def is_identity_adapter(model: PeftModel, name: str) -> bool | None:
             if torch.count_nonzero(param.detach()) > 0:
                 return False
     return found
+
+
+def save_adapter(model: PeftModel, name: str, path: str | Path) -> None:
+    """Save adapter ``name`` alone, at the top of ``path`` whatever its name (PEFT nests non-default names)."""
+    path = Path(path)
+    model.save_pretrained(str(path), selected_adapters=[name])
+    nested = path / name
+    if name != "default" and (nested / "adapter_config.json").exists():
+        for item in nested.iterdir():
+            shutil.move(str(item), str(path / item.name))
+        nested.rmdir()

@@ -78,6 +78,9 @@ class EvalArguments:
     consistency_prompts: int = field(default=8, metadata={"help": "Prompts for Table 2 (0 skips it)."})
     num_generations: int = field(default=4, metadata={"help": "Candidates per prompt for Table 2."})
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy token budget per answer."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of Table 2's candidates."})
+    top_p: float = field(default=0.95, metadata={"help": "Top-p of Table 2's candidates."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of Table 2's candidates."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     output_dir: str = field(default="cream_eval", metadata={"help": "Where results.{json,md,png} are written."})
     seed: int = field(default=0, metadata={"help": "Sampling seed for Table 2."})
@@ -127,7 +130,7 @@ def train_main(argv: list[str]) -> int:
     quantization = get_quantization_config(model_args)
     kwargs: dict[str, Any] = {"dtype": model_args.dtype, "revision": model_args.model_revision}
     if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": 0} if _has_cuda() else "cpu")
+        kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     ref_model, peft_config = None, None
@@ -153,14 +156,17 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _has_cuda() -> bool:
+def _quantized_device_map() -> dict[str, Any] | str:
+    """A k-bit model goes whole onto this process's GPU (each rank its own under `accelerate launch`)."""
     import torch
+    from accelerate import PartialState
 
-    return torch.cuda.is_available()
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
 
 
 def eval_main(argv: list[str]) -> int:
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
     from trl import TrlParser
 
     from .demo_data import build_demo_datasets
@@ -184,10 +190,14 @@ def eval_main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.base_model or next(iter(checkpoints.values())))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    sampling = GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.sample_max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
     results = run_evaluation(
         checkpoints, eval_sets, prompts, args.output_dir, tokenizer, base=args.base_model,
         max_new_tokens=args.max_new_tokens, num_generations=args.num_generations, batch_size=args.batch_size,
-        seed=args.seed,
+        seed=args.seed, generation_config=sampling, device="cuda" if torch.cuda.is_available() else None,
     )  # fmt: skip
     print(render_markdown(results))
     print(f"Report written to {args.output_dir}/results.{{json,md,png}}")

@@ -11,6 +11,12 @@ from .consistency import GRANULARITIES, MEASURES
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
 
 
+def _bf16_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class CreamConfig(OnlineDPOConfig):
     r"""
@@ -76,7 +82,8 @@ class CreamConfig(OnlineDPOConfig):
         save_strategy (`str`, *optional*, defaults to `"no"`):
             Intra-round Trainer checkpoints; off by default since every round's model is saved as `M<t+1>`.
 
-    `beta` (default 0.1) may also be a list with one value per round.
+    `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
+    a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
     """
 
     num_iterations: int = field(
@@ -156,6 +163,8 @@ class CreamConfig(OnlineDPOConfig):
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.bf16 is None and not self.fp16 and not _bf16_available():
+            self.bf16 = False  # TRL defaults to bf16, which Trainer refuses on a machine without bf16 support
         super().__post_init__()
 
     def _validate(self) -> None:

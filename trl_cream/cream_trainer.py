@@ -275,6 +275,9 @@ class CreamTrainer(OnlineDPOTrainer):
         output = super().train()
         self.state.log_history = history + self.state.log_history
         self._step_offset += self.state.global_step
+        self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
+        self.accelerator.free_memory()
+        gc.collect()
         return output
 
     # ---------------------------------------------------------------- phases a vLLM or distributed path can replace
@@ -349,7 +352,7 @@ class CreamTrainer(OnlineDPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if self.use_peft:
             if self.accelerator.is_main_process:
-                model.save_pretrained(path, selected_adapters=[adapters.policy_adapter_name(model)])
+                adapters.save_adapter(model, adapters.policy_adapter_name(model), path)
                 self._tokenizer.save_pretrained(path)
         else:
             self.save_model(str(path))

@@ -293,6 +293,11 @@ def ranking_consistency(
     return stats
 
 
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
 def load_checkpoint(
     path: str | Path,
     base: ModelOrPath | None = None,
@@ -311,9 +316,14 @@ def load_checkpoint(
         device (`str` or `torch.device`, *optional*): Where to move the model.
         **from_pretrained_kwargs: Passed to `AutoModelForCausalLM.from_pretrained` (e.g. ``dtype``).
     """
+    if not Path(path).is_dir() and _looks_like_hub_id(str(path)):  # e.g. M0 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model = AutoModelForCausalLM.from_pretrained(str(path), **from_pretrained_kwargs)
+        return (model.to(device) if device is not None else model).eval()
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"Checkpoint folder {str(path)!r} does not exist; pass a saved model or adapter.")
+        raise FileNotFoundError(
+            f"Checkpoint folder {str(path)!r} does not exist; pass a saved model or adapter folder, or a Hub id."
+        )
     adapter_config = path / "adapter_config.json"
     if adapter_config.exists():
         from peft import PeftModel
