@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS, cream_args, perturbed
+from conftest import QUESTIONS, cream_args, perturbed, tiny_llama
 from datasets import Dataset, load_from_disk
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -104,6 +104,15 @@ def test_two_rounds_lora_shares_the_base_and_trains_only_the_policy_adapter(tmp_
     assert trainer.ref_model is None
     trainer.train()
     check_run(tmp_path, len(QUESTIONS), 3)
+    # Same seed, fresh adapter: identical pairs.
+    again = tmp_path / "again"
+    CreamTrainer(
+        model=lora_m1(tiny_llama(tokenizer)), args=cream_args(again), train_dataset=prompts, processing_class=tokenizer
+    ).train()
+    for t in (1, 2):
+        a = load_from_disk(str(tmp_path / "rounds" / f"round_{t}" / "pairs"))
+        b = load_from_disk(str(again / "rounds" / f"round_{t}" / "pairs"))
+        assert a["chosen_input_ids"] == b["chosen_input_ids"] and a["rejected_input_ids"] == b["rejected_input_ids"]
     assert PREVIOUS_ADAPTER in model.peft_config
     assert not (tmp_path / "M3" / PREVIOUS_ADAPTER).exists()  # only the policy adapter is saved
     # No base weight was copied: every base parameter is the same storage as in M0.
@@ -251,3 +260,15 @@ def test_config_defaults_follow_the_paper(tmp_path):
         "dataset",
         "round_start",
     )
+
+
+def test_a_named_policy_adapter_is_saved_at_the_top_of_each_iteration(tmp_path, m0, tokenizer, prompts):
+    model = get_peft_model(m0, LoraConfig(**LORA), adapter_name="policy")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    args = cream_args(tmp_path, num_iterations=1)
+    CreamTrainer(model=model, args=args, train_dataset=prompts, processing_class=tokenizer).train()
+    for m in ("M1", "M2"):
+        assert (tmp_path / m / "adapter_config.json").exists() and not (tmp_path / m / "policy").exists()

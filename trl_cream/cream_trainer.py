@@ -323,13 +323,29 @@ class CreamTrainer(OnlineDPOTrainer):
                     previous = score(model, "π_t-1")
             adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
         else:
-            initial = score(self.ref_model, "π_0")
+            with self._on_device(self.ref_model) as ref:
+                initial = score(ref, "π_0")
             previous = None
             if t > 1:
                 with self._loaded_previous(t) as prev:
                     previous = score(prev, "π_t-1")
         lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
         return RoundScores(policy=policy, initial=initial, previous=previous, lengths=lengths)
+
+    @contextmanager
+    def _on_device(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Keep π_0 off the accelerator except while it scores, so that at most one extra model (π_0, then
+        π_{t−1}) sits next to the policy on the GPU. No-op on CPU and under DeepSpeed/FSDP, which place it."""
+        offload = self.accelerator.device.type != "cpu" and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if offload:
+            model.to(self.accelerator.device)
+        try:
+            yield model
+        finally:
+            if offload:
+                model.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     @contextmanager
     def _loaded_previous(self, t: int) -> Iterator[nn.Module]:
