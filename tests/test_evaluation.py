@@ -5,26 +5,17 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from datasets import Dataset
+from scipy import stats
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from scipy import stats  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoTokenizer,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
-)
-
-from trl_cream import sampling  # noqa: E402
-from trl_cream.evaluation import (  # noqa: E402
+from trl_cream import sampling
+from trl_cream.evaluation import (
     EvaluationResults,
     TaskResult,
     consistency_stats,
@@ -33,31 +24,18 @@ from trl_cream.evaluation import (  # noqa: E402
     ranking_consistency,
     run_evaluation,
 )
-from trl_cream.report import render_markdown, write_report  # noqa: E402
+from trl_cream.report import render_markdown, write_report
 
-TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny_tokenizer"
 PROMPTS = ["What is 12 plus 30?", "Name a mammal.", "Where does rain come from?", "Hello, how are you today?"]
 
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return tiny_tokenizer()
 
 
 def make_llama(tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tok, seed).eval()
 
 
 def sampling_config(tok: PreTrainedTokenizerBase, max_new_tokens: int = 8) -> GenerationConfig:
