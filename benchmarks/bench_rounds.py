@@ -4,7 +4,8 @@ Uses SmolLM2-135M's architecture with random weights (no download) and the test 
 on a GPU it exercises the CUDA path (bf16, gradient checkpointing with KV-cache sampling, π_{t−1} reloaded to the
 device) that the CPU test suite cannot. Prints per-phase seconds and, on CUDA, the peak memory of each run.
 
-Usage: python benchmarks/bench_rounds.py [--prompts 32] [--num_generations 4] [--new_tokens 64]
+Usage: python benchmarks/bench_rounds.py [--prompts 32] [--num_generations 4] [--new_tokens 64] [--modes ...]
+(`qlora` needs CUDA and bitsandbytes: a 4-bit base, a LoRA SFT stage M0 -> M1, then the rounds.)
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ def run(mode: str, a: argparse.Namespace, tok, prompts: Dataset, out: Path) -> d
         torch.cuda.reset_peak_memory_stats()
     if mode == "full":
         trainer = CreamTrainer(model=m1, ref_model=m0, args=args, train_dataset=prompts, processing_class=tok)
+    elif mode == "qlora":  # 4-bit base + SFT stage (M0 -> M1) + rounds: the consumer-GPU path (needs CUDA)
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        m0.save_pretrained(out / "m0_fp")
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(out / "m0_fp", quantization_config=bnb, device_map={"": 0})
+        sft = Dataset.from_dict(
+            {"messages": [p + [{"role": "assistant", "content": "The answer is 7."}] for p in prompts["prompt"]]}
+        )
+        args.sft_learning_rate, args.sft_num_train_epochs = 1e-3, 1.0
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        trainer = CreamTrainer(
+            model=base, args=args, train_dataset=prompts, processing_class=tok, peft_config=lora, sft_dataset=sft
+        )
     else:
         policy = get_peft_model(m0, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         with torch.no_grad():  # M1 = a non-identity adapter, as after an SFT stage
@@ -85,7 +100,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", default=["full", "lora"])
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora", "qlora"])
     a = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     questions = [f"Question {i}: what is {i} plus {i + 1}?" for i in range(a.prompts)]
