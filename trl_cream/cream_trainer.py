@@ -286,21 +286,16 @@ class CreamTrainer(OnlineDPOTrainer):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as unwrapped:
-            was_training = unwrapped.training
-            unwrapped.eval()
-            try:
-                return generate_candidates(
-                    unwrapped,
-                    self._tokenizer,
-                    prompt_ids,
-                    self.args.num_generations,
-                    self.generation_config,
-                    batch_size=self.args.generation_batch_size,
-                    show_progress=self.accelerator.is_local_main_process,
-                    desc=desc,
-                )
-            finally:
-                unwrapped.train(was_training)
+            return generate_candidates(
+                unwrapped,
+                self._tokenizer,
+                prompt_ids,
+                self.args.num_generations,
+                self.generation_config,
+                batch_size=self.args.generation_batch_size,
+                show_progress=self.accelerator.is_local_main_process,
+                desc=desc,
+            )
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
         """Σ log-probs of every candidate under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8)."""

@@ -14,7 +14,7 @@ import copy
 import gc
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,27 +82,10 @@ def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTraine
     return list(prompt)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token` first.")
-    return pad
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def greedy_generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
     """Greedy decoding with the tokenizer's eos and pad tokens (the accuracy setting)."""
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
-    config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
+    config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=sampling.pad_token_id(tokenizer))
     return config
 
 
@@ -140,10 +123,9 @@ def evaluate_accuracy(
         prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(row["prompt"], tokenizer) for row in rows])
         order = sorted(range(len(rows)), key=lambda i: len(prompt_ids[i]))
         sorted_ids = [prompt_ids[i] for i in order]
-        with _eval_mode(model):  # greedy, one completion per prompt
-            generated = sampling.generate_candidates(
-                model, tokenizer, sorted_ids, 1, config, batch_size, show_progress, desc=f"{desc} {task}"
-            )
+        generated = sampling.generate_candidates(  # greedy, one completion per prompt
+            model, tokenizer, sorted_ids, 1, config, batch_size, show_progress, desc=f"{desc} {task}"
+        )
         completions = [""] * len(rows)
         for i, candidates in zip(order, generated, strict=True):
             completions[i] = tokenizer.decode(candidates[0], skip_special_tokens=True)
@@ -260,20 +242,21 @@ def ranking_consistency(
         prompts = prompts["prompt"]
     if generation_config is None:
         generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128)
-        generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
+        generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=sampling.pad_token_id(tokenizer))
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(p, tokenizer) for p in prompts])
     common = {"batch_size": batch_size, "show_progress": show_progress}
-    with _eval_mode(new_model):
-        candidates = sampling.generate_candidates(
-            new_model, tokenizer, prompt_ids, num_generations, generation_config, **common, desc=f"{desc} sampling"
-        )
+    candidates = sampling.generate_candidates(
+        new_model, tokenizer, prompt_ids, num_generations, generation_config, **common, desc=f"{desc} sampling"
+    )
+
+    pad_id = sampling.pad_token_id(tokenizer)
 
     def score(model: torch.nn.Module, name: str, disable_adapter: bool = False) -> torch.Tensor:
         with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
             return sampling.score_candidates(
-                model, prompt_ids, candidates, _pad_id(tokenizer), max_length, **common, desc=f"{desc} scoring {name}"
+                model, prompt_ids, candidates, pad_id, max_length, **common, desc=f"{desc} scoring {name}"
             )
 
     if initial_model is None:

@@ -7,7 +7,8 @@ any other generation backend (e.g. vLLM) share one definition of "the log-probab
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +23,25 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any])
     """Token ids of each prompt: chat messages go through the chat template (with the generation prompt)."""
     texts = [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, falling back to eos (an existing token: no embedding resize)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token` first.")
+    return pad
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the block in eval mode (no dropout), then restore the model's previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _left_pad(seqs: Sequence[TokenIds], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +91,13 @@ def generate_candidates(
 ) -> list[list[TokenIds]]:
     """Sample ``num_generations`` completions for each prompt, ``batch_size`` prompts per ``generate`` call.
 
-    The KV cache is always on (``use_cache=True``), whatever the training-time gradient checkpointing setting.
+    The model runs in eval mode and the KV cache is always on (``use_cache=True``), whatever the training-time
+    gradient checkpointing setting.
 
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     stop = generation_config.eos_token_id
     stop_ids = [stop] if isinstance(stop, int) else list(stop or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
@@ -84,16 +105,17 @@ def generate_candidates(
     generation_config.use_cache = True
     out: list[list[TokenIds]] = []
     starts = range(0, len(prompt_ids), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
-        chunk = prompt_ids[start : start + batch_size]
-        ids, mask = _left_pad(chunk, pad_id)
-        ids = ids.repeat_interleave(num_generations, 0).to(device)
-        mask = mask.repeat_interleave(num_generations, 0).to(device)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-        completions = generated[:, ids.shape[1] :].tolist()
-        for p in range(len(chunk)):
-            rows = completions[p * num_generations : (p + 1) * num_generations]
-            out.append([cut_at_stop(row, stop_ids, pad_id) for row in rows])
+    with eval_mode(model):
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
+            chunk = prompt_ids[start : start + batch_size]
+            ids, mask = _left_pad(chunk, pad_id)
+            ids = ids.repeat_interleave(num_generations, 0).to(device)
+            mask = mask.repeat_interleave(num_generations, 0).to(device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+            completions = generated[:, ids.shape[1] :].tolist()
+            for p in range(len(chunk)):
+                rows = completions[p * num_generations : (p + 1) * num_generations]
+                out.append([cut_at_stop(row, stop_ids, pad_id) for row in rows])
     return out
 
 
@@ -144,7 +166,7 @@ def score_candidates(
     model: torch.nn.Module,
     prompt_ids: Sequence[TokenIds],
     candidates: Sequence[Sequence[TokenIds]],
-    pad_token_id: int,
+    pad_id: int,
     max_length: int,
     batch_size: int = 8,
     show_progress: bool = True,
@@ -162,18 +184,14 @@ def score_candidates(
             unique.setdefault((j, tuple(cand)), len(unique))
     keys = sorted(unique, key=lambda k: len(prompt_ids[k[0]]) + len(k[1]))
     scores = torch.zeros(len(unique))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         starts = range(0, len(keys), batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
             batch = keys[start : start + batch_size]
             completions = [list(c) for _, c in batch]
             prompts = truncate_prompts([prompt_ids[j] for j, _ in batch], completions, max_length)
-            logps = completion_logps(model, *pad_pairs(prompts, completions, pad_token_id, device)).sum(-1)
+            logps = completion_logps(model, *pad_pairs(prompts, completions, pad_id, device)).sum(-1)
             scores[[unique[k] for k in batch]] = logps.float().cpu()
-    finally:
-        model.train(was_training)
     return torch.stack(
         [torch.stack([scores[unique[(j, tuple(c))]] for c in cands]) for j, cands in enumerate(candidates)]
     )
