@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from trl_cream import CreamConfig
-from trl_cream.demo_data import format_gsm8k, format_mc
+from trl_cream.recipes.demo_data import format_gsm8k, format_mc
 
 LLAMA3_DEFAULTS = dict(
     model_name_or_path="meta-llama/Meta-Llama-3-8B",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from trl_cream.answers import extract_choice, extract_number, gold_choice, is_correct, normalize_number, numbers_equal
+from trl_cream.evaluation.answers import (
+    extract_choice,
+    extract_number,
+    gold_choice,
+    is_correct,
+    normalize_number,
+    numbers_equal,
+)
 
 
 @pytest.mark.parametrize(

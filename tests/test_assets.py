@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trl_cream import assets
-from trl_cream.assets import AssetError, WheelAsset
+from trl_cream.recipes import assets
+from trl_cream.recipes.assets import AssetError, WheelAsset
 
 FAKE = "fake-pkg"
 MEMBERS = {

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trl_cream import CreamConfig
-from trl_cream.demo import DEMO_DEFAULTS, DemoArguments, run_demo
+from trl_cream.recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
 
 
 @pytest.mark.slow

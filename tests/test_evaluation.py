@@ -24,7 +24,7 @@ from trl_cream.evaluation import (
     ranking_consistency,
     run_evaluation,
 )
-from trl_cream.report import render_markdown, write_report
+from trl_cream.evaluation.report import render_markdown, write_report
 
 PROMPTS = ["What is 12 plus 30?", "Name a mammal.", "Where does rain come from?", "Hello, how are you today?"]
 

@@ -169,9 +169,9 @@ def eval_main(argv: list[str]) -> int:
     from transformers import AutoTokenizer, GenerationConfig
     from trl import TrlParser
 
-    from .demo_data import build_demo_datasets
     from .evaluation import run_evaluation
-    from .report import render_markdown
+    from .evaluation.report import render_markdown
+    from .recipes.demo_data import build_demo_datasets
 
     parser = TrlParser((EvalArguments,), prog="trl-cream eval")
     (args,) = parser.parse_args_and_config(argv)
@@ -209,7 +209,7 @@ def demo_main(argv: list[str]) -> int:
     from trl import TrlParser
 
     from . import CreamConfig
-    from .demo import DEMO_DEFAULTS, DemoArguments, run_demo
+    from .recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
 
     parser = TrlParser((DemoArguments, CreamConfig), prog="trl-cream demo")
     parser.set_defaults(**DEMO_DEFAULTS, use_cpu=not torch.cuda.is_available())

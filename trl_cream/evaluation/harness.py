@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import sampling
+from .. import sampling
+from ..consistency import kendall_tau, spearman, top_order
+from ..rewards import baseline_rewards, implicit_rewards
 from .answers import is_correct, predict
-from .consistency import kendall_tau, spearman, top_order
-from .rewards import baseline_rewards, implicit_rewards
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
 

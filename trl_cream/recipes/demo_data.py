@@ -1,4 +1,4 @@
-r"""Demo datasets built from the pinned offline benchmark data (see [`trl_cream.assets`]).
+r"""Demo datasets built from the pinned offline benchmark data (see [`trl_cream.recipes.assets`]).
 
 One question format is used everywhere (SFT, CREAM prompts, evaluation): [`format_mc`] gives
 `"Question: <q>\nA. <choice>\nB. <choice>...\nAnswer with the letter of the correct option."`, the SFT target is
