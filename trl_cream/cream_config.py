@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl.experimental.online_dpo import OnlineDPOConfig
 
 from .consistency import GRANULARITIES, MEASURES
+from .sampling import GENERATION_BACKENDS
 
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
 
@@ -49,9 +50,15 @@ class CreamConfig(OnlineDPOConfig):
         ref_policy (`str`, *optional*, defaults to `"round_start"`):
             DPO reference of a round: `"round_start"` (``π_t``, Algorithm 1 line 14) or `"initial"` (``π_0``). Both
             come from the scoring pass, so training runs no reference forward.
+        generation_backend (`str`, *optional*, defaults to `"generate"`):
+            Engine that samples the candidates: `"generate"` (`model.generate` on left-padded batches of
+            `generation_batch_size` prompts) or `"paged"` (transformers' continuous batching, `model.generate_batch`
+            with a paged KV cache, on all of a round's prompts at once; TRL's GRPO calls it
+            `use_transformers_paged`). Both give the same candidates format and honour the same sampling settings,
+            except `repetition_penalty`, which continuous batching does not support.
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Prompts per `generate` call when sampling candidates (each call produces
-            `generation_batch_size * num_generations` sequences).
+            `generation_batch_size * num_generations` sequences). Not used by the `"paged"` backend.
         scoring_batch_size (`int`, *optional*, defaults to `16`):
             Sequences per forward pass when scoring candidates under ``π_t``, ``π_0`` and ``π_{t−1}``.
         save_round_artifacts (`bool`, *optional*, defaults to `True`):
@@ -110,6 +117,13 @@ class CreamConfig(OnlineDPOConfig):
         metadata={
             "help": "DPO reference: the round-start policy or the initial model.",
             "choices": list(REF_POLICIES),
+        },
+    )
+    generation_backend: str = field(
+        default="generate",
+        metadata={
+            "help": "Sampling engine: 'generate' (padded batches) or 'paged' (continuous batching, generate_batch).",
+            "choices": list(GENERATION_BACKENDS),
         },
     )
     generation_batch_size: int = field(
@@ -187,6 +201,18 @@ class CreamConfig(OnlineDPOConfig):
             )
         if self.ref_policy not in REF_POLICIES:
             raise ValueError(f"ref_policy={self.ref_policy!r} is unknown; choose one of {', '.join(REF_POLICIES)}.")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"generation_backend={self.generation_backend!r} is unknown; choose one of "
+                f"{', '.join(GENERATION_BACKENDS)}."
+            )
+        penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
+        if self.generation_backend == "paged" and penalty not in (None, 1.0):
+            raise ValueError(
+                f"repetition_penalty={penalty} is not supported by generation_backend='paged' "
+                "(transformers' continuous batching drops that logits processor); set repetition_penalty=1.0 or "
+                "use generation_backend='generate'."
+            )
         for name in ("generation_batch_size", "scoring_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")

@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from . import adapters
+from . import adapters, sampling
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
@@ -291,10 +291,13 @@ class CreamTrainer(OnlineDPOTrainer):
                 self._tokenizer,
                 prompt_ids,
                 self.args.num_generations,
-                self.generation_config,
+                sampling.sampling_generation_config(
+                    self.args, self.eos_token_ids, self._tokenizer.pad_token_id, self._tokenizer.bos_token_id
+                ),
                 batch_size=self.args.generation_batch_size,
                 show_progress=self.accelerator.is_local_main_process,
                 desc=desc,
+                backend=self.args.generation_backend,
             )
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:

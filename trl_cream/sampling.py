@@ -1,7 +1,8 @@
 """Sampling N candidates per prompt and scoring them with a causal LM (Algorithm 1 lines 5, 6 and 8).
 
 These functions take a plain (unwrapped) model and a tokenizer, so the trainer, the evaluation harness and
-any other generation backend (e.g. vLLM) share one definition of "the log-probability of a completion".
+every generation backend share one definition of "the candidates of a prompt" and "the log-probability of a
+completion".
 """
 
 from __future__ import annotations
@@ -9,14 +10,21 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import maybe_apply_chat_template
 
+if TYPE_CHECKING:
+    from .cream_config import CreamConfig
+
 TokenIds = list[int]
+
+# How candidates are sampled: `model.generate` on left-padded batches, or transformers' continuous batching
+# (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding.
+GENERATION_BACKENDS: tuple[str, ...] = ("generate", "paged")
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> list[TokenIds]:
@@ -78,6 +86,59 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int], pad_id: int) -> Tok
     return out
 
 
+def sampling_generation_config(
+    args: CreamConfig, eos_token_ids: int | Sequence[int] | None, pad_token_id: int, bos_token_id: int | None = None
+) -> GenerationConfig:
+    """The candidates' sampling settings, built from the CREAM config alone.
+
+    Every decoding knob that `CreamConfig` has is set explicitly (``top_k=0`` and ``repetition_penalty=1.0`` mean
+    "off"), then `generation_kwargs` is applied on top. Nothing comes from ``model.generation_config``:
+    [`generate_candidates`] also hides the model's own generation config while it samples (see
+    [`isolated_generation_config`]).
+    """
+    values: dict[str, Any] = {
+        "do_sample": True,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k if args.top_k is not None else 0,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "num_return_sequences": 1,
+        "eos_token_id": [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or []) or None,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "use_cache": True,
+    }
+    values.update(args.generation_kwargs or {})
+    return GenerationConfig(**values)
+
+
+@contextmanager
+def isolated_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Hide the model's own ``generation_config`` for the duration of the block.
+
+    transformers 5 merges ``model.generation_config`` into the config passed to ``generate``: every field left
+    ``None`` there (e.g. ``min_p``, ``suppress_tokens``, ``no_repeat_ngram_size``) takes the model's value, and
+    fields the model does not set take transformers' global defaults. Replacing the model's config by an empty
+    `GenerationConfig` leaves only the passed config and those (neutral) global defaults; the model's config is put
+    back afterwards, so a saved checkpoint keeps its own inference settings. A PEFT model's inner model is the one
+    whose config ``generate`` reads.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(inner, "generation_config", None)
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = original
+
+
+def _stop_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    stop = generation_config.eos_token_id
+    return [stop] if isinstance(stop, int) else list(stop or [tokenizer.eos_token_id])
+
+
 @torch.no_grad()
 def generate_candidates(
     model: PreTrainedModel,
@@ -88,35 +149,88 @@ def generate_candidates(
     batch_size: int = 8,
     show_progress: bool = True,
     desc: str = "sampling",
+    backend: str = "generate",
 ) -> list[list[TokenIds]]:
-    """Sample ``num_generations`` completions for each prompt, ``batch_size`` prompts per ``generate`` call.
+    """Sample ``num_generations`` completions for each prompt.
 
-    The model runs in eval mode and the KV cache is always on (``use_cache=True``), whatever the training-time
-    gradient checkpointing setting.
+    Only ``generation_config`` decides how (the model's own generation config is hidden meanwhile). The model runs in
+    eval mode and the KV cache is always on (``use_cache=True``), whatever the training-time gradient checkpointing
+    setting. ``backend`` picks the engine (both give the same output format):
+
+    - ``"generate"``: ``model.generate`` on left-padded batches of ``batch_size`` prompts (× ``num_generations``);
+    - ``"paged"``: transformers' continuous batching, ``model.generate_batch``, on all the prompts at once
+      (``batch_size`` is not used: the engine schedules sequences itself).
 
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
     """
-    pad_id = pad_token_id(tokenizer)
-    stop = generation_config.eos_token_id
-    stop_ids = [stop] if isinstance(stop, int) else list(stop or [tokenizer.eos_token_id])
-    device = next(model.parameters()).device
+    if backend not in GENERATION_BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(GENERATION_BACKENDS)}.")
     generation_config = copy.deepcopy(generation_config)
     generation_config.use_cache = True
-    out: list[list[TokenIds]] = []
-    starts = range(0, len(prompt_ids), batch_size)
-    with eval_mode(model):
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
-            chunk = prompt_ids[start : start + batch_size]
-            ids, mask = _left_pad(chunk, pad_id)
-            ids = ids.repeat_interleave(num_generations, 0).to(device)
-            mask = mask.repeat_interleave(num_generations, 0).to(device)
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-            completions = generated[:, ids.shape[1] :].tolist()
-            for p in range(len(chunk)):
-                rows = completions[p * num_generations : (p + 1) * num_generations]
-                out.append([cut_at_stop(row, stop_ids, pad_id) for row in rows])
-    return out
+    if not prompt_ids:
+        return []
+    sample = _generate_paged if backend == "paged" else _generate_padded
+    with eval_mode(model), isolated_generation_config(model):
+        rows = sample(
+            model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc
+        )
+    stop_ids, pad_id = _stop_ids(generation_config, tokenizer), pad_token_id(tokenizer)
+    rows = [cut_at_stop(row, stop_ids, pad_id) for row in rows]
+    return [rows[p * num_generations : (p + 1) * num_generations] for p in range(len(prompt_ids))]
+
+
+def _generate_padded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[TokenIds],
+    num_generations: int,
+    generation_config: GenerationConfig,
+    batch_size: int,
+    show_progress: bool,
+    desc: str,
+) -> list[TokenIds]:
+    pad_id = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    rows: list[TokenIds] = []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch", disable=not show_progress):
+        ids, mask = _left_pad(prompt_ids[start : start + batch_size], pad_id)
+        ids = ids.repeat_interleave(num_generations, 0).to(device)
+        mask = mask.repeat_interleave(num_generations, 0).to(device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        rows.extend(generated[:, ids.shape[1] :].tolist())
+    return rows
+
+
+def _generate_paged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[TokenIds],
+    num_generations: int,
+    generation_config: GenerationConfig,
+    batch_size: int,
+    show_progress: bool,
+    desc: str,
+) -> list[TokenIds]:
+    if not hasattr(model, "generate_batch"):
+        raise TypeError(
+            f"generation_backend='paged' needs transformers' continuous batching (`generate_batch`), which "
+            f"{type(model).__name__} does not have; use generation_backend='generate'."
+        )
+    inputs = [list(ids) for ids in prompt_ids for _ in range(num_generations)]
+    warmup = next(model.parameters()).device.type == "cuda"  # warm-up captures CUDA graphs; on CPU it only costs
+    outputs = model.generate_batch(
+        inputs=inputs, generation_config=generation_config, progress_bar=show_progress, warmup=warmup
+    )
+    results = list(outputs.values())
+    failed = [r.error for r in results if getattr(r, "error", None) is not None]
+    if len(results) != len(inputs) or failed:
+        raise RuntimeError(
+            f"{desc}: continuous batching returned {len(results)} of {len(inputs)} sequences"
+            + (f" ({len(failed)} failed, first error: {failed[0]})" if failed else "")
+            + "; generation_backend='generate' is the fallback."
+        )
+    return [list(r.generated_tokens) for r in results]
 
 
 def completion_logps(
