@@ -218,6 +218,8 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, m0, tokenizer, p
         ({"consistency_granularity": "batch"}, "consistency_granularity='batch' is unknown"),
         ({"ref_policy": "previous"}, "ref_policy='previous' is unknown"),
         ({"beta": [0.1, 0.2, 0.3]}, "one per round"),
+        ({"generation_backend": "vllm"}, "generation_backend='vllm' is unknown"),
+        ({"generation_backend": "paged", "repetition_penalty": 1.2}, "not supported by generation_backend='paged'"),
     ],
 )
 def test_config_is_validated_up_front(tmp_path, overrides, message):
@@ -257,6 +259,8 @@ def test_config_defaults_follow_the_paper(tmp_path):
     args = CreamConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     assert (args.num_generations, args.temperature, args.top_p, args.beta) == (5, 0.8, 0.95, 0.1)
     assert (args.learning_rate, args.num_train_epochs, args.warmup_steps) == (1e-6, 1.0, 0.1)
+    assert (args.max_new_tokens, args.max_length) == (768, 1536)  # the authors' code samples up to 768 tokens
+    assert (args.top_k, args.min_p, args.repetition_penalty, args.generation_backend) == (0, None, 1.0, "generate")
     assert (args.consistency_measure, args.consistency_granularity, args.ref_policy) == (
         "kendall",
         "dataset",

@@ -82,6 +82,20 @@ class CreamConfig(OnlineDPOConfig):
             Epochs over each round's pairs (paper: 1).
         warmup_steps (`float`, *optional*, defaults to `0.1`):
             Linear warm-up, as a ratio of each round's steps when below 1 (paper: warm-up ratio 0.1).
+        max_new_tokens (`int`, *optional*, defaults to `768`):
+            Maximum tokens of each sampled candidate (the authors' code samples up to 768; TRL's default is 64,
+            which cuts GSM8K-style reasoning short). Sampling cost grows with it: with `generation_backend="generate"`
+            a batch runs until its longest candidate stops, and the KV cache holds
+            `generation_batch_size * num_generations` sequences of up to prompt + `max_new_tokens` tokens (Llama-3-8B
+            in bf16: ~128 KiB per token, so 40 × 1536 tokens ≈ 7.5 GiB). Scoring keeps only the completion logits,
+            `scoring_batch_size * max_new_tokens * vocab_size` floats per forward pass (16 × 768 × 128,256 in float32
+            ≈ 6.3 GB): lower `scoring_batch_size` for large vocabularies.
+        max_length (`int`, *optional*, defaults to `1536`):
+            Maximum prompt + completion tokens when scoring and training (TRL's default is 512): room for a full
+            768-token candidate after a prompt of up to 768 tokens, which covers the paper's datasets (ARC,
+            OpenBookQA, SIQA, CommonsenseQA, GSM8K prompts are a few hundred tokens at most). Longer sequences lose
+            their oldest prompt tokens, never completion tokens. Activation memory of a training step grows linearly
+            with it.
         temperature (`float`, *optional*, defaults to `0.8`):
             Sampling temperature of the candidates (paper: 0.8).
         top_p (`float`, *optional*, defaults to `0.95`):
@@ -161,6 +175,14 @@ class CreamConfig(OnlineDPOConfig):
     warmup_steps: float = field(
         default=0.1,
         metadata={"help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1)."},
+    )
+    max_new_tokens: int = field(
+        default=768,
+        metadata={"help": "Maximum tokens of each sampled candidate (the authors' code: 768)."},
+    )
+    max_length: int = field(
+        default=1536,
+        metadata={"help": "Maximum prompt + completion tokens in scoring and training (prompts are left-truncated)."},
     )
     temperature: float = field(
         default=0.8,
