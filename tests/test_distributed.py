@@ -1,0 +1,203 @@
+"""A round split across processes: the shard/gather helpers, and a 2-process CPU run (torchrun, gloo) that must give
+the same C, pairs and weights as 1 process fed the same candidates."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import PartialState
+from conftest import perturbed, tiny_llama
+from datasets import load_from_disk
+from safetensors.torch import load_file
+
+from trl_cream import distributed
+from trl_cream.artifacts import RoundScores
+from trl_cream.sampling import score_candidates
+
+ROOT = Path(__file__).parents[1]
+WORKER = Path(__file__).parent / "dist_worker.py"
+
+
+class FakeState:
+    """Rank ``process_index`` of ``num_processes``, splitting with accelerate's own `split_between_processes`."""
+
+    def __init__(self, num_processes: int, process_index: int) -> None:
+        self.num_processes, self.process_index = num_processes, process_index
+
+    def split_between_processes(self, inputs, apply_padding=False):
+        return PartialState.split_between_processes(self, inputs, apply_padding=apply_padding)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_prompts", [1, 2, 5, 8, 9])
+def test_shards_cover_every_prompt_once_and_lockstep_shards_are_equal(world, num_prompts):
+    shards = [distributed.shard_round(num_prompts, FakeState(world, r)) for r in range(world)]
+    assert sorted(j for s in shards for j in s.indices) == list(range(num_prompts))
+    assert [j for s in shards for j in s.indices] == list(range(num_prompts))  # contiguous, in rank order
+    assert max(len(s.indices) for s in shards) - min(len(s.indices) for s in shards) <= 1
+    padded = [distributed.shard_round(num_prompts, FakeState(world, r), lockstep=True) for r in range(world)]
+    assert len({len(s.indices) for s in padded}) == 1
+    assert set(j for s in padded for j in s.indices) == set(range(num_prompts))
+
+
+def test_rank_seeds_differ_across_ranks_and_rounds_and_rank0_keeps_the_single_process_seed():
+    seeds = {distributed.rank_seed(42, t, r) for t in range(1, 4) for r in range(8)}
+    assert len(seeds) == 24
+    assert distributed.rank_seed(42, 2, 0) == 44
+
+
+def _scores(rows: list[int], n: int, previous: bool) -> RoundScores:
+    base = torch.tensor([[10.0 * j + i for i in range(n)] for j in rows])
+    return RoundScores(policy=base, initial=-base, previous=base / 3 if previous else None, lengths=torch.zeros(0))
+
+
+def test_gather_in_one_process_restores_order_and_drops_lockstep_padding():
+    # One process: the "gather" is the identity, so the local shard must already be the whole round; a padded
+    # shard (the last prompt repeated, as lockstep gives) keeps the first copy.
+    shard = distributed.Shard(indices=[0, 1, 2, 2], num_prompts=3)
+    cands = [[[j, i] * (i + 1) for i in range(2)] for j in shard.indices]
+    candidates, scores = distributed.gather_round(shard, cands, _scores(shard.indices, 2, previous=True))
+    assert candidates == cands[:3]
+    assert torch.equal(scores.policy, torch.tensor([[0.0, 1.0], [10.0, 11.0], [20.0, 21.0]]))
+    assert torch.equal(scores.initial, -scores.policy) and torch.allclose(scores.previous, scores.policy / 3)
+    assert scores.lengths.tolist() == [[2, 4]] * 3
+    assert distributed.gather_round(shard, cands, _scores(shard.indices, 2, previous=False))[1].previous is None
+    with pytest.raises(RuntimeError, match="covers 2 of 3 prompts"):
+        distributed.gather_round(distributed.Shard([0, 1], 3), cands[:2], _scores([0, 1], 2, True))
+    with pytest.raises(ValueError, match="2 prompts but 3 candidate lists"):
+        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], None)
+
+
+def test_num_scoring_batches_counts_the_forwards_of_score_candidates(tokenizer):
+    model = tiny_llama(tokenizer)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    prompts = [[5, 6, 7], [8, 9]]
+    candidates = [[[20, 21], [20, 21], [22]], [[23, 24, 25], [26], [27]]]  # one exact duplicate: scored once
+    for batch_size in (1, 2, 4, 8):
+        calls.clear()
+        score_candidates(model, prompts, candidates, tokenizer.pad_token_id, 64, batch_size, show_progress=False)
+        assert len(calls) == distributed.num_scoring_batches(candidates, batch_size)
+    calls.clear()
+    distributed.pad_forward_passes(model, 3, "cpu")
+    assert len(calls) == 3
+
+
+def _accelerator(deepspeed=None, fsdp=None, num_processes=2):
+    state = SimpleNamespace(deepspeed_plugin=deepspeed, fsdp_plugin=fsdp, num_processes=num_processes)
+    return SimpleNamespace(state=state, device=torch.device("cpu"))
+
+
+def _zero(stage: int, gather_on_save: bool = True):
+    config = {"zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": gather_on_save}}
+    return SimpleNamespace(zero_stage=stage, deepspeed_config=config)
+
+
+def test_frozen_models_are_prepared_like_trl_reference_models(monkeypatch, tokenizer):
+    import trl.models.utils as trl_utils
+
+    seen = []
+    monkeypatch.setattr(trl_utils, "prepare_deepspeed", lambda m, acc: seen.append("deepspeed") or m)
+    monkeypatch.setattr(trl_utils, "prepare_fsdp", lambda m, acc: seen.append("fsdp") or m)
+    model = tiny_llama(tokenizer).train()
+    assert distributed.prepare_frozen(model, _accelerator(deepspeed=_zero(3))) is model and not model.training
+    distributed.prepare_frozen(model, _accelerator(deepspeed=_zero(2)))
+    distributed.prepare_frozen(model, _accelerator(fsdp=SimpleNamespace()))
+    assert distributed.prepare_frozen(model, _accelerator()) is model  # DDP / 1 process: a plain copy on device
+    assert seen == ["deepspeed", "deepspeed", "fsdp"]
+
+
+def test_lockstep_and_zero3_checks():
+    assert distributed.needs_lockstep(_accelerator(deepspeed=_zero(3)))
+    assert distributed.needs_lockstep(_accelerator(fsdp=SimpleNamespace()))
+    assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(2)))
+    assert not distributed.needs_lockstep(_accelerator())
+    assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(3), num_processes=1))
+    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3)))
+    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(2, gather_on_save=False)))
+    with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
+        distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3, gather_on_save=False)))
+
+
+# ------------------------------------------------------------------------------------------ 2 processes vs 1
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(out: Path, modes: str, processes: int, batch: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        command = [sys.executable, str(WORKER)]
+    else:  # gloo on CPU; `accelerate launch --cpu --num_processes 2` would silently run one process
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        command += ["--master_port", str(_free_port()), str(WORKER)]
+    result = subprocess.run(command + [str(out), modes, str(batch)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for mode in modes.split(","):
+        assert json.loads((out / mode / "world.json").read_text()) == {"world": processes, "batch": batch}
+
+
+def sampled(out: Path) -> dict[int, list[tuple]]:
+    per_rank = {}
+    for path in sorted((out / "sampled").glob("rank*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        per_rank[int(path.stem[4:])] = [(r["round"], tuple(r["prompt_ids"]), r["n"]) for r in rows]
+    return per_rank
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """Full fine-tuning and LoRA, each run by 1 process and by 2 (one launch per world size: start-up dominates)."""
+    root = tmp_path_factory.mktemp("dist")
+    run_worker(root / "one", "full,lora", processes=1, batch=4)  # effective batch 4 = 4 x 1 process
+    run_worker(root / "two", "full,lora", processes=2, batch=2)  # effective batch 4 = 2 x 2 processes
+    return root
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_two_processes_match_one_process_fed_the_same_candidates(launched, mode):
+    one, two = launched / "one" / mode, launched / "two" / mode
+
+    # The 2 ranks together sampled every prompt x N exactly once, and each only its own share.
+    single, split = sampled(one), sampled(two)
+    assert set(split) == {0, 1} and all(split.values())
+    assert sorted(split[0] + split[1]) == sorted(single[0]) and len(single[0]) == 16
+    assert not set(split[0]) & set(split[1])
+
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    for t in (1, 2):
+        a, b = (json.loads((d / "rounds" / f"round_{t}" / "metrics.json").read_text()) for d in (one, two))
+        assert a["num_prompts"] == b["num_prompts"] == 8 and a["num_candidates"] == b["num_candidates"] == 32
+        for key in ("consistency", "kendall_tau_mean", "spearman_mean", "num_pairs", "reward_margin_mean"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+        pa, pb = (load_from_disk(str(d / "rounds" / f"round_{t}" / "pairs")) for d in (one, two))
+        for column in ("prompt_index", "chosen_input_ids", "rejected_input_ids", "consistency"):
+            assert pa[column] == pb[column], column
+        assert pb["ref_chosen_logps"] == pytest.approx(pa["ref_chosen_logps"], abs=1e-5)
+        before, after = load_file(str(one / f"M{t}" / weights)), load_file(str(one / f"M{t + 1}" / weights))
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # the round did train
+    final_one, final_two = load_file(str(one / "M3" / weights)), load_file(str(two / "M3" / weights))
+    assert final_one.keys() == final_two.keys()
+    for key in final_one:
+        torch.testing.assert_close(final_two[key], final_one[key], atol=1e-4, rtol=1e-4)
+    # Artifacts are written once, by the main process, with the whole round.
+    assert len(load_from_disk(str(two / "rounds" / "round_2" / "candidates"))) == 32
+
+
+def test_weights_check_can_fail(tokenizer):
+    # The tolerance above is tight enough to tell apart two models one small perturbation away.
+    a = tiny_llama(tokenizer)
+    b = perturbed(a, scale=1e-3)
+    with pytest.raises(AssertionError):
+        for (_, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)

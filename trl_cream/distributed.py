@@ -1,0 +1,177 @@
+"""Splitting a CREAM round across processes and gathering it back (any world size, 1 included).
+
+Each rank samples and scores only its share of a round's prompts; the ranks then gather what labelling needs
+(candidates and their summed log-probs under ``π_t``, ``π_0`` and ``π_{t−1}``), in the original prompt order, so
+``C``, the τ statistics and the pairs are computed on the whole round, identically on every rank. Training then
+shards the pairs the Trainer way (every rank builds the same pairs dataset; the accelerate dataloader splits it).
+
+Under DeepSpeed ZeRO-3 and FSDP every forward is a collective: all ranks must run the same number of ``generate``
+calls and scoring forwards. The split is then padded (the last prompt repeated, its copy dropped at the gather) and
+ranks with fewer scoring batches run dummy forwards (`pad_forward_passes`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from .artifacts import RoundScores
+
+TokenIds = list[int]
+
+
+@dataclass
+class Shard:
+    """The prompts of a round that one rank samples and scores.
+
+    Attributes:
+        indices (`list[int]`): positions in the round's prompt list, in order. Under ``lockstep`` the last one may
+            repeat a prompt that another rank (or this one) also has: padding, dropped at the gather.
+        num_prompts (`int`): prompts in the whole round.
+    """
+
+    indices: list[int]
+    num_prompts: int
+
+
+def rank_seed(seed: int, round_index: int, rank: int) -> int:
+    """Sampling seed of ``rank`` in round ``round_index``: ``seed + round`` on rank 0 (the 1-process seed), a distinct
+    stream on every other rank so that the ranks do not draw the same samples."""
+    return seed + round_index + 1_000_003 * rank
+
+
+def shard_round(num_prompts: int, state: PartialState | Any, lockstep: bool = False) -> Shard:
+    """Contiguous split of ``range(num_prompts)`` over the processes, with accelerate's
+    ``split_between_processes`` (sizes differ by at most one; earlier ranks take the extra prompt).
+
+    Args:
+        num_prompts: prompts in the round.
+        state: an `accelerate.PartialState` or `Accelerator` (anything with ``split_between_processes``).
+        lockstep: give every rank the same number of prompts by repeating the last one (ZeRO-3 / FSDP, where
+            ranks must run the same number of forwards).
+    """
+    with state.split_between_processes(list(range(num_prompts)), apply_padding=lockstep) as local:
+        return Shard(indices=list(local), num_prompts=num_prompts)
+
+
+def gather_round(
+    shard: Shard, candidates: Sequence[Sequence[TokenIds]], scores: RoundScores | None
+) -> tuple[list[list[TokenIds]], RoundScores]:
+    """Gather every rank's candidates and scores into the whole round, in the original prompt order.
+
+    Args:
+        shard: this rank's prompts.
+        candidates: ``[len(shard.indices)][N]`` completion token ids (ragged).
+        scores: their `RoundScores` (``None`` for an empty shard).
+
+    Returns:
+        ``(candidates, scores)`` for all ``shard.num_prompts`` prompts, identical on every rank.
+    """
+    if len(candidates) != len(shard.indices):
+        raise ValueError(f"This rank has {len(shard.indices)} prompts but {len(candidates)} candidate lists.")
+    records = []
+    for k, j in enumerate(shard.indices):
+        previous = None if scores is None or scores.previous is None else scores.previous[k].tolist()
+        records.append((j, [list(c) for c in candidates[k]], scores.policy[k].tolist(), scores.initial[k].tolist(),
+                        previous))  # fmt: skip
+    by_prompt: dict[int, tuple] = {}
+    for record in gather_object(records):
+        by_prompt.setdefault(record[0], record)  # lockstep padding repeats a prompt: keep its first copy
+    missing = sorted(set(range(shard.num_prompts)) - set(by_prompt))
+    if missing or len(by_prompt) != shard.num_prompts:
+        raise RuntimeError(
+            f"The gathered round covers {len(by_prompt)} of {shard.num_prompts} prompts (missing {missing[:10]}): "
+            "every rank must call the round with the same prompts and world size."
+        )
+    ordered = [by_prompt[j] for j in range(shard.num_prompts)]
+    has_previous = ordered[0][4] is not None
+    gathered = [r[1] for r in ordered]
+    return gathered, RoundScores(
+        policy=torch.tensor([r[2] for r in ordered], dtype=torch.float32),
+        initial=torch.tensor([r[3] for r in ordered], dtype=torch.float32),
+        previous=torch.tensor([r[4] for r in ordered], dtype=torch.float32) if has_previous else None,
+        lengths=torch.tensor([[len(c) for c in cands] for cands in gathered], dtype=torch.long),
+    )
+
+
+def num_scoring_batches(candidates: Sequence[Sequence[TokenIds]], batch_size: int) -> int:
+    """Forward passes `sampling.score_candidates` runs for these candidates: the distinct (prompt, candidate) pairs,
+    ``batch_size`` per forward."""
+    unique = {(j, tuple(c)) for j, cands in enumerate(candidates) for c in cands}
+    return math.ceil(len(unique) / batch_size)
+
+
+@torch.no_grad()
+def pad_forward_passes(model: torch.nn.Module, count: int, device: torch.device | str) -> None:
+    """Run ``count`` one-token forwards, so that a rank with fewer scoring batches joins the collectives
+    (ZeRO-3 parameter all-gathers, FSDP unshards) that the other ranks' extra batches trigger."""
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    for _ in range(count):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` over all ranks (the value itself with one process)."""
+    return max(gather_object([value]))
+
+
+def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """Place a frozen scoring model (``π_{t−1}`` loaded from disk) the way TRL prepares its reference models:
+    `trl.models.utils.prepare_deepspeed` under DeepSpeed (ZeRO-3 shards it like the policy; ZeRO-1/2 keep a full copy
+    per rank), `prepare_fsdp` under FSDP, otherwise a full copy on this rank's device (DDP: scoring is local)."""
+    model.eval()
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(model, accelerator)
+    return model.to(accelerator.device)  # not accelerator.prepare_model: it would keep a reference every round
+
+
+def is_zero3(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed ZeRO stage 3."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def needs_lockstep(accelerator: Any) -> bool:
+    """Whether ranks must run the same number of forwards: ZeRO-3 or FSDP with several processes."""
+    state = accelerator.state
+    sharded = is_zero3(accelerator) or getattr(state, "fsdp_plugin", None) is not None
+    return sharded and state.num_processes > 1
+
+
+def check_zero3_saves_weights(accelerator: Any) -> None:
+    """Under ZeRO-3, ``M<k>`` is saved as consolidated 16-bit weights (a ``from_pretrained`` folder), which needs
+    ``stage3_gather_16bit_weights_on_model_save``; refuse up front instead of writing a DeepSpeed checkpoint."""
+    if not is_zero3(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if not config.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is on but `stage3_gather_16bit_weights_on_model_save` is false: every M<k> would be "
+            "saved as a DeepSpeed checkpoint that from_pretrained cannot load. Set `zero3_save_16bit_model: true` in "
+            "the accelerate config (see examples/accelerate_configs/deepspeed_zero3.yaml)."
+        )
+
+
+def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:
+    """Full state dict of a model whose weights are ZeRO-3-partitioned (``zero.Init``) but not yet in an engine,
+    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
+            if is_main_process:
+                state[name] = tensor.detach().cpu().clone()
+    return state
