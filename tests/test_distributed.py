@@ -73,7 +73,8 @@ def test_gather_in_one_process_restores_order_and_drops_lockstep_padding():
     with pytest.raises(RuntimeError, match="covers 2 of 3 prompts"):
         distributed.gather_round(distributed.Shard([0, 1], 3), cands[:2], _scores([0, 1], 2, True))
     with pytest.raises(ValueError, match="2 prompts but 3 candidate lists"):
-        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], None)
+        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], _scores([0, 1], 2, True))
+    assert shard.select(["a", "b", "c"]) == ["a", "b", "c", "c"]
 
 
 def test_num_scoring_batches_counts_the_forwards_of_score_candidates(tokenizer):
@@ -89,6 +90,14 @@ def test_num_scoring_batches_counts_the_forwards_of_score_candidates(tokenizer):
     calls.clear()
     distributed.pad_forward_passes(model, 3, "cpu")
     assert len(calls) == 3
+    # score_shard: the plain scores, no padding forward outside lockstep, an empty [0, 0] for an empty shard
+    calls.clear()
+    expected = score_candidates(model, prompts, candidates, tokenizer.pad_token_id, 64, 2, show_progress=False)
+    got = distributed.score_shard(_accelerator(num_processes=1), model, prompts, candidates, tokenizer.pad_token_id,
+                                  64, 2, show_progress=False)  # fmt: skip
+    assert torch.equal(got, expected) and len(calls) == 2 * distributed.num_scoring_batches(candidates, 2)
+    calls.clear()
+    assert distributed.score_shard(_accelerator(), model, [], [], 0, 64, 2).shape == (0, 0) and not calls
 
 
 def _accelerator(deepspeed=None, fsdp=None, num_processes=2):
@@ -115,16 +124,41 @@ def test_frozen_models_are_prepared_like_trl_reference_models(monkeypatch, token
     assert seen == ["deepspeed", "deepspeed", "fsdp"]
 
 
-def test_lockstep_and_zero3_checks():
+def test_lockstep_checks_and_unsupported_setups_are_refused_up_front():
     assert distributed.needs_lockstep(_accelerator(deepspeed=_zero(3)))
     assert distributed.needs_lockstep(_accelerator(fsdp=SimpleNamespace()))
     assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(2)))
     assert not distributed.needs_lockstep(_accelerator())
     assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(3), num_processes=1))
-    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3)))
-    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(2, gather_on_save=False)))
+    full = SimpleNamespace(state_dict_type="StateDictType.FULL_STATE_DICT")
+    no_gather = _zero(2, gather_on_save=False)
+    for ok in (
+        _accelerator(),
+        _accelerator(deepspeed=_zero(3)),
+        _accelerator(deepspeed=no_gather),
+        _accelerator(fsdp=full),
+    ):
+        distributed.check_supported(ok, use_peft=False)
+    distributed.check_supported(_accelerator(deepspeed=_zero(2)), use_peft=True)
     with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
-        distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3, gather_on_save=False)))
+        distributed.check_supported(_accelerator(deepspeed=_zero(3, gather_on_save=False)), use_peft=False)
+    with pytest.raises(ValueError, match="FULL_STATE_DICT"):
+        sharded_dict = SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")
+        distributed.check_supported(_accelerator(fsdp=sharded_dict), use_peft=False)
+    for sharded in (_accelerator(deepspeed=_zero(3)), _accelerator(fsdp=full)):
+        with pytest.raises(ValueError, match="LoRA/QLoRA adapters are not supported"):
+            distributed.check_supported(sharded, use_peft=True)
+
+
+def test_full_model_is_saved_through_trainer_save_model_once_an_engine_exists(tmp_path):
+    saved = []
+    trainer = SimpleNamespace(accelerator=_accelerator(), save_model=saved.append, deepspeed=None)
+    distributed.save_full_model(trainer, tmp_path / "M1")
+    assert saved == [str(tmp_path / "M1")]  # DDP / FSDP / ZeRO-1/2, and ZeRO-3 once the engine exists
+    trainer.accelerator = _accelerator(deepspeed=_zero(3))
+    trainer.deepspeed = object()
+    distributed.save_full_model(trainer, tmp_path / "M2")
+    assert saved[-1] == str(tmp_path / "M2")
 
 
 # ------------------------------------------------------------------------------------------ 2 processes vs 1
