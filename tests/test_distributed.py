@@ -150,6 +150,21 @@ def test_lockstep_checks_and_unsupported_setups_are_refused_up_front():
             distributed.check_supported(sharded, use_peft=True)
 
 
+def test_replicas_log_at_their_trainer_level(monkeypatch):
+    import logging
+
+    logger = logging.getLogger("trl_cream")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.INFO)
+    distributed.setup(_accelerator(), main, use_peft=False)
+    assert logger.level == logging.NOTSET  # the main process keeps the user's logging configuration
+    replica = SimpleNamespace(should_log=False, get_process_log_level=lambda: logging.WARNING)
+    distributed.setup(_accelerator(), replica, use_peft=False)
+    assert logger.level == logging.WARNING
+    with pytest.raises(ValueError, match="LoRA/QLoRA"):
+        distributed.setup(_accelerator(deepspeed=_zero(3)), main, use_peft=True)
+
+
 def test_full_model_is_saved_through_trainer_save_model_once_an_engine_exists(tmp_path):
     saved = []
     trainer = SimpleNamespace(accelerator=_accelerator(), save_model=saved.append, deepspeed=None)

@@ -119,7 +119,7 @@ class CreamTrainer(OnlineDPOTrainer):
         )
         if self._peft_placeholder:
             self.ref_model = None
-        distributed.check_supported(self.accelerator, is_peft_model(self.model))
+        distributed.setup(self.accelerator, args, is_peft_model(self.model))
         self.args: CreamConfig
         self.use_peft = is_peft_model(self.model)
         self.data_collator = PairCollator(self._tokenizer.pad_token_id, args.max_length)

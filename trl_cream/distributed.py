@@ -12,6 +12,7 @@ ranks with fewer scoring batches run dummy forwards (`pad_forward_passes`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,6 +183,14 @@ def needs_lockstep(accelerator: Any) -> bool:
     state = accelerator.state
     sharded = is_zero3(accelerator) or getattr(state, "fsdp_plugin", None) is not None
     return sharded and state.num_processes > 1
+
+
+def setup(accelerator: Any, args: Any, use_peft: bool) -> None:
+    """Once, when the trainer is built: refuse unsupported sharded set-ups (`check_supported`) and log from the
+    replicas at their Trainer level (``log_level_replica``, warnings by default), so round messages appear once."""
+    check_supported(accelerator, use_peft)
+    if not args.should_log:
+        logging.getLogger(__package__).setLevel(args.get_process_log_level())
 
 
 def check_supported(accelerator: Any, use_peft: bool) -> None:
