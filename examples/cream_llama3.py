@@ -13,8 +13,8 @@ GSM8K, split equally across the 2 CREAM iterations.
 
 Defaults follow the paper: N=5 candidates at temperature 0.8 (top-p 0.95), β=0.1, AdamW at 1e-6 with warm-up 0.1,
 one epoch a round, 3 SFT epochs at 1e-6. M0 is Meta-Llama-3-8B-Instruct (changed from the base Meta-Llama-3-8B:
-the paper's M0 scores 68.6 % zero-shot on GSM8K, which matches the Instruct model, and issue #6 names it). The
-learning rates are the paper's, which trained LoRA as well; a QLoRA adapter moves slowly at 1e-6, so raise them
+issue #6 names it; the paper does not name its exact checkpoint). The learning rates are the paper's (CREAM's
+own code trains LoRA adapters too); a QLoRA adapter moves slowly at 1e-6, so raise them
 (e.g. `--learning_rate 2e-5 --sft_learning_rate 1e-4`, this script's earlier defaults) if M2 barely differs from M1.
 Without a GPU (or with `--use_cpu true`), 4-bit cannot be trained on CPU in a useful time: pass
 `--load_in_4bit false`.
