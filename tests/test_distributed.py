@@ -250,3 +250,36 @@ def test_weights_check_can_fail(tokenizer):
     with pytest.raises(AssertionError):
         for (_, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def test_zero3_gathered_state_dict_saves_a_from_pretrained_folder(monkeypatch, tmp_path, tokenizer):
+    # DeepSpeed is not installed here: stand in for `deepspeed.zero.GatheredParameters` with a no-op (the weights are
+    # then already whole), and check the rest of the pre-engine save path: keys, values, and a folder that
+    # from_pretrained reloads to the same logits.
+    import contextlib
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+
+    def gathered(params, modifier_rank=None):
+        calls.append(len(params))
+        return contextlib.nullcontext()
+
+    model = tiny_llama(tokenizer)
+    for param in model.parameters():
+        param.ds_id = 0  # what zero.Init marks partitioned parameters with
+    with monkeypatch.context() as patch:  # only around the gathers: transformers probes for a real deepspeed
+        patch.setitem(sys.modules, "deepspeed", SimpleNamespace(zero=SimpleNamespace(GatheredParameters=gathered)))
+        state = distributed.gathered_state_dict(model, is_main_process=True)
+        assert distributed.gathered_state_dict(model, is_main_process=False) == {}  # other ranks join the gathers
+    reference = model.state_dict()
+    assert set(state) <= set(reference) and len(calls) == 2 * len(state)
+    assert not any("inv_freq" in name for name in state)
+    assert all(torch.equal(state[name], reference[name]) for name in state)
+    assert sum(calls) == 2 * len(list(model.parameters()))  # every parameter gathered, buffers (no ds_id) not
+    model.save_pretrained(tmp_path, state_dict=state)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -241,11 +241,15 @@ def save_full_model(trainer: Any, path: Path) -> None:
 
 def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:
     """Full state dict of a model whose weights are ZeRO-3-partitioned (``zero.Init``) but not yet in an engine,
-    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere."""
+    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere.
+    Non-persistent buffers (e.g. rotary ``inv_freq``) are left out, as in ``state_dict()``."""
     import deepspeed
 
     state: dict[str, torch.Tensor] = {}
+    saved = model.state_dict().keys()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in saved:
+            continue
         with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
             if is_main_process:
                 state[name] = tensor.detach().cpu().clone()
