@@ -73,7 +73,8 @@ def test_gather_in_one_process_restores_order_and_drops_lockstep_padding():
     with pytest.raises(RuntimeError, match="covers 2 of 3 prompts"):
         distributed.gather_round(distributed.Shard([0, 1], 3), cands[:2], _scores([0, 1], 2, True))
     with pytest.raises(ValueError, match="2 prompts but 3 candidate lists"):
-        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], None)
+        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], _scores([0, 1], 2, True))
+    assert shard.select(["a", "b", "c"]) == ["a", "b", "c", "c"]
 
 
 def test_num_scoring_batches_counts_the_forwards_of_score_candidates(tokenizer):
@@ -89,6 +90,14 @@ def test_num_scoring_batches_counts_the_forwards_of_score_candidates(tokenizer):
     calls.clear()
     distributed.pad_forward_passes(model, 3, "cpu")
     assert len(calls) == 3
+    # score_shard: the plain scores, no padding forward outside lockstep, an empty [0, 0] for an empty shard
+    calls.clear()
+    expected = score_candidates(model, prompts, candidates, tokenizer.pad_token_id, 64, 2, show_progress=False)
+    got = distributed.score_shard(_accelerator(num_processes=1), model, prompts, candidates, tokenizer.pad_token_id,
+                                  64, 2, show_progress=False)  # fmt: skip
+    assert torch.equal(got, expected) and len(calls) == 2 * distributed.num_scoring_batches(candidates, 2)
+    calls.clear()
+    assert distributed.score_shard(_accelerator(), model, [], [], 0, 64, 2).shape == (0, 0) and not calls
 
 
 def _accelerator(deepspeed=None, fsdp=None, num_processes=2):
@@ -115,16 +124,56 @@ def test_frozen_models_are_prepared_like_trl_reference_models(monkeypatch, token
     assert seen == ["deepspeed", "deepspeed", "fsdp"]
 
 
-def test_lockstep_and_zero3_checks():
+def test_lockstep_checks_and_unsupported_setups_are_refused_up_front():
     assert distributed.needs_lockstep(_accelerator(deepspeed=_zero(3)))
     assert distributed.needs_lockstep(_accelerator(fsdp=SimpleNamespace()))
     assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(2)))
     assert not distributed.needs_lockstep(_accelerator())
     assert not distributed.needs_lockstep(_accelerator(deepspeed=_zero(3), num_processes=1))
-    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3)))
-    distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(2, gather_on_save=False)))
+    full = SimpleNamespace(state_dict_type="StateDictType.FULL_STATE_DICT")
+    no_gather = _zero(2, gather_on_save=False)
+    for ok in (
+        _accelerator(),
+        _accelerator(deepspeed=_zero(3)),
+        _accelerator(deepspeed=no_gather),
+        _accelerator(fsdp=full),
+    ):
+        distributed.check_supported(ok, use_peft=False)
+    distributed.check_supported(_accelerator(deepspeed=_zero(2)), use_peft=True)
     with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
-        distributed.check_zero3_saves_weights(_accelerator(deepspeed=_zero(3, gather_on_save=False)))
+        distributed.check_supported(_accelerator(deepspeed=_zero(3, gather_on_save=False)), use_peft=False)
+    with pytest.raises(ValueError, match="FULL_STATE_DICT"):
+        sharded_dict = SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")
+        distributed.check_supported(_accelerator(fsdp=sharded_dict), use_peft=False)
+    for sharded in (_accelerator(deepspeed=_zero(3)), _accelerator(fsdp=full)):
+        with pytest.raises(ValueError, match="LoRA/QLoRA adapters are not supported"):
+            distributed.check_supported(sharded, use_peft=True)
+
+
+def test_replicas_log_at_their_trainer_level(monkeypatch):
+    import logging
+
+    logger = logging.getLogger("trl_cream")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.INFO)
+    distributed.setup(_accelerator(), main, use_peft=False)
+    assert logger.level == logging.NOTSET  # the main process keeps the user's logging configuration
+    replica = SimpleNamespace(should_log=False, get_process_log_level=lambda: logging.WARNING)
+    distributed.setup(_accelerator(), replica, use_peft=False)
+    assert logger.level == logging.WARNING
+    with pytest.raises(ValueError, match="LoRA/QLoRA"):
+        distributed.setup(_accelerator(deepspeed=_zero(3)), main, use_peft=True)
+
+
+def test_full_model_is_saved_through_trainer_save_model_once_an_engine_exists(tmp_path):
+    saved = []
+    trainer = SimpleNamespace(accelerator=_accelerator(), save_model=saved.append, deepspeed=None)
+    distributed.save_full_model(trainer, tmp_path / "M1")
+    assert saved == [str(tmp_path / "M1")]  # DDP / FSDP / ZeRO-1/2, and ZeRO-3 once the engine exists
+    trainer.accelerator = _accelerator(deepspeed=_zero(3))
+    trainer.deepspeed = object()
+    distributed.save_full_model(trainer, tmp_path / "M2")
+    assert saved[-1] == str(tmp_path / "M2")
 
 
 # ------------------------------------------------------------------------------------------ 2 processes vs 1
@@ -201,3 +250,36 @@ def test_weights_check_can_fail(tokenizer):
     with pytest.raises(AssertionError):
         for (_, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def test_zero3_gathered_state_dict_saves_a_from_pretrained_folder(monkeypatch, tmp_path, tokenizer):
+    # DeepSpeed is not installed here: stand in for `deepspeed.zero.GatheredParameters` with a no-op (the weights are
+    # then already whole), and check the rest of the pre-engine save path: keys, values, and a folder that
+    # from_pretrained reloads to the same logits.
+    import contextlib
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+
+    def gathered(params, modifier_rank=None):
+        calls.append(len(params))
+        return contextlib.nullcontext()
+
+    model = tiny_llama(tokenizer)
+    for param in model.parameters():
+        param.ds_id = 0  # what zero.Init marks partitioned parameters with
+    with monkeypatch.context() as patch:  # only around the gathers: transformers probes for a real deepspeed
+        patch.setitem(sys.modules, "deepspeed", SimpleNamespace(zero=SimpleNamespace(GatheredParameters=gathered)))
+        state = distributed.gathered_state_dict(model, is_main_process=True)
+        assert distributed.gathered_state_dict(model, is_main_process=False) == {}  # other ranks join the gathers
+    reference = model.state_dict()
+    assert set(state) <= set(reference) and len(calls) == 2 * len(state)
+    assert not any("inv_freq" in name for name in state)
+    assert all(torch.equal(state[name], reference[name]) for name in state)
+    assert sum(calls) == 2 * len(list(model.parameters()))  # every parameter gathered, buffers (no ds_id) not
+    model.save_pretrained(tmp_path, state_dict=state)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -24,7 +24,7 @@ from .artifacts import RoundScores, candidates_dataset, label_round, pairs_datas
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
-from .sampling import completion_logps, generate_candidates, score_candidates, tokenize_prompts
+from .sampling import completion_logps, generate_candidates, tokenize_prompts
 from .sft import run_sft
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class CreamTrainer(OnlineDPOTrainer):
         )
         if self._peft_placeholder:
             self.ref_model = None
-        if not is_peft_model(self.model):
-            distributed.check_zero3_saves_weights(self.accelerator)
+        distributed.setup(self.accelerator, args, is_peft_model(self.model))
         self.args: CreamConfig
         self.use_peft = is_peft_model(self.model)
         self.data_collator = PairCollator(self._tokenizer.pad_token_id, args.max_length)
@@ -237,17 +236,13 @@ class CreamTrainer(OnlineDPOTrainer):
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
-        with _timed(timings, "generate"):  # each rank samples and scores its share of the round
+        with _timed(timings, "generate"):  # each rank samples and scores its share; the whole round is gathered
             prompt_ids = tokenize_prompts(self.processing_class, prompts)
-            shard = distributed.shard_round(
-                len(prompt_ids), self.accelerator, distributed.needs_lockstep(self.accelerator)
-            )
-            set_seed(distributed.rank_seed(args.seed, t, self.accelerator.process_index))
-            local_ids = [prompt_ids[j] for j in shard.indices]
-            local = self.generate_candidates(local_ids, desc=f"round {t}: sampling") if local_ids else []
+            shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)  # also sets the seed
+            local_ids = shard.select(prompt_ids)
+            local = self.generate_candidates(local_ids, desc=f"round {t}: sampling")
         with _timed(timings, "score"):
-            local_scores = self.score_round(t, local_ids, local)
-            candidates, scores = distributed.gather_round(shard, local, local_scores if local_ids else None)
+            candidates, scores = distributed.gather_round(shard, local, self.score_round(t, local_ids, local))
         set_seed(args.seed + t)  # one seed on every rank again: the Trainer's sampler draws the same pair order
         with _timed(timings, "pair"):
             labels = label_round(scores, args.consistency_measure, args.consistency_granularity)
@@ -309,23 +304,15 @@ class CreamTrainer(OnlineDPOTrainer):
             )
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
-        """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8). Every rank
-        calls it, also with no prompt: the LoRA path refreshes the `previous` adapter on every rank."""
+        """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank."""
         model = self.accelerator.unwrap_model(self.model)
-        lockstep = distributed.needs_lockstep(self.accelerator)
-        batches = distributed.num_scoring_batches(candidates, self.args.scoring_batch_size)
-        most = distributed.max_over_ranks(batches) if lockstep else batches
 
         def score(m: nn.Module, who: str) -> torch.Tensor:
-            out = torch.zeros(0, self.args.num_generations)
-            if candidates:
-                out = score_candidates(
-                    m, prompt_ids, candidates, self._tokenizer.pad_token_id, self.args.max_length,
-                    batch_size=self.args.scoring_batch_size, show_progress=self.accelerator.is_local_main_process,
-                    desc=f"round {t}: scoring {who}",
-                )  # fmt: skip
-            distributed.pad_forward_passes(m, most - batches, self.accelerator.device)  # ZeRO-3/FSDP: same forwards
-            return out
+            return distributed.score_shard(
+                self.accelerator, m, prompt_ids, candidates, self._tokenizer.pad_token_id, self.args.max_length,
+                batch_size=self.args.scoring_batch_size, show_progress=self.accelerator.is_local_main_process,
+                desc=f"round {t}: scoring {who}",
+            )  # fmt: skip
 
         policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
         if self.use_peft:
@@ -363,9 +350,7 @@ class CreamTrainer(OnlineDPOTrainer):
 
     @contextmanager
     def _loaded_previous(self, t: int) -> Iterator[nn.Module]:
-        """Load M_{t−1} (π_{t−1}) from its saved folder on every rank, prepared like TRL's reference models (sharded
-        under ZeRO-3 / FSDP), for scoring; then free it. `save_policy` ends with a barrier, so the folder is complete
-        before any rank reads it."""
+        """Load M_{t−1} (π_{t−1}) from its saved folder, placed like TRL reference models, to score; then free it."""
         path = self.iteration_dir(self.first_iteration + t - 2)
         if not path.exists():
             raise FileNotFoundError(f"π_(t-1) for round {t} should have been saved at {path}, but it is missing.")
@@ -381,21 +366,14 @@ class CreamTrainer(OnlineDPOTrainer):
                 torch.cuda.empty_cache()
 
     def save_policy(self, path: Path) -> None:
-        """Save the current policy (full model, or only the policy adapter) and the tokenizer to ``path``, once, by
-        the main process, as a ``from_pretrained`` folder (ZeRO-3: consolidated 16-bit weights); all ranks wait."""
+        """Save the current policy (full model, or only the policy adapter) and the tokenizer to ``path``, once."""
         model = self.accelerator.unwrap_model(self.model)
         if self.use_peft:
             if self.accelerator.is_main_process:
                 adapters.save_adapter(model, adapters.policy_adapter_name(model), path)
                 self._tokenizer.save_pretrained(path)
         else:
-            if distributed.is_zero3(self.accelerator) and getattr(self, "deepspeed", None) is None:
-                # before the first round's engine exists the weights are zero.Init-partitioned: gather them
-                state = distributed.gathered_state_dict(model, self.accelerator.is_main_process)
-                if self.accelerator.is_main_process:
-                    model.save_pretrained(path, state_dict=state)
-            else:
-                self.save_model(str(path))  # ZeRO-3: accelerator.get_state_dict, 16-bit consolidated
+            distributed.save_full_model(self, path)  # ZeRO-3: consolidated 16-bit weights
             if self.accelerator.is_main_process:
                 self._tokenizer.save_pretrained(path)
         self.accelerator.wait_for_everyone()

@@ -12,16 +12,19 @@ ranks with fewer scoring batches run dummy forwards (`pad_forward_passes`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 
 from .artifacts import RoundScores
+from .sampling import score_candidates
 
 TokenIds = list[int]
 
@@ -38,6 +41,10 @@ class Shard:
 
     indices: list[int]
     num_prompts: int
+
+    def select(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's share of a whole-round list (``items[j]`` for ``j`` in ``indices``)."""
+        return [items[j] for j in self.indices]
 
 
 def rank_seed(seed: int, round_index: int, rank: int) -> int:
@@ -60,15 +67,22 @@ def shard_round(num_prompts: int, state: PartialState | Any, lockstep: bool = Fa
         return Shard(indices=list(local), num_prompts=num_prompts)
 
 
+def start_round(accelerator: Any, num_prompts: int, seed: int, round_index: int) -> Shard:
+    """This rank's share of a round (padded to equal shares under ZeRO-3 / FSDP) and its sampling seed, set."""
+    shard = shard_round(num_prompts, accelerator, needs_lockstep(accelerator))
+    set_seed(rank_seed(seed, round_index, accelerator.process_index))
+    return shard
+
+
 def gather_round(
-    shard: Shard, candidates: Sequence[Sequence[TokenIds]], scores: RoundScores | None
+    shard: Shard, candidates: Sequence[Sequence[TokenIds]], scores: RoundScores
 ) -> tuple[list[list[TokenIds]], RoundScores]:
     """Gather every rank's candidates and scores into the whole round, in the original prompt order.
 
     Args:
         shard: this rank's prompts.
         candidates: ``[len(shard.indices)][N]`` completion token ids (ragged).
-        scores: their `RoundScores` (``None`` for an empty shard).
+        scores: their `RoundScores` (empty tensors for an empty shard).
 
     Returns:
         ``(candidates, scores)`` for all ``shard.num_prompts`` prompts, identical on every rank.
@@ -77,7 +91,7 @@ def gather_round(
         raise ValueError(f"This rank has {len(shard.indices)} prompts but {len(candidates)} candidate lists.")
     records = []
     for k, j in enumerate(shard.indices):
-        previous = None if scores is None or scores.previous is None else scores.previous[k].tolist()
+        previous = None if scores.previous is None else scores.previous[k].tolist()
         records.append((j, [list(c) for c in candidates[k]], scores.policy[k].tolist(), scores.initial[k].tolist(),
                         previous))  # fmt: skip
     by_prompt: dict[int, tuple] = {}
@@ -116,6 +130,27 @@ def pad_forward_passes(model: torch.nn.Module, count: int, device: torch.device 
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+def score_shard(
+    accelerator: Any,
+    model: torch.nn.Module,
+    prompt_ids: Sequence[TokenIds],
+    candidates: Sequence[Sequence[TokenIds]],
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """`sampling.score_candidates` on this rank's share (``[0, 0]`` when it has no prompt); under ZeRO-3 / FSDP, the
+    rank then runs dummy forwards until it has run as many as the busiest rank. Every rank must call it."""
+    batches = num_scoring_batches(candidates, batch_size)
+    most = max_over_ranks(batches) if needs_lockstep(accelerator) else batches
+    scores = torch.zeros(0, 0)
+    if candidates:
+        scores = score_candidates(model, prompt_ids, candidates, pad_id, max_length, batch_size, **kwargs)
+    pad_forward_passes(model, most - batches, accelerator.device)
+    return scores
+
+
 def max_over_ranks(value: int) -> int:
     """The largest ``value`` over all ranks (the value itself with one process)."""
     return max(gather_object([value]))
@@ -150,27 +185,71 @@ def needs_lockstep(accelerator: Any) -> bool:
     return sharded and state.num_processes > 1
 
 
-def check_zero3_saves_weights(accelerator: Any) -> None:
-    """Under ZeRO-3, ``M<k>`` is saved as consolidated 16-bit weights (a ``from_pretrained`` folder), which needs
-    ``stage3_gather_16bit_weights_on_model_save``; refuse up front instead of writing a DeepSpeed checkpoint."""
-    if not is_zero3(accelerator):
-        return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-    if not config.get("stage3_gather_16bit_weights_on_model_save", False):
+def setup(accelerator: Any, args: Any, use_peft: bool) -> None:
+    """Once, when the trainer is built: refuse unsupported sharded set-ups (`check_supported`) and log from the
+    replicas at their Trainer level (``log_level_replica``, warnings by default), so round messages appear once."""
+    check_supported(accelerator, use_peft)
+    if not args.should_log:
+        logging.getLogger(__package__).setLevel(args.get_process_log_level())
+
+
+def check_supported(accelerator: Any, use_peft: bool) -> None:
+    """Refuse, before any expensive work, the sharded set-ups a CREAM run cannot save or sample with.
+
+    - ZeRO-3 (full fine-tuning) saves ``M<k>`` as consolidated 16-bit weights (a ``from_pretrained`` folder), which
+      needs ``stage3_gather_16bit_weights_on_model_save``; FSDP needs a ``FULL_STATE_DICT``. Otherwise every ``M<k>``
+      would be a sharded checkpoint that ``from_pretrained`` (and the next round's ``π_{t−1}``) cannot load.
+    - LoRA / QLoRA saves and copies its adapters from the full local weights: run it with DDP or ZeRO-1/2 (the
+      4-bit base of an 8B model is ~5.5 GB and fits each GPU), not ZeRO-3 or FSDP.
+    """
+    state = accelerator.state
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if use_peft and (is_zero3(accelerator) or fsdp is not None):
         raise ValueError(
-            "DeepSpeed ZeRO-3 is on but `stage3_gather_16bit_weights_on_model_save` is false: every M<k> would be "
-            "saved as a DeepSpeed checkpoint that from_pretrained cannot load. Set `zero3_save_16bit_model: true` in "
-            "the accelerate config (see examples/accelerate_configs/deepspeed_zero3.yaml)."
+            "LoRA/QLoRA adapters are not supported under DeepSpeed ZeRO-3 or FSDP: their weights would be saved "
+            "sharded. Launch with examples/accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml instead."
         )
+    if is_zero3(accelerator):
+        config = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if not config.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise ValueError(
+                "DeepSpeed ZeRO-3 is on but `stage3_gather_16bit_weights_on_model_save` is false: every M<k> would be "
+                "saved as a DeepSpeed checkpoint that from_pretrained cannot load. Set `zero3_save_16bit_model: true` "
+                "in the accelerate config (see examples/accelerate_configs/deepspeed_zero3.yaml)."
+            )
+    if fsdp is not None and "FULL_STATE_DICT" not in str(getattr(fsdp, "state_dict_type", "")):
+        raise ValueError(
+            f"FSDP `state_dict_type` is {getattr(fsdp, 'state_dict_type', None)}: M<k> would not be saved as a "
+            "from_pretrained folder. Set `fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config "
+            "(see examples/accelerate_configs/fsdp.yaml)."
+        )
+
+
+def save_full_model(trainer: Any, path: Path) -> None:
+    """Save a fully fine-tuned policy as a ``from_pretrained`` folder with ``Trainer.save_model`` (main process
+    writes; under ZeRO-3 it is `accelerator.get_state_dict` of the engine, 16-bit consolidated; under FSDP the full
+    state dict). Before round 1 no DeepSpeed engine exists yet and ZeRO-3 weights are ``zero.Init``-partitioned:
+    they are gathered here. All ranks must call it."""
+    if is_zero3(trainer.accelerator) and getattr(trainer, "deepspeed", None) is None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = gathered_state_dict(model, trainer.accelerator.is_main_process)
+        if trainer.accelerator.is_main_process:
+            model.save_pretrained(path, state_dict=state)
+    else:
+        trainer.save_model(str(path))
 
 
 def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:
     """Full state dict of a model whose weights are ZeRO-3-partitioned (``zero.Init``) but not yet in an engine,
-    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere."""
+    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere.
+    Non-persistent buffers (e.g. rotary ``inv_freq``) are left out, as in ``state_dict()``."""
     import deepspeed
 
     state: dict[str, torch.Tensor] = {}
+    saved = model.state_dict().keys()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in saved:
+            continue
         with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
             if is_main_process:
                 state[name] = tensor.detach().cpu().clone()
