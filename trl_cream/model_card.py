@@ -208,7 +208,8 @@ def _rounds_section(num_rounds: int, rounds: list[dict[str, Any]]) -> str:
 def _evaluation_section(evaluation: dict[str, Any]) -> str:
     from .evaluation.report import render_markdown
 
-    return "## Evaluation\n\n" + render_markdown(evaluation).strip() + "\n"
+    tables = render_markdown(evaluation).strip().replace("## ", "### ")
+    return f"## Evaluation\n\n{tables}\n"
 
 
 def write_card(card: ModelCard, folder: str | Path) -> Path:
