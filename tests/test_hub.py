@@ -178,7 +178,7 @@ def publisher(out: Path, hub: FakeHub, failure: str = "raise", retries: int = 3)
     ), sleeps
 
 
-def test_transient_5xx_are_retried_with_backoff_then_succeed(tmp_path, fake_hub):
+def test_transient_5xx_are_retried_with_backoff_then_succeed(tmp_path, fake_hub, caplog):
     before = make_iteration(tmp_path / "M1")
     pub, sleeps = publisher(tmp_path, fake_hub)
     fake_hub.fail("POST", r"/commit/M1$", 503, times=2)
@@ -191,6 +191,19 @@ def test_transient_5xx_are_retried_with_backoff_then_succeed(tmp_path, fake_hub)
     assert sha256(remote) == before["model.safetensors"]
     assert is_pushed(tmp_path, 1)
     assert {p.name: sha256(p) for p in (tmp_path / "M1").iterdir()} == before
+    assert caplog.text.count("retrying in") == 3 and "HTTP 503" in caplog.text
+    assert_no_token(fake_hub.token, tmp_path, text=caplog.text)
+
+
+@pytest.mark.parametrize(("status", "attempts"), [(429, 4), (500, 4), (403, 1), (404, 1)])
+def test_only_transient_errors_are_retried(tmp_path, fake_hub, status, attempts):
+    make_iteration(tmp_path / "M1")
+    pub, sleeps = publisher(tmp_path, fake_hub, retries=3)
+    fake_hub.fail("POST", r"/commit/", status)
+    pub.submit(1, tmp_path / "M1")
+    with pytest.raises(HubPushError, match=f"HTTP {status}"):
+        pub.wait()
+    assert fake_hub.count("POST", r"/commit/") == attempts and len(sleeps) == attempts - 1
 
 
 @pytest.mark.parametrize("failure", ["raise", "warn"])
@@ -200,17 +213,37 @@ def test_a_permanent_401_raises_or_warns_and_keeps_the_checkpoint(tmp_path, fake
     fake_hub.fail("POST", r"/commit/", 401)
     pub.submit(1, tmp_path / "M1")
     if failure == "raise":
-        with pytest.raises(HubPushError, match=r"M1 .* failed after 3 attempts: HTTP 401.*intact") as info:
+        with pytest.raises(HubPushError, match=r"M1 .* failed: HTTP 401.*not retried.*intact") as info:
             pub.wait()
         message = str(info.value)
     else:
         with pytest.warns(UserWarning, match="HTTP 401"):
             pub.wait()
         message = pub.failed[1]
-    assert fake_hub.count("POST", r"/commit/") == 3 and sleeps == [0.5, 1.0]
+    assert fake_hub.count("POST", r"/commit/") == 1 and sleeps == []  # a refused token is not retried
     assert not is_pushed(tmp_path, 1)
     assert {p.name: sha256(p) for p in (tmp_path / "M1").iterdir()} == before
     assert_no_token(fake_hub.token, tmp_path, text=caplog.text + message)
+
+
+def test_a_resumed_run_pushes_the_missing_iteration_without_moving_main_back(tmp_path, fake_hub):
+    hashes = {k: make_iteration(tmp_path / f"M{k}", seed=k)["model.safetensors"] for k in (1, 2, 3)}
+    first, _ = publisher(tmp_path, fake_hub, failure="warn", retries=0)
+    fake_hub.fail("POST", r"/commit/M1$", 500, times=1)
+    with pytest.warns(UserWarning, match="M1"):
+        for k in (1, 2, 3):
+            first.submit(k, tmp_path / f"M{k}")
+        first.wait()
+    assert [is_pushed(tmp_path, k) for k in (1, 2, 3)] == [False, True, True]
+    main = fake_hub.branches(REPO)["main"]
+
+    resumed, _ = publisher(tmp_path, fake_hub)  # a new process: what the resume code does for a missing marker
+    resumed.submit(1, tmp_path / "M1")
+    resumed.wait()
+    assert is_pushed(tmp_path, 1)
+    assert sha256(download(fake_hub, tmp_path, "model.safetensors", "M1")) == hashes[1]
+    assert fake_hub.branches(REPO)["main"] == main  # main still holds M3
+    assert sha256(download(fake_hub, tmp_path, "model.safetensors")) == hashes[3]
 
 
 def test_warn_mode_keeps_training_when_pushes_fail(tmp_path, fake_hub, m0, tokenizer, prompts):

@@ -79,7 +79,8 @@ class CreamConfig(OnlineDPOConfig):
             error, or `"warn"` and go on training (the local `M<k>` is intact either way; a resumed run pushes
             what is missing).
         hub_push_retries (`int`, *optional*, defaults to `3`):
-            Retries of a failed Hub call (network error, 5xx, 401/403) after the first try.
+            Retries of a Hub call that failed transiently (network error, timeout, 429, 5xx) after the first try. A
+            permanent error (401 bad token, 403 no write access, other 4xx) is not retried.
         hub_push_backoff (`float`, *optional*, defaults to `2.0`):
             Seconds before the first retry, doubled before each next one (exponential backoff).
         push_round_datasets (`bool`, *optional*, defaults to `False`):
@@ -179,7 +180,7 @@ class CreamConfig(OnlineDPOConfig):
     )
     hub_push_retries: int = field(
         default=3,
-        metadata={"help": "Retries of a failed Hub call after the first try."},
+        metadata={"help": "Retries of a transiently failed Hub call (network, 429, 5xx) after the first try."},
     )
     hub_push_backoff: float = field(
         default=2.0,

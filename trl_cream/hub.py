@@ -2,8 +2,9 @@
 
 [`HubPublisher`] pushes ``output_dir/M<k>`` in one background worker thread (as TRL's `Trainer` does with
 ``run_as_future``), so that a push does not block the next round; ``train()`` waits for the pushes at the end. Each
-push is retried with exponential backoff; once retries are spent it raises (`hub_push_failure="raise"`) or warns and
-lets training go on (`"warn"`). The local ``M<k>`` folder is only read, never changed, by a push.
+Hub call that fails transiently (network error, timeout, 429, 5xx) is retried with exponential backoff; a permanent
+error (401 bad token, 403 no write access, ...) is not. A push that still fails raises (`hub_push_failure="raise"`)
+or warns and lets training go on (`"warn"`). The local ``M<k>`` folder is only read, never changed, by a push.
 
 Layouts (`hub_iteration_strategy`):
 
@@ -20,10 +21,10 @@ into a marker, and ``training_args.bin`` (a pickle) is never uploaded.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -33,13 +34,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .hub_utils import (
+    FAILURE_MODES,
+    MERGED_SUBFOLDER,
+    STRATEGIES,
+    RetryPolicy,
+    describe,
+    is_retryable,
+    iteration_files,
+    redact,
+    round_files,
+    validate_settings,
+    with_retries,
+)
+
+__all__ = [
+    "FAILURE_MODES",
+    "MERGED_SUBFOLDER",
+    "STRATEGIES",
+    "HubPublisher",
+    "HubPushError",
+    "HubSettings",
+    "RetryPolicy",
+    "is_pushed",
+    "iteration_target",
+    "latest_local_iteration",
+    "marker_path",
+    "validate_settings",
+]
+
 logger = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = ("branch", "repo")
-FAILURE_MODES: tuple[str, ...] = ("raise", "warn")
 PUSHED_DIR = Path("cream_state") / "pushed"
-NOT_UPLOADED = ("training_args.bin",)  # a pickle of the training arguments: never published
-MERGED_SUBFOLDER = "merged"
 
 T = TypeVar("T")
 
@@ -86,49 +112,10 @@ def rounds_repo_id(hub_model_id: str) -> str:
     return f"{hub_model_id}-rounds"
 
 
-def redact(text: str, token: str | None) -> str:
-    """``text`` with ``token`` (and any ``Bearer`` value) removed."""
-    if token:
-        text = text.replace(token, "***")
-    return text
-
-
-# ---------------------------------------------------------------- retries
-@dataclass
-class RetryPolicy:
-    """Retry a Hub call ``retries`` times after the first try, waiting ``base_delay * 2**i`` seconds before retry
-    ``i`` (exponential backoff)."""
-
-    retries: int = 3
-    base_delay: float = 2.0
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
-
-    def delays(self) -> list[float]:
-        return [self.base_delay * 2**i for i in range(self.retries)]
-
-
-def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, token: str | None = None) -> T:
-    """Run ``fn``; on any error retry with backoff. Network errors, 5xx and 401/403 are all retried (a token can be
-    refreshed, a proxy can recover); the last error is re-raised once the retries are spent."""
-    delays = policy.delays()
-    for attempt in range(len(delays) + 1):
-        try:
-            return fn()
-        except Exception as error:
-            if attempt == len(delays):
-                raise
-            logger.warning(
-                "Hub: %s failed (attempt %d/%d: %s); retrying in %.1f s.",
-                what, attempt + 1, len(delays) + 1, redact(_describe(error), token), delays[attempt],
-            )  # fmt: skip
-            policy.sleep(delays[attempt])
-    raise AssertionError("unreachable")
-
-
-def _describe(error: BaseException) -> str:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    text = f"{type(error).__name__}: {error}".splitlines()[0]
-    return f"HTTP {status}, {text}" if status is not None else text
+def latest_local_iteration(output_dir: str | Path) -> int:
+    """The highest ``k`` of the ``output_dir/M<k>`` folders (``-1`` when there is none)."""
+    indices = [int(m.group(1)) for p in Path(output_dir).glob("M*") if (m := re.fullmatch(r"M(\d+)", p.name))]
+    return max(indices, default=-1)
 
 
 # ---------------------------------------------------------------- the publisher
@@ -186,7 +173,7 @@ class HubPublisher:
         except Exception as error:
             message = (
                 f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: "
-                f"{redact(_describe(error), s.token)}. Check the network, HF_HUB_OFFLINE and the token "
+                f"{redact(describe(error), s.token)}. Check the network, HF_HUB_OFFLINE and the token "
                 "(`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False."
             )
             self._fail(message, error)
@@ -198,7 +185,9 @@ class HubPublisher:
         self.raise_failures()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cream-hub-push")
-        self._latest = max(self._latest, index)
+        # main follows the latest iteration: never move it back to an older one (e.g. a resumed run pushing a
+        # missing M1 when M3 is saved already)
+        self._latest = max(self._latest, index, latest_local_iteration(self.settings.output_dir))
         future = self._executor.submit(self._push_safely, index, folder, round_dir, index >= self._latest)
         self._pending.append((index, future))
         return future
@@ -231,9 +220,10 @@ class HubPublisher:
         except Exception as error:
             repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
             message = (
-                f"Pushing M{index} to {repo_id}@{revision} failed after {s.policy.retries + 1} attempts: "
-                f"{redact(_describe(error), s.token)}. The local checkpoint {folder} is intact; a resumed run "
-                "(train(resume_from_checkpoint=True)) pushes the iterations that are missing."
+                f"Pushing M{index} to {repo_id}@{revision} failed: {redact(describe(error), s.token)} "
+                f"({f'still failing after {s.policy.retries} retries' if is_retryable(error) else 'not retried'}). "
+                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True)) "
+                "pushes the iterations that are missing."
             )
             self.failed[index] = message
             self._fail(message, error)
@@ -245,7 +235,7 @@ class HubPublisher:
         """Push ``M<index>`` (synchronously, with retries) and write its marker. Returns the marker's content."""
         s = self.settings
         repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
-        files = self.iteration_files(folder)
+        files = iteration_files(folder, s.base_model_id, s.push_merged_weights)
         message = f"CREAM iteration M{index}"
         self._retry(f"create_repo {repo_id}", lambda: self.api.create_repo(repo_id, private=s.private, exist_ok=True))
         if s.strategy == "branch":
@@ -263,45 +253,15 @@ class HubPublisher:
 
     def push_round(self, round_dir: Path) -> str:
         """Upload a round's ``candidates``/``pairs`` as parquet and its ``metrics.json`` to the rounds dataset repo."""
-        from datasets import load_from_disk
-
         s = self.settings
         repo_id = rounds_repo_id(s.hub_model_id)
-        files: dict[str, bytes | Path] = {}
-        for name in ("candidates", "pairs"):
-            if (round_dir / name).is_dir():
-                buffer = io.BytesIO()
-                load_from_disk(str(round_dir / name)).to_parquet(buffer)
-                files[f"{round_dir.name}/{name}.parquet"] = buffer.getvalue()
-        if (round_dir / "metrics.json").is_file():
-            files[f"{round_dir.name}/metrics.json"] = round_dir / "metrics.json"
-        if not files:
-            raise FileNotFoundError(f"push_round_datasets=True but {round_dir} holds no round artifacts.")
+        files = round_files(round_dir)
         self._retry(
             f"create_repo {repo_id}",
             lambda: self.api.create_repo(repo_id, repo_type="dataset", private=s.private, exist_ok=True),
         )
         self._commit(repo_id, "main", files, f"CREAM {round_dir.name} artifacts", repo_type="dataset", prune=False)
         return repo_id
-
-    def iteration_files(self, folder: Path) -> dict[str, bytes | Path]:
-        """``path_in_repo → content`` of ``M<k>``: every file but ``training_args.bin``; an adapter's
-        ``base_model_name_or_path`` set to `hub_base_model_id` when given; merged weights under ``merged/``."""
-        if not (folder / "README.md").is_file() or not any(folder.iterdir()):
-            raise FileNotFoundError(f"{folder} is not a saved CREAM iteration (no README.md model card).")
-        files: dict[str, bytes | Path] = {
-            p.relative_to(folder).as_posix(): p
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in NOT_UPLOADED and not p.name.startswith(".")
-        }
-        if "adapter_config.json" in files and self.settings.base_model_id:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            config["base_model_name_or_path"] = self.settings.base_model_id
-            files["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-        if "adapter_config.json" in files and self.settings.push_merged_weights:
-            for name, content in merged_weights(folder).items():
-                files[f"{MERGED_SUBFOLDER}/{name}"] = content
-        return files
 
     def _commit(
         self,
@@ -344,45 +304,6 @@ class HubPublisher:
 
 def _content(content: bytes | Path) -> bytes | str:
     return content if isinstance(content, bytes) else str(content)
-
-
-def merged_weights(folder: Path) -> dict[str, bytes]:
-    """The adapter in ``folder`` merged into its base model (``base_model_name_or_path``), saved with
-    `save_pretrained` into a temporary folder: ``file name → bytes``. Loads one extra model copy on the CPU."""
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(folder), device_map="cpu")
-    merged = model.merge_and_unload()
-    with tempfile.TemporaryDirectory() as tmp:
-        merged.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-
-def validate_settings(args: Any) -> None:
-    """The up-front checks of the hub fields of a `CreamConfig` (no network)."""
-    if args.hub_iteration_strategy not in STRATEGIES:
-        raise ValueError(
-            f"hub_iteration_strategy={args.hub_iteration_strategy!r} is unknown; choose one of "
-            f"{', '.join(STRATEGIES)}."
-        )
-    if args.hub_push_failure not in FAILURE_MODES:
-        raise ValueError(
-            f"hub_push_failure={args.hub_push_failure!r} is unknown; choose one of {', '.join(FAILURE_MODES)}."
-        )
-    if args.hub_push_retries < 0 or args.hub_push_backoff < 0:
-        raise ValueError(
-            f"hub_push_retries={args.hub_push_retries} and hub_push_backoff={args.hub_push_backoff} must be >= 0."
-        )
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError(
-            "push_to_hub=True needs hub_model_id (e.g. 'your-name/cream-llama3'): CREAM pushes every iteration to "
-            "it, one branch per iteration (hub_iteration_strategy='branch') or one repo each ('repo')."
-        )
-    if args.push_to_hub and args.push_round_datasets and not args.save_round_artifacts:
-        raise ValueError(
-            "push_round_datasets=True pushes the saved round artifacts, but save_round_artifacts=False; set "
-            "save_round_artifacts=True or push_round_datasets=False."
-        )
 
 
 # ---------------------------------------------------------------- glue for CreamTrainer
