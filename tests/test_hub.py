@@ -286,6 +286,30 @@ def test_unreachable_hub_or_refused_token_fails_before_training(
         make(hub_args(tmp_path / "c", fake_hub, hub_push_retries=0, hub_push_failure="warn"))
 
 
+def test_offline_mode_fails_at_once_before_training(tmp_path, fake_hub, monkeypatch, m0, tokenizer, prompts, caplog):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubPushError, match="cannot be used: OfflineModeIsEnabled.*HF_HUB_OFFLINE"):
+        CreamTrainer(
+            model=perturbed(m0), ref_model=m0, args=hub_args(tmp_path, fake_hub, hub_push_retries=3),
+            train_dataset=prompts, processing_class=tokenizer,
+        )  # fmt: skip
+    assert "retrying" not in caplog.text and fake_hub.requests == []  # offline is permanent: no retry, no request
+
+
+def test_command_line_flags(tmp_path):
+    from trl_cream.cli import train_parser
+
+    flags = ["--output_dir", str(tmp_path), "--use_cpu", "--bf16", "false", "--push_to_hub", "--hub_model_id", REPO,
+             "--hub_iteration_strategy", "repo", "--hub_push_failure", "warn", "--hub_push_retries", "5",
+             "--push_round_datasets", "--hub_base_model_id", "org/base"]  # fmt: skip
+    _, args, _ = train_parser().parse_args_and_config(flags)
+    assert (args.push_to_hub, args.hub_model_id, args.hub_iteration_strategy) == (True, REPO, "repo")
+    assert (args.hub_push_failure, args.hub_push_retries, args.push_round_datasets) == ("warn", 5, True)
+    assert args.hub_base_model_id == "org/base"
+    with pytest.raises(ValueError, match="needs hub_model_id"):
+        train_parser().parse_args_and_config(flags[:6])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
