@@ -31,7 +31,8 @@ def fake_hub(monkeypatch):
     """The fake Hub, with the client pointed at it (HfApi reads `constants.ENDPOINT` when it is built), online
     mode for the client only, and the Xet upload path off (the fake Hub speaks LFS)."""
     hub = FakeHub().start()
-    monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # for anything reading the environment later
+    monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)  # the client read HF_ENDPOINT at import
     monkeypatch.setattr(
         hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     )
@@ -158,6 +159,7 @@ def test_lora_repo_strategy_with_merged_weights_and_round_datasets(tmp_path, fak
     assert {"consistency", "chosen_reward", "rejected_reward"} <= set(pairs.columns) and len(pairs) > 0
     assert {"consistency", "logp_policy", "logp_initial", "rank"} <= set(candidates.columns)
     assert json.loads(marker_path(out, 2).read_text())["rounds_repo_id"] == f"{REPO}-rounds"
+    assert_no_token(fake_hub.token, out)
 
 
 def make_iteration(folder: Path, seed: int = 0) -> dict[str, str]:
