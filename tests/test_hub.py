@@ -361,3 +361,56 @@ def test_card_lists_every_round_and_the_evaluation_tables(tmp_path):
     assert f"[M2](https://huggingface.co/{REPO}/tree/M2)" in card
     assert "`consistency_measure` | `kendall`" in card
     assert "hf_secret_abcdef" not in card
+
+
+TWO_RANKS_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import QUESTIONS, cream_args, perturbed, tiny_llama, tiny_tokenizer
+from datasets import Dataset
+from trl_cream import CreamTrainer
+from trl_cream.hub import HubPushError
+
+tokenizer = tiny_tokenizer()
+m0 = tiny_llama(tokenizer)
+prompts = Dataset.from_dict({{"prompt": [[{{"role": "user", "content": q}}] for q in QUESTIONS]}})
+
+
+def make(token):
+    args = cream_args({out!r}, num_iterations=1, push_to_hub=True, hub_model_id={repo!r}, hub_token=token,
+                      hub_push_retries=0)
+    return CreamTrainer(model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts,
+                        processing_class=tokenizer)
+
+
+try:
+    make("hf_wrong_token")
+except HubPushError as error:
+    print("RANK_RAISED", "401" in str(error), flush=True)
+make(sys.argv[1]).train()
+"""
+
+
+def test_two_processes_check_once_and_push_from_the_main_process(tmp_path, fake_hub):
+    """torchrun with 2 CPU ranks: a refused token raises on both ranks (no rank waits for the other), and a run
+    pushes each iteration once, from the main process."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_ranks.py"
+    tests = str(Path(__file__).parent)
+    script.write_text(TWO_RANKS_SCRIPT.format(tests=tests, out=str(tmp_path / "run"), repo=REPO))
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), tests])}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), fake_hub.token]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("RANK_RAISED True") == 2  # both ranks raised the main process's HTTP 401 error
+    assert fake_hub.count("GET", "/api/whoami-v2") == 2  # one check per trainer, on the main process only
+    assert fake_hub.count("POST", "/commit/") == 4  # M1, M2: branch + main each, pushed once
+    assert set(fake_hub.branches(REPO)) == {"main", "M1", "M2"}
+    out = tmp_path / "run"
+    assert sha256(download(fake_hub, tmp_path, "model.safetensors", "M2")) == sha256(out / "M2" / "model.safetensors")
+    assert is_pushed(out, 1) and is_pushed(out, 2)
+    assert fake_hub.token not in run.stdout + run.stderr

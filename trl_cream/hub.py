@@ -309,20 +309,30 @@ def _content(content: bytes | Path) -> bytes | str:
 # ---------------------------------------------------------------- glue for CreamTrainer
 def start(trainer: Any) -> HubPublisher | None:
     """Called from `CreamTrainer.__init__`: with `push_to_hub`, build the publisher on the main process and check,
-    before any training, that the Hub answers and the token is accepted."""
+    before any training, that the Hub answers and the token is accepted. With several processes, the main process's
+    verdict is broadcast, so that every rank raises the same error instead of waiting for the main one."""
     args = trainer.args
-    if not args.push_to_hub or not trainer.accelerator.is_main_process:
+    if not args.push_to_hub:
         return None
-    if args.push_merged_weights and trainer.use_peft:
-        base = _base_model_path(trainer)
-        if not base:
-            raise ValueError(
-                "push_merged_weights=True needs the base model's path or Hub id to merge the adapter into, but the "
-                "adapter's base_model_name_or_path is empty. Load the base model with from_pretrained(path) or set "
-                "push_merged_weights=False."
-            )
-    publisher = HubPublisher(HubSettings.from_args(args))
-    publisher.check_access()
+    if args.push_merged_weights and trainer.use_peft and not _base_model_path(trainer):
+        raise ValueError(
+            "push_merged_weights=True needs the base model's path or Hub id to merge the adapter into, but the "
+            "adapter's base_model_name_or_path is empty. Load the base model with from_pretrained(path) or set "
+            "push_merged_weights=False."
+        )
+    publisher, error = None, None
+    if trainer.accelerator.is_main_process:
+        publisher = HubPublisher(HubSettings.from_args(args))
+        try:
+            publisher.check_access()
+        except HubPushError as failure:
+            error = str(failure)
+    if trainer.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise HubPushError(error)
     return publisher
 
 
