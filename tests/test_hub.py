@@ -363,6 +363,18 @@ def test_card_lists_every_round_and_the_evaluation_tables(tmp_path):
     assert "hf_secret_abcdef" not in card
 
 
+def test_card_of_a_local_run_loads_from_the_folder(tmp_path):
+    args = cream_args(tmp_path / "run")  # no hub_model_id
+    card = build_model_card(
+        trainer_cls=CreamTrainer, index=2, first_index=1, args=args, rounds=[{"round": 1, "consistency": 0.5}],
+        peft=True, base_model=str(tmp_path / "base"),
+    ).content  # fmt: skip
+    folder = (tmp_path / "run" / "M2").as_posix()
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{folder}")' in card and "revision" not in card
+    assert "from M1 (the folder `M1` next to this one)" in card and "huggingface.co/run" not in card
+    assert "a LoRA adapter on" in card and "| 1 | 0.500 |" in card
+
+
 TWO_RANKS_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -129,6 +129,8 @@ def build_model_card(
     hub_model_id = args.hub_model_id or Path(args.output_dir).name
     strategy = getattr(args, "hub_iteration_strategy", "branch")
     repo_id, revision = iteration_target(hub_model_id, strategy, index)
+    if not args.hub_model_id:  # a local run: load from the folder
+        repo_id, revision = (Path(args.output_dir) / f"M{index}").as_posix(), "main"
     paper = getattr(trainer_cls, "_paper", {}) or {}
     name = getattr(trainer_cls, "_name", "CREAM")
     base_hub_id = base_model if base_model and not Path(base_model).exists() else None
@@ -147,7 +149,7 @@ def build_model_card(
     )
     text = card.text.replace("[None](https://huggingface.co/None)", "a local base model")
     sections = [
-        _lineage(index, first_index, hub_model_id, strategy, base_model, sft_metrics),
+        _lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics),
         "## CREAM configuration\n\n" + _config_table(args),
         _rounds_section(index - first_index, rounds),
     ]
@@ -165,7 +167,7 @@ def build_model_card(
 def _lineage(
     index: int,
     first_index: int,
-    hub_model_id: str,
+    hub_model_id: str | None,
     strategy: str,
     base_model: str | None,
     sft_metrics: dict[str, Any] | None,
@@ -176,12 +178,14 @@ def _lineage(
         how = "the SFT stage on the seed data" if sft_metrics else "the starting policy given to the trainer"
         lines.append(f"- This is M{index}, {how}; the CREAM rounds start from it.")
     else:
-        prev_repo, prev_rev = iteration_target(hub_model_id, strategy, index - 1)
-        link = f"https://huggingface.co/{prev_repo}" + (f"/tree/{prev_rev}" if prev_rev != "main" else "")
-        lines.append(
-            f"- This is M{index}, trained by CREAM round {index - first_index} from "
-            f"[M{index - 1}]({link}) (`{prev_repo}`, revision `{prev_rev}`)."
-        )
+        previous = f"trained by CREAM round {index - first_index} from"
+        if hub_model_id:
+            prev_repo, prev_rev = iteration_target(hub_model_id, strategy, index - 1)
+            link = f"https://huggingface.co/{prev_repo}" + (f"/tree/{prev_rev}" if prev_rev != "main" else "")
+            where = f"[M{index - 1}]({link}) (`{prev_repo}`, revision `{prev_rev}`)"
+            lines.append(f"- This is M{index}, {previous} {where}.")
+        else:
+            lines.append(f"- This is M{index}, {previous} M{index - 1} (the folder `M{index - 1}` next to this one).")
     if sft_metrics:
         loss = sft_metrics.get("sft_loss")
         lines.append(f"- SFT stage: loss {_fmt(loss, '{:.4f}')} over {sft_metrics.get('sft_steps', '?')} steps.")
