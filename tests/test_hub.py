@@ -328,6 +328,23 @@ def test_hub_config_is_validated_up_front(tmp_path, overrides, message):
         cream_args(tmp_path, **overrides)
 
 
+def test_card_results_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hub_card_results='missing.json' is not a file"):
+        cream_args(tmp_path, hub_card_results="missing.json")
+
+
+def test_merged_weights_need_a_base_model_path(tmp_path, fake_hub, m0, tokenizer, prompts):
+    model = get_peft_model(m0, LoraConfig(**LORA))  # built from a config: no base_model_name_or_path
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)  # a distinct M1
+    args = hub_args(tmp_path, fake_hub, push_merged_weights=True)
+    with pytest.raises(ValueError, match="push_merged_weights=True needs the base model's path"):
+        CreamTrainer(model=model, args=args, train_dataset=prompts, processing_class=tokenizer)
+    assert fake_hub.requests == []  # failed before any network call
+
+
 def test_the_token_is_in_no_saved_config(tmp_path):
     args = cream_args(tmp_path, hub_token="hf_secret_abcdef")
     assert "hf_secret_abcdef" not in repr(args) + str(args) + args.to_json_string()

@@ -107,6 +107,11 @@ def validate_settings(args: Any) -> None:
             "it, one branch per iteration (hub_iteration_strategy='branch') or one repo each ('repo'). Pass "
             "--hub_model_id your-name/cream-llama3, or drop --push_to_hub."
         )
+    if args.hub_card_results and not Path(args.hub_card_results).is_file():
+        raise FileNotFoundError(
+            f"hub_card_results={args.hub_card_results!r} is not a file; give the results.json written by "
+            "`trl-cream eval`, or leave hub_card_results unset."
+        )
     if args.push_to_hub and args.push_round_datasets and not args.save_round_artifacts:
         raise ValueError(
             "push_round_datasets=True pushes the saved round artifacts, but save_round_artifacts=False; set "
