@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -352,6 +353,9 @@ def test_the_token_is_in_no_saved_config(tmp_path):
     torch.save(args, path)  # what Trainer.save_model writes into a full fine-tuning M<k>
     assert b"hf_secret_abcdef" not in path.read_bytes()
     assert args.hub_token == "hf_secret_abcdef"  # still usable in memory
+    clone = copy.deepcopy(args)
+    assert clone.hub_token == "hf_secret_abcdef" and clone.to_dict() == args.to_dict()
+    assert torch.load(path, weights_only=False).hub_token is None
 
 
 def test_card_lists_every_round_and_the_evaluation_tables(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from trl.experimental.online_dpo import OnlineDPOConfig
@@ -276,10 +277,17 @@ class CreamConfig(OnlineDPOConfig):
         hub.validate_settings(self)
 
     def __getstate__(self) -> dict:
-        """Pickle (``training_args.bin``, deep copies) without `hub_token`: a token never lands in an artifact."""
+        """Pickle (``training_args.bin``) without `hub_token`: a token never lands in an artifact."""
         state = self.__dict__.copy()
         state["hub_token"] = None
         return state
+
+    def __deepcopy__(self, memo: dict) -> CreamConfig:
+        """A deep copy keeps `hub_token` (it stays in memory, unlike a pickle)."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def __repr__(self) -> str:
         return str(self)  # TrainingArguments.__str__ masks every *_token field
