@@ -446,4 +446,4 @@ def test_two_processes_check_once_and_push_from_the_main_process(tmp_path, fake_
     out = tmp_path / "run"
     assert sha256(download(fake_hub, tmp_path, "model.safetensors", "M2")) == sha256(out / "M2" / "model.safetensors")
     assert is_pushed(out, 1) and is_pushed(out, 2)
-    assert fake_hub.token not in run.stdout + run.stderr
+    assert_no_token(fake_hub.token, out, text=run.stdout + run.stderr)
