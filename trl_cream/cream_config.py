@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
+from . import hub
 from .consistency import GRANULARITIES, MEASURES
 from .sampling import GENERATION_BACKENDS
 
@@ -73,6 +75,33 @@ class CreamConfig(OnlineDPOConfig):
             Learning rate of the SFT stage (paper: 1e-6).
         sft_max_length (`int` or `None`, *optional*, defaults to `1024`):
             Maximum tokenized length of an SFT example; longer ones are truncated.
+
+        > Parameters of publishing every iteration to the Hub (with `push_to_hub=True` and `hub_model_id`; `hub_token`
+        and `hub_private_repo` keep their TRL meaning; see docs/hub.md)
+
+        hub_iteration_strategy (`str`, *optional*, defaults to `"branch"`):
+            `"branch"`: one repo `hub_model_id`, a branch per iteration (`M1`, `M2`, ...) and `main` = the latest;
+            `"repo"`: one repo per iteration, `{hub_model_id}-M<k>`.
+        hub_push_failure (`str`, *optional*, defaults to `"raise"`):
+            What to do once a push (or the start-up check of the Hub) has failed after every retry: `"raise"` an
+            error, or `"warn"` and go on training (the local `M<k>` is intact either way; a resumed run pushes
+            what is missing).
+        hub_push_retries (`int`, *optional*, defaults to `3`):
+            Retries of a Hub call that failed transiently (network error, timeout, 429, 5xx) after the first try. A
+            permanent error (401 bad token, 403 no write access, other 4xx) is not retried.
+        hub_push_backoff (`float`, *optional*, defaults to `2.0`):
+            Seconds before the first retry, doubled before each next one (exponential backoff).
+        push_round_datasets (`bool`, *optional*, defaults to `False`):
+            Also push each round's `candidates` and `pairs` (with C and every score) and `metrics.json` as parquet
+            to the dataset repo `{hub_model_id}-rounds`, under `round_<t>/`.
+        push_merged_weights (`bool`, *optional*, defaults to `False`):
+            With LoRA, also push the adapter merged into its base model under `merged/` of each iteration (loads one
+            extra copy of the base model on the CPU while pushing).
+        hub_base_model_id (`str` or `None`, *optional*, defaults to `None`):
+            The Hub id of the base model, written as `base_model_name_or_path` into the pushed adapters and shown on
+            the cards, for a base model loaded from a local folder.
+        hub_card_results (`str` or `None`, *optional*, defaults to `None`):
+            Path of an evaluation `results.json` (`trl-cream eval`) whose tables go into the model cards.
 
         > Parameters whose defaults differ from [`~trl.experimental.online_dpo.OnlineDPOConfig`]
 
@@ -164,6 +193,46 @@ class CreamConfig(OnlineDPOConfig):
         default=1024,
         metadata={"help": "Maximum tokenized length of an SFT example."},
     )
+    hub_iteration_strategy: str = field(
+        default="branch",
+        metadata={
+            "help": "One branch per iteration in hub_model_id ('branch') or one repo each ('repo').",
+            "choices": list(hub.STRATEGIES),
+        },
+    )
+    hub_push_failure: str = field(
+        default="raise",
+        metadata={
+            "help": "After the retries of a failed push: 'raise' or 'warn' and go on.",
+            "choices": list(hub.FAILURE_MODES),
+        },
+    )
+    hub_push_retries: int = field(
+        default=3,
+        metadata={"help": "Retries of a transiently failed Hub call (network, 429, 5xx) after the first try."},
+    )
+    hub_push_backoff: float = field(
+        default=2.0,
+        metadata={"help": "Seconds before the first retry of a Hub call, doubled each time."},
+    )
+    push_round_datasets: bool = field(
+        default=False,
+        metadata={
+            "help": "Also push each round's candidates/pairs/metrics to the dataset repo <hub_model_id>-rounds."
+        },
+    )
+    push_merged_weights: bool = field(
+        default=False,
+        metadata={"help": "With LoRA, also push the merged weights under merged/ of each iteration."},
+    )
+    hub_base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the base model, for pushed adapters whose base was loaded from a local path."},
+    )
+    hub_card_results: str | None = field(
+        default=None,
+        metadata={"help": "Path of an evaluation results.json whose tables go into the model cards."},
+    )
     learning_rate: float = field(
         default=1e-6,
         metadata={"help": "The initial learning rate for AdamW (paper: 1e-6)."},
@@ -253,6 +322,23 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
+        hub.validate_settings(self)
+
+    def __getstate__(self) -> dict:
+        """Pickle (``training_args.bin``) without `hub_token`: a token never lands in an artifact."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict) -> CreamConfig:
+        """A deep copy keeps `hub_token` (it stays in memory, unlike a pickle)."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def __repr__(self) -> str:
+        return str(self)  # TrainingArguments.__str__ masks every *_token field
 
     def beta_for_round(self, round_index: int) -> float:
         """β of round ``round_index`` (1-based)."""

@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from . import adapters, distributed, sampling
+from . import adapters, distributed, hub, sampling
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
@@ -130,6 +130,7 @@ class CreamTrainer(OnlineDPOTrainer):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self._step_offset = 0
+        self._hub = hub.start(self)  # with push_to_hub: check the Hub before any training
 
     # ---------------------------------------------------------------- parent fixes
     @property
@@ -155,6 +156,16 @@ class CreamTrainer(OnlineDPOTrainer):
             super().log({**logs, "cream/round": self.round}, start_time)
         finally:
             self.state.global_step -= self._step_offset
+
+    # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No repo at init: `push_iteration` creates the iteration repos/branches."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=True)  # save, never push
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Intra-round checkpoints are not pushed."""
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -198,10 +209,12 @@ class CreamTrainer(OnlineDPOTrainer):
         if self.sft_dataset is not None and not self.sft_metrics:
             self.run_sft_stage()
         self.save_policy(self.iteration_dir(self.first_iteration))
+        self.push_iteration(self.first_iteration)
         output = TrainOutput(0, 0.0, {})
         for t, shard in enumerate(shards, start=1):
             self.round = t
             output = self._run_round(t, shard)
+        hub.wait(self)
         output.metrics["rounds"] = self.round_metrics
         if self.sft_metrics:
             output.metrics["sft"] = self.sft_metrics
@@ -262,7 +275,13 @@ class CreamTrainer(OnlineDPOTrainer):
             save_metrics(self.round_dir(t), {**metrics, "timings_s": timings})
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
         self.round_metrics.append(metrics)
+        self.push_iteration(self.first_iteration + t)
         return output
+
+    def push_iteration(self, index: int) -> None:
+        """Write the model card of ``output_dir/M<index>`` and, with ``push_to_hub``, push it in the background (main
+        process only); the marker ``cream_state/pushed/M<index>.json`` is written once it is on the Hub."""
+        hub.publish_iteration(self, index)
 
     def round_dir(self, t: int) -> Path:
         return Path(self.args.output_dir) / "rounds" / f"round_{t}"

@@ -1,0 +1,381 @@
+"""Publishing CREAM iterations to the Hugging Face Hub, one revision (or repo) per ``M<k>``.
+
+[`HubPublisher`] pushes ``output_dir/M<k>`` in one background worker thread (as TRL's `Trainer` does with
+``run_as_future``), so that a push does not block the next round; ``train()`` waits for the pushes at the end. Each
+Hub call that fails transiently (network error, timeout, 429, 5xx) is retried with exponential backoff; a permanent
+error (401 bad token, 403 no write access, ...) is not. A push that still fails raises (`hub_push_failure="raise"`)
+or warns and lets training go on (`"warn"`). The local ``M<k>`` folder is only read, never changed, by a push.
+
+Layouts (`hub_iteration_strategy`):
+
+- ``"branch"``: one repo ``hub_model_id`` with a branch per iteration (``M1``, ``M2``, ...) and ``main`` = the latest;
+- ``"repo"``: one repo per iteration, ``{hub_model_id}-M<k>``.
+
+With `push_round_datasets`, each round's ``candidates``/``pairs`` (with ``C`` and every score) go to the dataset repo
+``{hub_model_id}-rounds`` as ``round_<t>/{candidates,pairs}.parquet`` plus ``round_<t>/metrics.json``.
+
+Once an iteration is fully on the Hub, the marker ``output_dir/cream_state/pushed/M<k>.json`` is written; a resumed
+run pushes the iterations whose marker is missing ([`is_pushed`]). Tokens are never logged, written to a card or put
+into a marker, and ``training_args.bin`` (a pickle) is never uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .hub_utils import (
+    FAILURE_MODES,
+    MERGED_SUBFOLDER,
+    STRATEGIES,
+    RetryPolicy,
+    describe,
+    is_retryable,
+    iteration_files,
+    redact,
+    round_files,
+    validate_settings,
+    with_retries,
+)
+
+__all__ = [
+    "FAILURE_MODES",
+    "MERGED_SUBFOLDER",
+    "STRATEGIES",
+    "HubPublisher",
+    "HubPushError",
+    "HubSettings",
+    "RetryPolicy",
+    "is_pushed",
+    "iteration_target",
+    "latest_local_iteration",
+    "marker_path",
+    "validate_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+PUSHED_DIR = Path("cream_state") / "pushed"
+
+T = TypeVar("T")
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed after every retry (`hub_push_failure="raise"`)."""
+
+
+# ---------------------------------------------------------------- markers (shared interface with resume)
+def marker_path(output_dir: str | Path, index: int) -> Path:
+    """``output_dir/cream_state/pushed/M<index>.json``."""
+    return Path(output_dir) / PUSHED_DIR / f"M{index}.json"
+
+
+def is_pushed(output_dir: str | Path, index: int) -> bool:
+    """Whether ``M<index>`` of the run in ``output_dir`` is fully on the Hub (its push marker exists)."""
+    return marker_path(output_dir, index).is_file()
+
+
+def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Path:
+    """Write the push marker of ``M<index>`` atomically (temp file + rename)."""
+    path = marker_path(output_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".M{index}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- names
+def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
+    """``(repo_id, revision)`` holding ``M<index>``."""
+    if strategy == "branch":
+        return hub_model_id, f"M{index}"
+    if strategy == "repo":
+        return f"{hub_model_id}-M{index}", "main"
+    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+
+
+def rounds_repo_id(hub_model_id: str) -> str:
+    """The dataset repo of the round artifacts."""
+    return f"{hub_model_id}-rounds"
+
+
+def latest_local_iteration(output_dir: str | Path) -> int:
+    """The highest ``k`` of the ``output_dir/M<k>`` folders (``-1`` when there is none)."""
+    indices = [int(m.group(1)) for p in Path(output_dir).glob("M*") if (m := re.fullmatch(r"M(\d+)", p.name))]
+    return max(indices, default=-1)
+
+
+# ---------------------------------------------------------------- the publisher
+@dataclass
+class HubSettings:
+    """What [`HubPublisher`] needs from the config; built by [`HubSettings.from_args`]."""
+
+    output_dir: Path
+    hub_model_id: str
+    token: str | None = field(default=None, repr=False)
+    private: bool | None = None
+    strategy: str = "branch"
+    failure: str = "raise"
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    push_round_datasets: bool = False
+    push_merged_weights: bool = False
+    base_model_id: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> HubSettings:
+        return cls(
+            output_dir=Path(args.output_dir),
+            hub_model_id=args.hub_model_id,
+            token=args.hub_token,
+            private=args.hub_private_repo,
+            strategy=args.hub_iteration_strategy,
+            failure=args.hub_push_failure,
+            policy=RetryPolicy(args.hub_push_retries, args.hub_push_backoff),
+            push_round_datasets=args.push_round_datasets,
+            push_merged_weights=args.push_merged_weights,
+            base_model_id=args.hub_base_model_id,
+        )
+
+
+class HubPublisher:
+    """Pushes iterations in one background thread; see the module docstring."""
+
+    def __init__(self, settings: HubSettings, api: Any | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.settings = settings
+        self.api = api if api is not None else HfApi(token=settings.token)
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[int, Future]] = []
+        self._latest = 0
+        self.failed: dict[int, str] = {}
+
+    # ------------------------------------------------ start-up check
+    def check_access(self) -> dict[str, Any] | None:
+        """A cheap ``whoami`` through the client, before any training. Raises [`HubPushError`] or warns (per
+        `hub_push_failure`) when the Hub is unreachable or the token is refused."""
+        s = self.settings
+        try:
+            return with_retries(lambda: self.api.whoami(token=s.token), "start-up check (whoami)", s.policy, s.token)
+        except Exception as error:
+            message = (
+                f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: "
+                f"{redact(describe(error), s.token)}. Check the network, HF_HUB_OFFLINE and the token "
+                "(`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False."
+            )
+            self._fail(message, error)
+            return None
+
+    # ------------------------------------------------ scheduling
+    def submit(self, index: int, folder: Path, round_dir: Path | None = None) -> Future:
+        """Schedule the push of ``folder`` (``M<index>``) and, with `push_round_datasets`, of ``round_dir``."""
+        self.raise_failures()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cream-hub-push")
+        # main follows the latest iteration: never move it back to an older one (e.g. a resumed run pushing a
+        # missing M1 when M3 is saved already)
+        self._latest = max(self._latest, index, latest_local_iteration(self.settings.output_dir))
+        future = self._executor.submit(self._push_safely, index, folder, round_dir, index >= self._latest)
+        self._pending.append((index, future))
+        return future
+
+    def wait(self) -> None:
+        """Block until every scheduled push is done, then raise the first failure (`"raise"` mode)."""
+        for _, future in self._pending:
+            future.exception()
+        self.raise_failures()
+
+    def raise_failures(self) -> None:
+        """Re-raise, in the calling (main) thread, a failure of a finished background push."""
+        done = [(i, f) for i, f in self._pending if f.done()]
+        self._pending = [(i, f) for i, f in self._pending if not f.done()]
+        for _, future in done:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------ the push (worker thread)
+    def _push_safely(self, index: int, folder: Path, round_dir: Path | None, update_main: bool) -> dict | None:
+        s = self.settings
+        try:
+            info = self.push(index, folder, round_dir, update_main)
+        except Exception as error:
+            repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
+            message = (
+                f"Pushing M{index} to {repo_id}@{revision} failed: {redact(describe(error), s.token)} "
+                f"({f'still failing after {s.policy.retries} retries' if is_retryable(error) else 'not retried'}). "
+                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True)) "
+                "pushes the iterations that are missing."
+            )
+            self.failed[index] = message
+            self._fail(message, error)
+            return None
+        logger.info("Hub: M%d is at %s (revision %s).", index, info["repo_id"], info["revision"])
+        return info
+
+    def push(self, index: int, folder: Path, round_dir: Path | None = None, update_main: bool = True) -> dict:
+        """Push ``M<index>`` (synchronously, with retries) and write its marker. Returns the marker's content."""
+        s = self.settings
+        repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
+        files = iteration_files(folder, s.base_model_id, s.push_merged_weights)
+        message = f"CREAM iteration M{index}"
+        self._retry(f"create_repo {repo_id}", lambda: self.api.create_repo(repo_id, private=s.private, exist_ok=True))
+        if s.strategy == "branch":
+            self._retry(
+                f"create_branch {revision}", lambda: self.api.create_branch(repo_id, branch=revision, exist_ok=True)
+            )
+        commit = self._commit(repo_id, revision, files, message)
+        if s.strategy == "branch" and update_main:
+            self._commit(repo_id, "main", files, message)
+        info = {"iteration": index, "repo_id": repo_id, "revision": revision, "commit": commit, "time": time.time()}
+        if s.push_round_datasets and round_dir is not None:
+            info["rounds_repo_id"] = self.push_round(round_dir)
+        write_marker(s.output_dir, index, info)
+        return info
+
+    def push_round(self, round_dir: Path) -> str:
+        """Upload a round's ``candidates``/``pairs`` as parquet and its ``metrics.json`` to the rounds dataset repo."""
+        s = self.settings
+        repo_id = rounds_repo_id(s.hub_model_id)
+        files = round_files(round_dir)
+        self._retry(
+            f"create_repo {repo_id}",
+            lambda: self.api.create_repo(repo_id, repo_type="dataset", private=s.private, exist_ok=True),
+        )
+        self._commit(repo_id, "main", files, f"CREAM {round_dir.name} artifacts", repo_type="dataset", prune=False)
+        return repo_id
+
+    def _commit(
+        self,
+        repo_id: str,
+        revision: str,
+        files: dict[str, bytes | Path],
+        message: str,
+        repo_type: str | None = None,
+        prune: bool = True,
+    ) -> str:
+        """One commit with every file; with ``prune``, files of the revision that ``files`` lacks are deleted so
+        that the revision mirrors the folder."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        def run() -> str:
+            operations: list[Any] = [
+                CommitOperationAdd(path_in_repo=path, path_or_fileobj=_content(content))
+                for path, content in files.items()
+            ]
+            if prune:
+                remote = self.api.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
+                stale = sorted(set(remote) - set(files) - {".gitattributes"})
+                operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+            info = self.api.create_commit(
+                repo_id, operations, commit_message=message, revision=revision, repo_type=repo_type
+            )
+            return info.oid
+
+        return self._retry(f"commit to {repo_id}@{revision}", run)
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, what, self.settings.policy, self.settings.token)
+
+    def _fail(self, message: str, error: BaseException) -> None:
+        if self.settings.failure == "raise":
+            raise HubPushError(message) from None
+        logger.warning("%s Training goes on (hub_push_failure='warn').", message)
+        warnings.warn(message, stacklevel=2)
+
+
+def _content(content: bytes | Path) -> bytes | str:
+    return content if isinstance(content, bytes) else str(content)
+
+
+# ---------------------------------------------------------------- glue for CreamTrainer
+def start(trainer: Any) -> HubPublisher | None:
+    """Called from `CreamTrainer.__init__`: with `push_to_hub`, build the publisher on the main process and check,
+    before any training, that the Hub answers and the token is accepted. With several processes, the main process's
+    verdict is broadcast, so that every rank raises the same error instead of waiting for the main one."""
+    args = trainer.args
+    if not args.push_to_hub:
+        return None
+    if args.push_merged_weights and trainer.use_peft and not _base_model_path(trainer):
+        raise ValueError(
+            "push_merged_weights=True needs the base model's path or Hub id to merge the adapter into, but the "
+            "adapter's base_model_name_or_path is empty. Load the base model with from_pretrained(path) or set "
+            "push_merged_weights=False."
+        )
+    publisher, error = None, None
+    if trainer.accelerator.is_main_process:
+        publisher = HubPublisher(HubSettings.from_args(args))
+        try:
+            publisher.check_access()
+        except HubPushError as failure:
+            error = str(failure)
+    if trainer.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise HubPushError(error)
+    return publisher
+
+
+def publish_iteration(trainer: Any, index: int) -> None:
+    """Write ``M<index>/README.md`` (always) and schedule its push (with `push_to_hub`), on the main process."""
+    from .model_card import build_model_card, load_round_metrics, write_card
+
+    if not trainer.accelerator.is_main_process:
+        return
+    args, first = trainer.args, trainer.first_iteration
+    folder = trainer.iteration_dir(index)
+    evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
+    card = build_model_card(
+        trainer_cls=type(trainer),
+        index=index,
+        first_index=first,
+        args=args,
+        rounds=load_round_metrics(args.output_dir, trainer.round_metrics, index - first),
+        peft=trainer.use_peft,
+        base_model=args.hub_base_model_id or _base_model_path(trainer),
+        sft_metrics=trainer.sft_metrics,
+        evaluation=evaluation,
+    )
+    write_card(card, folder)
+    publisher: HubPublisher | None = getattr(trainer, "_hub", None)
+    if publisher is not None:
+        round_dir = trainer.round_dir(index - first) if index > first else None
+        publisher.submit(index, folder, round_dir)
+
+
+def wait(trainer: Any) -> None:
+    """Called at the end of `CreamTrainer.train`: wait for the background pushes (and raise a failure)."""
+    publisher: HubPublisher | None = getattr(trainer, "_hub", None)
+    if publisher is not None:
+        publisher.wait()
+
+
+def _base_model_path(trainer: Any) -> str | None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.use_peft:
+        for config in model.peft_config.values():
+            if config.base_model_name_or_path:
+                return config.base_model_name_or_path
+        return None
+    reference = trainer.ref_model if trainer.ref_model is not None else model
+    return getattr(reference.config, "_name_or_path", None) or None

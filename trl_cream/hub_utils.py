@@ -1,0 +1,170 @@
+"""Helpers of [`trl_cream.hub`]: retries with backoff, token redaction, the up-front checks of the hub fields, and
+the file sets that go up (an iteration's files, merged LoRA weights, a round's datasets as parquet)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger("trl_cream.hub")
+
+STRATEGIES: tuple[str, ...] = ("branch", "repo")
+FAILURE_MODES: tuple[str, ...] = ("raise", "warn")
+NOT_UPLOADED = ("training_args.bin",)  # a pickle of the training arguments: never published
+MERGED_SUBFOLDER = "merged"
+# Transient HTTP statuses worth retrying; any other 4xx (401 bad token, 403 no write access, 404, 409...) is
+# permanent and fails at once.
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- retries
+def redact(text: str, token: str | None) -> str:
+    """``text`` with ``token`` replaced by ``***``."""
+    return text.replace(token, "***") if token else text
+
+
+def status_of(error: BaseException) -> int | None:
+    """The HTTP status of a failed Hub call, ``None`` for a network or local error."""
+    return getattr(getattr(error, "response", None), "status_code", None)
+
+
+def describe(error: BaseException) -> str:
+    """One line: ``HTTP <status>, <type>: <message>``."""
+    status = status_of(error)
+    text = f"{type(error).__name__}: {error}".splitlines()[0]
+    return f"HTTP {status}, {text}" if status is not None else text
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Network errors, timeouts, 408/429 and 5xx are retried; other HTTP errors and offline mode are not."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
+    status = status_of(error)
+    return status is None or status in RETRYABLE_STATUS
+
+
+@dataclass
+class RetryPolicy:
+    """Retry a Hub call ``retries`` times after the first try, waiting ``base_delay * 2**i`` seconds before retry
+    ``i`` (exponential backoff)."""
+
+    retries: int = 3
+    base_delay: float = 2.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    def delays(self) -> list[float]:
+        return [self.base_delay * 2**i for i in range(self.retries)]
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, token: str | None = None) -> T:
+    """Run ``fn``; retry a transient error ([`is_retryable`]) with backoff. A permanent error, or the last transient
+    one once the retries are spent, is re-raised."""
+    delays = policy.delays()
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as error:
+            if attempt == len(delays) or not is_retryable(error):
+                raise
+            logger.warning(
+                "Hub: %s failed (attempt %d/%d: %s); retrying in %.1f s.",
+                what, attempt + 1, len(delays) + 1, redact(describe(error), token), delays[attempt],
+            )  # fmt: skip
+            policy.sleep(delays[attempt])
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- config checks
+def validate_settings(args: Any) -> None:
+    """The up-front checks of the hub fields of a `CreamConfig` (no network)."""
+    if args.hub_iteration_strategy not in STRATEGIES:
+        raise ValueError(
+            f"hub_iteration_strategy={args.hub_iteration_strategy!r} is unknown; choose one of "
+            f"{', '.join(STRATEGIES)}."
+        )
+    if args.hub_push_failure not in FAILURE_MODES:
+        raise ValueError(
+            f"hub_push_failure={args.hub_push_failure!r} is unknown; choose one of {', '.join(FAILURE_MODES)}."
+        )
+    if args.hub_push_retries < 0 or args.hub_push_backoff < 0:
+        raise ValueError(
+            f"hub_push_retries={args.hub_push_retries} and hub_push_backoff={args.hub_push_backoff} must be >= 0."
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError(
+            "push_to_hub=True needs hub_model_id (e.g. 'your-name/cream-llama3'): CREAM pushes every iteration to "
+            "it, one branch per iteration (hub_iteration_strategy='branch') or one repo each ('repo'). Pass "
+            "--hub_model_id your-name/cream-llama3, or drop --push_to_hub."
+        )
+    if args.hub_card_results and not Path(args.hub_card_results).is_file():
+        raise FileNotFoundError(
+            f"hub_card_results={args.hub_card_results!r} is not a file; give the results.json written by "
+            "`trl-cream eval`, or leave hub_card_results unset."
+        )
+    if args.push_to_hub and args.push_round_datasets and not args.save_round_artifacts:
+        raise ValueError(
+            "push_round_datasets=True pushes the saved round artifacts, but save_round_artifacts=False; set "
+            "save_round_artifacts=True or push_round_datasets=False."
+        )
+
+
+# ---------------------------------------------------------------- what goes up
+def iteration_files(folder: Path, base_model_id: str | None = None, merged: bool = False) -> dict[str, bytes | Path]:
+    """``path_in_repo → content`` of ``M<k>``: every file but ``training_args.bin`` and hidden files; an adapter's
+    ``base_model_name_or_path`` set to ``base_model_id`` when given; with ``merged``, the merged weights under
+    ``merged/``. The folder itself is only read."""
+    if not (folder / "README.md").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved CREAM iteration (no README.md model card).")
+    files: dict[str, bytes | Path] = {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in NOT_UPLOADED and not p.name.startswith(".")
+    }
+    if "adapter_config.json" in files and base_model_id:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base_model_id
+        files["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    if "adapter_config.json" in files and merged:
+        for name, content in merged_weights(folder).items():
+            files[f"{MERGED_SUBFOLDER}/{name}"] = content
+    return files
+
+
+def merged_weights(folder: Path) -> dict[str, bytes]:
+    """The adapter in ``folder`` merged into its base model (``base_model_name_or_path``), saved with
+    `save_pretrained` into a temporary folder: ``file name → bytes``. Loads one extra model copy on the CPU."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder), device_map="cpu")
+    merged = model.merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        merged.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def round_files(round_dir: Path) -> dict[str, bytes | Path]:
+    """A round's ``candidates``/``pairs`` as ``round_<t>/<name>.parquet`` and its ``round_<t>/metrics.json``."""
+    from datasets import load_from_disk
+
+    files: dict[str, bytes | Path] = {}
+    for name in ("candidates", "pairs"):
+        if (round_dir / name).is_dir():
+            buffer = io.BytesIO()
+            load_from_disk(str(round_dir / name)).to_parquet(buffer)
+            files[f"{round_dir.name}/{name}.parquet"] = buffer.getvalue()
+    if (round_dir / "metrics.json").is_file():
+        files[f"{round_dir.name}/metrics.json"] = round_dir / "metrics.json"
+    if not files:
+        raise FileNotFoundError(f"push_round_datasets=True but {round_dir} holds no round artifacts.")
+    return files
