@@ -105,9 +105,14 @@ class ResumableRoundsMixin:
         return self.store.last_trainer_checkpoint(t) if t == self._resumed_round else None
 
     def save_iteration(self, index: int) -> None:
-        """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place."""
+        """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place.
+
+        The Trainer's pickled ``training_args.bin`` is left out (the run's config is in the manifest, as JSON), so an
+        iteration holds only safetensors and JSON."""
         with self.store.writing_iteration(index) as tmp:
             self.save_policy(tmp)
+            if self.accelerator.is_main_process:
+                (tmp / "training_args.bin").unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def _get_output_dir(self, trial: Any) -> str:
