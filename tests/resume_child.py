@@ -7,8 +7,10 @@ module once, so that a child costs no import time), or by hand:
 
 KILL_AT is one of: none, sampling (candidates drawn, not saved), scoring (scores computed, not saved), training
 (after the 2nd optimizer step of round 2; intra-round checkpoints every step), saving (M3 written to its temporary
-folder, not renamed). Every sampling call, scoring call and optimizer step is appended to EVENTS_FILE as a JSON line,
-so the test can tell which work a run redid.
+folder, not renamed), pushing (M3 saved, its push started but its push marker not written). Every sampling call,
+scoring call, optimizer step and push is appended to EVENTS_FILE as a JSON line, so the test can tell which work a run
+redid. `push_iteration` here stands in for the Hub push: it only writes the marker that the real one writes once an
+iteration is on the Hub (`cream_state/pushed/M<k>.json`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from trl_cream import CreamTrainer  # noqa: E402
 
-KILL_POINTS = ("none", "sampling", "scoring", "training", "saving")
+KILL_POINTS = ("none", "sampling", "scoring", "training", "saving", "pushing")
 
 
 def run_config(output_dir: Path):
-    return cream_args(
-        output_dir, per_device_train_batch_size=1, save_strategy="steps", save_steps=1
-    )
+    return cream_args(output_dir, per_device_train_batch_size=1, save_strategy="steps", save_steps=1)
 
 
 class KillingTrainer(CreamTrainer):
@@ -70,6 +70,17 @@ class KillingTrainer(CreamTrainer):
             self._die_if("training")
         self._record("step", step=self.state.global_step)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _pushes_to_hub(self) -> bool:
+        return True
+
+    def push_iteration(self, index: int) -> None:
+        self._record("pushed", index=index)
+        if index == 3:
+            self._die_if("pushing")
+        marker = Path(self.args.output_dir) / "cream_state" / "pushed" / f"M{index}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"index": index}))
 
     def save_policy(self, path):
         super().save_policy(path)

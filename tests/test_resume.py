@@ -4,7 +4,7 @@ The children run tests/resume_child.py (a CreamTrainer subclass that kills itsel
 forked from a multiprocessing fork server that imported torch/transformers once, so a child costs its work only.
 Each kill point is resumed by the next child of a chain, which is killed at the next point:
 
-    sampling -> scoring -> training (mid-epoch, after an intra-round checkpoint) -> saving -> finished
+    sampling -> scoring -> training (mid-epoch, after an intra-round checkpoint) -> saving -> pushing -> finished
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
-from trl_cream.checkpointing import PhaseStore, atomic_dir, public_config
+from trl_cream.checkpointing import PhaseStore, atomic_dir
+from trl_cream.manifest import public_config
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +84,25 @@ def test_sigkill_in_every_phase_of_round_2_then_resume_matches_an_uninterrupted_
     assert (out / "rounds/round_2/samples").is_dir() and not (out / "rounds/round_2/scores.safetensors").exists()
 
     events = run_child(fork_server, out, "training", resume=True)
-    assert work(events, "sampled") == [] and work(events, "scored") == []  # candidates and scores are loaded
+    assert work(events, "sampled") == [] and work(events, "scored") == [2]  # the candidates are loaded
     assert [e["step"] for e in events if e["event"] == "step"] == [0, 1]
-    assert (out / "rounds/round_2/pairs").is_dir() and (out / "rounds/round_2/trainer_checkpoints/checkpoint-2").is_dir()
+    assert (out / "rounds/round_2/pairs").is_dir() and (
+        out / "rounds/round_2/trainer_checkpoints/checkpoint-2"
+    ).is_dir()
 
     events = run_child(fork_server, out, "saving", resume=True)
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps and steps[0] == 2  # continued mid-epoch from checkpoint-2
     assert (out / ".M3.partial").is_dir() and not (out / "M3").exists()  # a half-saved M3 is never M3
 
+    events = run_child(fork_server, out, "pushing", resume=True)
+    assert work(events, "sampled") == [] and work(events, "scored") == []  # candidates and scores are loaded
+    assert [e["step"] for e in events if e["event"] == "step"] == []  # resumed from the round's last checkpoint
+    assert [e["index"] for e in events if e["event"] == "pushed"] == [3] and (out / "M3").is_dir()
+
     events = run_child(fork_server, out, "none", resume=True)
-    assert work(events, "sampled") == [] and events[-1]["event"] == "finished"
+    assert [e["event"] for e in events] == ["pushed", "finished"]  # nothing is redone; only M3's push
+    assert events[0]["index"] == 3 and (out / "cream_state/pushed/M3.json").exists()
     assert_same_run(ref, out)
     now = {**mtimes(out / "rounds/round_1"), **{f"M2/{k}": v for k, v in mtimes(out / "M2").items()}}
     assert now == round_1  # round 1's results and M2 were never rewritten
@@ -113,7 +122,9 @@ def test_lora_resume_restores_the_previous_adapter_and_the_policy(tmp_path, fork
 
 def _trainer(out: Path, m0, tokenizer, prompts, **overrides) -> CreamTrainer:
     args = cream_args(out, num_iterations=1, **overrides)
-    return CreamTrainer(model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer)
+    return CreamTrainer(
+        model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
 
 
 def test_a_different_run_is_refused_on_resume_and_on_a_fresh_start(tmp_path, m0, tokenizer, prompts):
@@ -125,7 +136,9 @@ def test_a_different_run_is_refused_on_resume_and_on_a_fresh_start(tmp_path, m0,
     with pytest.raises(ValueError, match=r"datasets\.prompts"):
         _trainer(out, m0, tokenizer, other_prompts).train(resume_from_checkpoint=str(out))
     before = mtimes(out)
-    with pytest.raises(ValueError, match=r"already holds a different CREAM run \(config\.seed: 0 -> 1.*overwrite_output"):
+    with pytest.raises(
+        ValueError, match=r"already holds a different CREAM run \(config\.seed: 0 -> 1.*overwrite_output"
+    ):
         _trainer(out, m0, tokenizer, prompts, seed=1).train()
     assert mtimes(out) == before  # nothing was touched
     with pytest.raises(ValueError, match="holds no CREAM run to resume"):

@@ -221,6 +221,7 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
                 self.run_sft_stage()
                 self.store.save_sft_metrics(self.sft_metrics)
             self.save_iteration(self.first_iteration)
+            self.push_iteration(self.first_iteration)
         output = TrainOutput(self._step_offset, 0.0, {})
         for t, shard in enumerate(shards, start=1):
             if t > done:
@@ -280,6 +281,7 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
         self.round_metrics.append(metrics)
+        self.push_iteration(self.first_iteration + t)
         return output
 
     def round_dir(self, t: int) -> Path:

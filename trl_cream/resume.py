@@ -17,7 +17,8 @@ from datasets import Dataset
 
 from . import adapters
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset
-from .checkpointing import build_manifest, load_adapter_weights, load_full_weights
+from .checkpointing import load_adapter_weights, load_full_weights
+from .manifest import build_manifest
 from .sampling import tokenize_prompts
 from .validation import check_finite_scores, fit_prompts
 
@@ -91,14 +92,22 @@ class ResumableRoundsMixin:
         adapters.freeze_adapter(model, adapters.PREVIOUS_ADAPTER)
 
     def _push_saved_iterations(self, done: int) -> None:
-        """On resume, push the saved iterations whose push did not finish (`push_iteration`, Hub branch)."""
-        if not (getattr(self.args, "push_to_hub", False) and hasattr(self, "push_iteration")):
+        """On resume, push the saved iterations whose push marker is missing (``cream_state/pushed/M<k>.json``)."""
+        if not self._pushes_to_hub():
             return
-        from .hub import is_pushed  # only present with the Hub support
-
         for index in range(self.first_iteration, self.first_iteration + done + 1):
-            if self.store.has_iteration(index) and not is_pushed(self.args.output_dir, index):
+            if self.store.has_iteration(index) and not self.store.is_pushed(index):
+                logger.info("Resuming: M%d was saved but its push did not finish; pushing it now.", index)
                 self.push_iteration(index)
+
+    def _pushes_to_hub(self) -> bool:
+        """Whether saved iterations are published (``push_to_hub``)."""
+        return bool(getattr(self.args, "push_to_hub", False))
+
+    def push_iteration(self, index: int) -> None:
+        """Called right after ``M<index>`` is saved (and on resume for an iteration whose push did not finish).
+
+        The Hub support (`trl_cream.hub`) defines the real one in `CreamTrainer`; this default publishes nothing."""
 
     def _round_checkpoint(self, t: int) -> Path | None:
         """The intra-round Trainer checkpoint to continue round ``t`` from (only the round a resume starts in)."""
