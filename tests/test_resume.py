@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import shutil
 from pathlib import Path
 
@@ -28,8 +30,21 @@ from trl_cream.manifest import public_config
 
 @pytest.fixture(scope="module")
 def fork_server():
+    """A fork server that has imported torch, transformers and trl_cream once (via resume_child).
+
+    Python 3.11's fork server ignores the parent's sys.path when it preloads, so tests/ goes on its PYTHONPATH; a
+    failed preload would be silent and cost every child ~10 s of imports."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["resume_child"])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), *([saved] if saved else [])])
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     return ctx
 
 
