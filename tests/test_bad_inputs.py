@@ -3,6 +3,7 @@ what to do, before any sampling, scoring or training, and without writing anythi
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, m0, tokenizer, case):
     out = tmp_path / "out"
     args = cream_args(out, **spec.get("args", {}))
     tokenizer = spec.get("tokenizer", lambda t: t)(tokenizer)
-    model = {"same": m0, "id": "org/model"}.get(spec.get("model"), perturbed(m0))
+    model = {"same": copy.deepcopy(m0), "id": "org/model"}.get(spec.get("model"), perturbed(m0))
     with pytest.raises((ValueError, TypeError), match=message):
         CreamTrainer(
             model=model,
