@@ -192,3 +192,32 @@ def test_atomic_dir_leaves_nothing_behind_on_failure(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["M2"]
     assert PhaseStore(tmp_path).last_complete_round(2) == 1  # M2 = round 1 done; M3 missing
     shutil.rmtree(target)
+
+
+def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path):
+    from test_cli import _save_tiny
+
+    from trl_cream import cli
+
+    m0_dir, m1_dir = _save_tiny(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    out = tmp_path / "out"
+    argv = ["train", "--model_name_or_path", str(m1_dir), "--ref_model_name_or_path", str(m0_dir),
+            "--dataset_name", str(prompts), "--output_dir", str(out), "--num_iterations", "2",
+            "--num_generations", "2", "--max_new_tokens", "6", "--max_length", "64", "--use_cpu",
+            "--bf16", "false", "--gradient_checkpointing", "false", "--report_to", "none", "--learning_rate", "1e-3",
+            "--per_device_train_batch_size", "2", "--dtype", "float32", "--disable_tqdm", "true"]  # fmt: skip
+    assert cli.main(argv) == 0
+    m3 = weights(out / "M3")
+    round_1 = mtimes(out / "rounds/round_1")
+    # A crash while M3 was being saved: M3 and round 2's metrics are missing, its candidates/scores/pairs are there.
+    shutil.rmtree(out / "M3")
+    (out / "rounds/round_2/metrics.json").unlink()
+    samples = mtimes(out / "rounds/round_2/samples")
+    assert cli.main([*argv, "--resume_from_checkpoint"]) == 0
+    assert mtimes(out / "rounds/round_1") == round_1 and mtimes(out / "rounds/round_2/samples") == samples
+    again = weights(out / "M3")
+    assert max((m3[k] - again[k]).abs().max().item() for k in m3) <= 1e-5
+    with pytest.raises(ValueError, match=r"config\.learning_rate: 0\.001 -> 0\.002"):
+        cli.main([*argv, "--learning_rate", "2e-3", "--resume_from_checkpoint", "true"])
