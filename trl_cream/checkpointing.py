@@ -216,7 +216,16 @@ class PhaseStore:
         return self.manifest_path.exists() or (self.output_dir / "rounds").exists()
 
     def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        """Check ``manifest`` against the folder's run, then record it.
+        """Check ``manifest`` against the folder's run, then record it (one process)."""
+        clear = self.check(manifest, resume, overwrite)
+        if not resume:
+            self.record(manifest, clear)
+
+    def check(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+        """Check ``manifest`` against the folder's run, writing nothing (every process, before `record`).
+
+        Returns:
+            Whether a previous run must be cleared before this one starts.
 
         Raises:
             ValueError: resuming with a different manifest or from a folder without a run; starting afresh in a
@@ -237,7 +246,7 @@ class PhaseStore:
                     + ". Resume with the original settings and data, or start a new run in another output_dir."
                 )
             logger.info("Resuming the CREAM run in %s", self.output_dir)
-            return
+            return False
         if self.holds_a_run():
             diffs = manifest_differences(old, manifest) if old is not None else ["no manifest (an older run)"]
             if diffs and not overwrite:
@@ -247,16 +256,23 @@ class PhaseStore:
                     + "). Resume it with resume_from_checkpoint=True (same settings), choose a new output_dir, or "
                     "set overwrite_output_dir=True to replace it."
                 )
-            logger.warning(
-                "output_dir %s holds %s; starting over and replacing its iterations and rounds "
-                "(pass resume_from_checkpoint=True to keep finished phases).",
-                self.output_dir,
-                "an identical run" if not diffs else "another run (overwrite_output_dir=True)",
-            )
             if self.is_main:
-                self.clear()
-        if self.is_main:
-            atomic_write_json(self.manifest_path, manifest)
+                logger.warning(
+                    "output_dir %s holds %s; starting over and replacing its iterations and rounds "
+                    "(pass resume_from_checkpoint=True to keep finished phases).",
+                    self.output_dir,
+                    "an identical run" if not diffs else "another run (overwrite_output_dir=True)",
+                )
+            return True
+        return False
+
+    def record(self, manifest: dict[str, Any], clear: bool) -> None:
+        """A fresh start: clear a previous run if `check` said so, and write the manifest (main process only)."""
+        if not self.is_main:
+            return
+        if clear:
+            self.clear()
+        atomic_write_json(self.manifest_path, manifest)
 
     def clear(self) -> None:
         """Remove what a previous run wrote: its state, rounds and ``M<k>`` folders (nothing else)."""

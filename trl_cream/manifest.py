@@ -27,7 +27,7 @@ NOT_COMPARED = frozenset(
         "save_round_artifacts", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo",
         "hub_always_push", "hub_revision", "hub_iteration_strategy", "hub_push_failure", "push_round_datasets",
         "hub_push_merged", "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_persistent_workers",
-        "dataloader_pin_memory", "skip_memory_metrics", "include_num_input_tokens_seen", "ddp_timeout",
+        "dataloader_pin_memory", "skip_memory_metrics", "include_num_input_tokens_seen", "ddp_timeout", "local_rank",
     }
 )  # fmt: skip
 _SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|credentials?)$", re.IGNORECASE)

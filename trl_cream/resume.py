@@ -14,6 +14,8 @@ from typing import Any
 
 from accelerate.utils import set_seed
 from datasets import Dataset
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import adapters
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset
@@ -40,8 +42,11 @@ class ResumableRoundsMixin:
         store, resume = self.store, bool(resume_from_checkpoint)
         chosen = self._chosen_checkpoint(resume_from_checkpoint)
         manifest = build_manifest(self.args, self.prompts, self.sft_dataset, self.use_peft, self.first_iteration)
-        store.start(manifest, resume=resume, overwrite=self.args.overwrite_output_dir)
-        self.accelerator.wait_for_everyone()
+        clear = store.check(manifest, resume=resume, overwrite=self.args.overwrite_output_dir)  # every process
+        self.accelerator.wait_for_everyone()  # all have read the old manifest before the main process replaces it
+        if not resume:
+            store.record(manifest, clear)
+            self.accelerator.wait_for_everyone()
         if not (resume and store.has_iteration(self.first_iteration)):
             return 0, chosen
         done = store.last_complete_round(self.args.num_iterations)
@@ -121,8 +126,18 @@ class ResumableRoundsMixin:
         with self.store.writing_iteration(index) as tmp:
             self.save_policy(tmp)
             if self.accelerator.is_main_process:
-                (tmp / "training_args.bin").unlink(missing_ok=True)
+                (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """An intra-round Trainer checkpoint, without the pickled ``training_args.bin`` (a resume never reads it).
+
+        What is left is safetensors, JSON and the optimizer/scheduler/RNG states, which transformers loads with
+        ``torch.load(weights_only=True)``."""
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.is_main_process:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
     def _get_output_dir(self, trial: Any) -> str:
         """Intra-round Trainer checkpoints go to ``rounds/round_<t>/trainer_checkpoints``."""
