@@ -174,3 +174,42 @@ def test_a_round_where_every_candidate_is_tied_warns_and_keeps_the_policy(tmp_pa
     assert output.metrics["rounds"][0]["num_pairs"] == 0
     m1, m2 = load_file(str(out / "M1" / "model.safetensors")), load_file(str(out / "M2" / "model.safetensors"))
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+
+
+# ---------------------------------------------------------------- security
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], False), (["--trust_remote_code", "true"], True)])
+def test_the_cli_runs_no_remote_code_unless_asked(tmp_path, monkeypatch, flag, expected):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_cream import cli
+
+    seen: dict[str, object] = {}
+
+    def fake_model(name, **kwargs):
+        seen["model"] = kwargs.get("trust_remote_code")
+        return object()
+
+    def fake_tokenizer(name, **kwargs):
+        seen["tokenizer"] = kwargs.get("trust_remote_code")
+        raise _Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "ho"}\n')
+    argv = [
+        "train",
+        "--model_name_or_path",
+        "org/model",
+        "--dataset_name",
+        str(prompts),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    with pytest.raises(_Loaded):
+        cli.main([*argv, "--use_cpu", "--bf16", "false", *flag])
+    assert seen == {"model": expected, "tokenizer": expected}
