@@ -110,11 +110,11 @@ def build(output_dir: Path, events: Path, kill_at: str = "none", lora: bool = Fa
     return trainer
 
 
-def main(output_dir: Path, events: Path, kill_at: str, resume: bool = False, lora: bool = False) -> None:
+def main(output_dir: Path, events: Path, kill_at: str, resume: bool | str = False, lora: bool = False) -> None:
     assert kill_at in KILL_POINTS, kill_at
     trainer = build(Path(output_dir), Path(events), kill_at, lora=lora)
     gc.freeze()  # the trainer's gc.collect() calls then skip the ~1M long-lived objects of the imports: ~1 s each
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume or None)  # True, or an intra-round checkpoint folder
     trainer._record("finished")
 
 

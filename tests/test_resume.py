@@ -48,7 +48,7 @@ def fork_server():
     return ctx
 
 
-def run_child(ctx, out: Path, kill_at: str, resume: bool = False, lora: bool = False) -> list[dict]:
+def run_child(ctx, out: Path, kill_at: str, resume: bool | str = False, lora: bool = False) -> list[dict]:
     """Run one child; returns the events it recorded. A killed child must have died of SIGKILL."""
     events = out.parent / f"{out.name}.{kill_at}.{'resume' if resume else 'start'}.jsonl"
     process = ctx.Process(target=resume_child.main, args=(out, events, kill_at, resume, lora))
@@ -105,7 +105,7 @@ def test_sigkill_in_every_phase_of_round_2_then_resume_matches_an_uninterrupted_
     assert (out / "rounds/round_2/pairs").is_dir() and (checkpoint / "model.safetensors").exists()
     assert not (checkpoint / "training_args.bin").exists()  # the pickled config is not kept
 
-    events = run_child(fork_server, out, "saving", resume=True)
+    events = run_child(fork_server, out, "saving", resume=str(checkpoint))  # the checkpoint named explicitly
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps and steps[0] == 2  # continued mid-epoch from checkpoint-2
     assert (out / ".M3.partial").is_dir() and not (out / "M3").exists()  # a half-saved M3 is never M3

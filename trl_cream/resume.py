@@ -54,6 +54,7 @@ class ResumableRoundsMixin:
         self._restore_policy(self.first_iteration + done)
         self._resumed_round = done + 1
         for t in range(1, done + 1):
+            store.drop_trainer_checkpoints(t)  # left over when a crash came right after M<first+t> was saved
             self.round_metrics.append(store.load_round_metrics(t))
             self._step_offset += int(self.round_metrics[-1].get("train_steps", 0))
         self._push_saved_iterations(done)
