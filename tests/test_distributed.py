@@ -64,16 +64,17 @@ def test_gather_in_one_process_restores_order_and_drops_lockstep_padding():
     # shard (the last prompt repeated, as lockstep gives) keeps the first copy.
     shard = distributed.Shard(indices=[0, 1, 2, 2], num_prompts=3)
     cands = [[[j, i] * (i + 1) for i in range(2)] for j in shard.indices]
-    candidates, scores = distributed.gather_round(shard, cands, _scores(shard.indices, 2, previous=True))
+    candidates = distributed.gather_candidates(shard, cands)
+    scores = distributed.gather_scores(shard, _scores(shard.indices, 2, previous=True), candidates)
     assert candidates == cands[:3]
     assert torch.equal(scores.policy, torch.tensor([[0.0, 1.0], [10.0, 11.0], [20.0, 21.0]]))
     assert torch.equal(scores.initial, -scores.policy) and torch.allclose(scores.previous, scores.policy / 3)
     assert scores.lengths.tolist() == [[2, 4]] * 3
-    assert distributed.gather_round(shard, cands, _scores(shard.indices, 2, previous=False))[1].previous is None
+    assert distributed.gather_scores(shard, _scores(shard.indices, 2, previous=False), candidates).previous is None
     with pytest.raises(RuntimeError, match="covers 2 of 3 prompts"):
-        distributed.gather_round(distributed.Shard([0, 1], 3), cands[:2], _scores([0, 1], 2, True))
-    with pytest.raises(ValueError, match="2 prompts but 3 candidate lists"):
-        distributed.gather_round(distributed.Shard([0, 1], 2), cands[:3], _scores([0, 1], 2, True))
+        distributed.gather_candidates(distributed.Shard([0, 1], 3), cands[:2])
+    with pytest.raises(ValueError, match="2 prompts but 3 rows"):
+        distributed.gather_candidates(distributed.Shard([0, 1], 2), cands[:3])
     assert shard.select(["a", "b", "c"]) == ["a", "b", "c", "c"]
 
 

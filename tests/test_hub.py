@@ -419,7 +419,8 @@ def make(token):
 try:
     make("hf_wrong_token")
 except HubPushError as error:
-    print("RANK_RAISED", "401" in str(error), flush=True)
+    sys.stdout.write(f"RANK_RAISED {{'401' in str(error)}}\\n")  # one write: the ranks' lines must not interleave
+    sys.stdout.flush()
 make(sys.argv[1]).train()
 """
 

@@ -115,7 +115,7 @@ def train_main(argv: list[str]) -> int:
     from . import CreamTrainer
 
     parser = train_parser()
-    script, args, model_args = parser.parse_args_and_config(argv)
+    script, args, model_args = parser.parse_args_and_config(_bare_resume_flag(argv))
     if script.dataset_name is None:
         parser.error("--dataset_name (the prompts) is required.")
     if model_args.model_name_or_path is None:
@@ -128,11 +128,17 @@ def train_main(argv: list[str]) -> int:
     sft = _load_dataset(script.sft_dataset_name, script.sft_dataset_split) if script.sft_dataset_name else None
 
     quantization = get_quantization_config(model_args)
-    kwargs: dict[str, Any] = {"dtype": model_args.dtype, "revision": model_args.model_revision}
+    kwargs: dict[str, Any] = {
+        "dtype": model_args.dtype,
+        "revision": model_args.model_revision,
+        "trust_remote_code": args.trust_remote_code,
+    }
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=args.trust_remote_code
+    )
     ref_model, peft_config = None, None
     if script.adapter_name_or_path:
         from peft import PeftModel
@@ -151,9 +157,27 @@ def train_main(argv: list[str]) -> int:
         peft_config=peft_config,
         sft_dataset=sft,
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
     trainer.accelerator.print(f"CREAM done: {len(output.metrics['rounds'])} rounds, iterations in {args.output_dir}")
     return 0
+
+
+def _bare_resume_flag(argv: list[str]) -> list[str]:
+    """``--resume_from_checkpoint`` given without a value means ``--resume_from_checkpoint true``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume_from_checkpoint" and (i + 1 == len(out) or out[i + 1].startswith("--")):
+            out.insert(i + 1, "true")
+            break
+    return out
+
+
+def _resume_value(value: str | None) -> str | bool | None:
+    """``true``/``yes``/``1`` (any case) resume the run in ``output_dir``; ``false``/``no``/``0`` start afresh; any
+    other value is the output_dir or an intra-round checkpoint folder."""
+    if value is None or str(value).lower() in {"false", "no", "0", ""}:
+        return None
+    return True if str(value).lower() in {"true", "yes", "1"} else value
 
 
 def _quantized_device_map() -> dict[str, Any] | str:

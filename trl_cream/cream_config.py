@@ -10,6 +10,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig
 from . import hub
 from .consistency import GRANULARITIES, MEASURES
 from .sampling import GENERATION_BACKENDS
+from .validation import LONG_PROMPT_MODES
 
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
 
@@ -65,7 +66,16 @@ class CreamConfig(OnlineDPOConfig):
             Sequences per forward pass when scoring candidates under ``π_t``, ``π_0`` and ``π_{t−1}``.
         save_round_artifacts (`bool`, *optional*, defaults to `True`):
             Save each round's candidates (with every log-prob, reward and rank), its pairs and `metrics.json` as
-            `datasets` folders under `output_dir/rounds/round_<t>`.
+            `datasets` folders under `output_dir/rounds/round_<t>`. The phase results that a resume needs
+            (`samples/`, `scores.safetensors`, `pairs/`, `pairing.json`, `metrics.json`) are written either way.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start afresh in an `output_dir` that holds a different CREAM run, replacing its `M<k>`, `rounds/` and
+            `cream_state/` (nothing else). Without it such a start is refused; resume the run with
+            `resume_from_checkpoint=True` or pick a new `output_dir`.
+        long_prompts (`str`, *optional*, defaults to `"truncate"`):
+            What to do with prompts longer than `max_length - max_new_tokens` tokens (their completions would not
+            fit `max_length` when scored and trained): `"truncate"` keeps their last tokens, with a warning;
+            `"error"` refuses them before any work.
 
         > Parameters of the SFT stage (Algorithm 1 line 2, used when the trainer gets an `sft_dataset`)
 
@@ -180,6 +190,18 @@ class CreamConfig(OnlineDPOConfig):
     save_round_artifacts: bool = field(
         default=True,
         metadata={"help": "Save candidates, pairs and metrics of every round under output_dir/rounds."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a different CREAM run found in output_dir instead of refusing to start."},
+    )
+    long_prompts: str = field(
+        default="truncate",
+        metadata={
+            "help": "Prompts longer than max_length - max_new_tokens: keep their last tokens (with a warning) or "
+            "raise an error.",
+            "choices": list(LONG_PROMPT_MODES),
+        },
     )
     sft_num_train_epochs: float = field(
         default=3.0,
@@ -303,6 +325,10 @@ class CreamConfig(OnlineDPOConfig):
                 f"repetition_penalty={penalty} is not supported by generation_backend='paged' "
                 "(transformers' continuous batching drops that logits processor); set repetition_penalty=1.0 or "
                 "use generation_backend='generate'."
+            )
+        if self.long_prompts not in LONG_PROMPT_MODES:
+            raise ValueError(
+                f"long_prompts={self.long_prompts!r} is unknown; choose one of {', '.join(LONG_PROMPT_MODES)}."
             )
         for name in ("generation_batch_size", "scoring_batch_size"):
             if getattr(self, name) < 1:

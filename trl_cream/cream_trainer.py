@@ -20,12 +20,20 @@ from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from . import adapters, distributed, hub, sampling
-from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
+from .artifacts import RoundScores
+from .checkpointing import PhaseStore
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
+from .resume import ResumableRoundsMixin
 from .sampling import completion_logps, generate_candidates, tokenize_prompts
 from .sft import run_sft
+from .validation import (
+    check_distinct_from_initial,
+    check_model_inputs,
+    check_tokenizer,
+    fit_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ class _AdapterReference(nn.Module):
     with adapters disabled. Removed right after the parent's ``__init__``."""
 
 
-class CreamTrainer(OnlineDPOTrainer):
+class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
     """Consistency Regularized sElf-rewarding lAnguage Models (CREAM), on top of TRL's online DPO trainer.
 
     ``train()`` runs ``args.num_iterations`` rounds ``M_t → M_{t+1}``; each round samples, scores, pairs, trains and
@@ -87,8 +95,13 @@ class CreamTrainer(OnlineDPOTrainer):
         if not isinstance(args, CreamConfig):
             raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
         validate_prompts(train_dataset, args.num_iterations)
-        if isinstance(model, str):
-            raise TypeError("Pass an instantiated model (M1), not a model id; load it with from_pretrained first.")
+        check_model_inputs(model, peft_config)
+        check_tokenizer(processing_class, train_dataset["prompt"])
+        if processing_class is not None:
+            fit_prompts(
+                tokenize_prompts(processing_class, train_dataset["prompt"]), args.max_length, args.max_new_tokens,
+                args.long_prompts, "the prompts of train_dataset",
+            )  # fmt: skip
         if sft_dataset is not None:
             validate_sft_dataset(sft_dataset)
             if ref_model is not None:
@@ -104,7 +117,7 @@ class CreamTrainer(OnlineDPOTrainer):
                     "log π_t − log π_0. Pass ref_model=M0, pass `sft_dataset` to run the SFT stage from M0, or "
                     "train LoRA adapters (π_0 is then the adapter-free base)."
                 )
-            _check_distinct_from_initial(model, ref_model, peft_config)
+            check_distinct_from_initial(model, ref_model, peft_config)
         self._peft_placeholder = is_peft_model(model) and ref_model is None
         super().__init__(
             model=model,
@@ -130,6 +143,9 @@ class CreamTrainer(OnlineDPOTrainer):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self._step_offset = 0
+        self._round_output_dir: str | None = None
+        self._resumed_round = 0
+        self.store = PhaseStore(args.output_dir, self.first_iteration, self.accelerator.is_main_process)
         self._hub = hub.start(self)  # with push_to_hub: check the Hub before any training
 
     # ---------------------------------------------------------------- parent fixes
@@ -202,18 +218,27 @@ class CreamTrainer(OnlineDPOTrainer):
     # ---------------------------------------------------------------- the rounds
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
         """Run all CREAM rounds: M_t → M_{t+1} for t = 1..num_iterations. Returns the last round's TrainOutput,
-        with every round's metrics under ``metrics["rounds"]``."""
-        if resume_from_checkpoint:
-            raise NotImplementedError("Resuming CREAM rounds is not supported yet; start a new output_dir.")
+        with every round's metrics under ``metrics["rounds"]``.
+
+        Args:
+            resume_from_checkpoint (`bool` or `str`, *optional*): `True` (or the run's `output_dir`) resumes the
+                run saved in `output_dir`: finished phases are loaded, not redone, and training continues from the
+                last intra-round Trainer checkpoint if `save_strategy` made one; a path to one of those
+                checkpoints (``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>``) picks it explicitly.
+        """
+        done, chosen = self._open_run(resume_from_checkpoint)  # checks the manifest; reloads M<k> on resume
         shards = self.split_prompts()
-        if self.sft_dataset is not None and not self.sft_metrics:
-            self.run_sft_stage()
-        self.save_policy(self.iteration_dir(self.first_iteration))
-        self.push_iteration(self.first_iteration)
-        output = TrainOutput(0, 0.0, {})
+        if not done and not self.store.has_iteration(self.first_iteration):
+            if self.sft_dataset is not None and not self.sft_metrics:
+                self.run_sft_stage()
+                self.store.save_sft_metrics(self.sft_metrics)
+            self.save_iteration(self.first_iteration)
+            self.push_iteration(self.first_iteration)
+        output = TrainOutput(self._step_offset, 0.0, {})
         for t, shard in enumerate(shards, start=1):
-            self.round = t
-            output = self._run_round(t, shard)
+            if t > done:
+                self.round = t
+                output = self._run_round(t, shard, chosen[1] if chosen and chosen[0] == t else None)
         hub.wait(self)
         output.metrics["rounds"] = self.round_metrics
         if self.sft_metrics:
@@ -226,7 +251,7 @@ class CreamTrainer(OnlineDPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         self.sft_metrics = run_sft(model, self.processing_class, self.sft_dataset, self.args)
         self.sft_metrics["time_sft_s"] = round(time.perf_counter() - start, 3)
-        _check_distinct_from_initial(model, self.ref_model, None)
+        check_distinct_from_initial(model, self.ref_model, None)
         self.log({f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
         return self.sft_metrics
 
@@ -244,35 +269,29 @@ class CreamTrainer(OnlineDPOTrainer):
         prompts = [self.prompts[i]["prompt"] for i in order]
         return [list(chunk) for chunk in split_equally(prompts, self.args.num_iterations)]
 
-    def _run_round(self, t: int, prompts: list[Any]) -> TrainOutput:
+    def _run_round(self, t: int, prompts: list[Any], checkpoint: Path | None = None) -> TrainOutput:
+        """One round. Each phase's result is saved as soon as it is computed, and loaded instead of recomputed
+        when an earlier attempt of the run finished it (see `trl_cream.checkpointing`)."""
         args, timings = self.args, {}
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
-        with _timed(timings, "generate"):  # each rank samples and scores its share; the whole round is gathered
-            prompt_ids = tokenize_prompts(self.processing_class, prompts)
-            shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)  # also sets the seed
-            local_ids = shard.select(prompt_ids)
-            local = self.generate_candidates(local_ids, desc=f"round {t}: sampling")
+        with _timed(timings, "generate"):
+            prompt_ids, candidates = self._sample_phase(t, prompts)
         with _timed(timings, "score"):
-            candidates, scores = distributed.gather_round(shard, local, self.score_round(t, local_ids, local))
-        set_seed(args.seed + t)  # one seed on every rank again: the Trainer's sampler draws the same pair order
+            scores = self._score_phase(t, prompt_ids, candidates)
         with _timed(timings, "pair"):
-            labels = label_round(scores, args.consistency_measure, args.consistency_granularity)
-            pairs = pairs_dataset(t, prompt_ids, candidates, scores, labels, args.ref_policy)
-        metrics = {"round": t, "beta": self.beta, **labels.metrics}
+            pairs, metrics = self._pair_phase(t, prompts, prompt_ids, candidates, scores)
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
         with _timed(timings, "train"):
-            output = self._train_on_pairs(pairs)
+            checkpoint = checkpoint or self._round_checkpoint(t)
+            output = self._train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=args.seed + t)
+        metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
         with _timed(timings, "save"):
-            self.save_policy(self.iteration_dir(self.first_iteration + t))
-            if args.save_round_artifacts and self.accelerator.is_main_process:
-                completions = [self.processing_class.batch_decode(c, skip_special_tokens=True) for c in candidates]
-                table = candidates_dataset(prompts, candidates, completions, scores, labels)
-                save_round(self.round_dir(t), table, pairs)
-        metrics.update({f"time_{k}_s": v for k, v in timings.items()}, train_loss=output.training_loss)
-        if args.save_round_artifacts and self.accelerator.is_main_process:
-            save_metrics(self.round_dir(t), {**metrics, "timings_s": timings})
+            self.save_iteration(self.first_iteration + t)
+        self.store.drop_trainer_checkpoints(t)
+        metrics.update({f"time_{k}_s": v for k, v in timings.items()})
+        self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
         self.round_metrics.append(metrics)
         self.push_iteration(self.first_iteration + t)
@@ -284,17 +303,29 @@ class CreamTrainer(OnlineDPOTrainer):
         hub.publish_iteration(self, index)
 
     def round_dir(self, t: int) -> Path:
-        return Path(self.args.output_dir) / "rounds" / f"round_{t}"
+        return self.store.round_dir(t)
 
-    def _train_on_pairs(self, pairs: Dataset) -> TrainOutput:
+    def _train_on_pairs(
+        self, pairs: Dataset, output_dir: Path | None = None, resume_from: Path | None = None, seed: int | None = None
+    ) -> TrainOutput:
         if len(pairs) == 0:
-            logger.warning("Round %d produced no preference pair (all prompts tied); the policy is kept.", self.round)
-            return TrainOutput(self.state.global_step, 0.0, {})
+            logger.warning(
+                "Round %d produced no preference pair: every prompt's candidates are tied (equal implicit rewards). "
+                "Nothing is learnt this round and the policy is kept as is.",
+                self.round,
+            )
+            return TrainOutput(0, 0.0, {})
+        if seed is not None:
+            set_seed(seed)  # the same data order and dropout whether or not sampling ran in this process
         self.train_dataset = pairs
         self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
         self.stats = {}
         history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
-        output = super().train()
+        self._round_output_dir = str(output_dir) if output_dir is not None else None
+        try:
+            output = super().train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            self._round_output_dir = None
         self.state.log_history = history + self.state.log_history
         self._step_offset += self.state.global_step
         self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
@@ -405,28 +436,3 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = round(time.perf_counter() - start, 3)
-
-
-def _check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, peft_config: Any | None) -> None:
-    """Refuse a round 1 where π_t = π_0: every reward would be 0, every candidate tied, and nothing learnt."""
-    message = (
-        "The policy (M1) is identical to the initial model π_0, so in round 1 every implicit reward "
-        "log π_1 − log π_0 is 0, every candidate is tied and no preference pair can be formed. Run an SFT stage "
-        "first (Algorithm 1 line 2) or pass a distinct M1."
-    )
-    if peft_config is not None and not is_peft_model(model):
-        raise ValueError(message + " (A fresh `peft_config` adapter starts as the identity.)")
-    if is_peft_model(model):
-        if adapters.is_identity_adapter(model, adapters.policy_adapter_name(model)):
-            raise ValueError(message + " (The active LoRA adapter has all-zero lora_B weights.)")
-        return
-    if ref_model is model:
-        raise ValueError(message + " (`ref_model` is the same object as `model`.)")
-    ref_params = dict(ref_model.named_parameters()) if ref_model is not None else {}
-    for name, param in model.named_parameters():
-        other = ref_params.get(name)
-        if other is None or other.shape != param.shape:
-            return
-        if not torch.equal(param.detach(), other.detach().to(param.device)):
-            return
-    raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")

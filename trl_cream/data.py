@@ -50,10 +50,18 @@ def validate_prompts(dataset: Dataset | None, num_iterations: int) -> None:
             f"`train_dataset` needs a `prompt` column (strings or chat messages); it has {columns}. "
             "Rename your column, e.g. dataset.rename_column('question', 'prompt')."
         )
+    if len(dataset) == 0:
+        raise ValueError("`train_dataset` is empty: CREAM needs at least one prompt per round. Check your filters.")
     if len(dataset) < num_iterations:
         raise ValueError(
             f"num_iterations={num_iterations} is larger than the number of prompts ({len(dataset)}): every "
             "round needs at least one prompt. Lower num_iterations or add prompts."
+        )
+    empty = [i for i, p in enumerate(dataset["prompt"]) if p is None or (isinstance(p, (str, list)) and not p)]
+    if empty:
+        raise ValueError(
+            f"`train_dataset` has {len(empty)} empty prompt(s) (None, '' or []), e.g. at rows {empty[:5]}: a round "
+            "would sample from no prompt. Drop them, e.g. dataset.filter(lambda row: bool(row['prompt']))."
         )
 
 

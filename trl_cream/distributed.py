@@ -67,50 +67,55 @@ def shard_round(num_prompts: int, state: PartialState | Any, lockstep: bool = Fa
         return Shard(indices=list(local), num_prompts=num_prompts)
 
 
+def round_shard(accelerator: Any, num_prompts: int) -> Shard:
+    """This rank's share of a round's prompts, padded to equal shares under ZeRO-3 / FSDP."""
+    return shard_round(num_prompts, accelerator, needs_lockstep(accelerator))
+
+
 def start_round(accelerator: Any, num_prompts: int, seed: int, round_index: int) -> Shard:
-    """This rank's share of a round (padded to equal shares under ZeRO-3 / FSDP) and its sampling seed, set."""
-    shard = shard_round(num_prompts, accelerator, needs_lockstep(accelerator))
+    """This rank's share of a round (`round_shard`) with its sampling seed set."""
+    shard = round_shard(accelerator, num_prompts)
     set_seed(rank_seed(seed, round_index, accelerator.process_index))
     return shard
 
 
-def gather_round(
-    shard: Shard, candidates: Sequence[Sequence[TokenIds]], scores: RoundScores
-) -> tuple[list[list[TokenIds]], RoundScores]:
-    """Gather every rank's candidates and scores into the whole round, in the original prompt order.
-
-    Args:
-        shard: this rank's prompts.
-        candidates: ``[len(shard.indices)][N]`` completion token ids (ragged).
-        scores: their `RoundScores` (empty tensors for an empty shard).
-
-    Returns:
-        ``(candidates, scores)`` for all ``shard.num_prompts`` prompts, identical on every rank.
-    """
-    if len(candidates) != len(shard.indices):
-        raise ValueError(f"This rank has {len(shard.indices)} prompts but {len(candidates)} candidate lists.")
-    records = []
-    for k, j in enumerate(shard.indices):
-        previous = None if scores.previous is None else scores.previous[k].tolist()
-        records.append((j, [list(c) for c in candidates[k]], scores.policy[k].tolist(), scores.initial[k].tolist(),
-                        previous))  # fmt: skip
-    by_prompt: dict[int, tuple] = {}
-    for record in gather_object(records):
-        by_prompt.setdefault(record[0], record)  # lockstep padding repeats a prompt: keep its first copy
+def _gather_by_prompt(shard: Shard, rows: Sequence[Any]) -> list[Any]:
+    """Gather one row per local prompt from every rank into the round's prompt order (lockstep padding, a repeated
+    prompt, keeps its first copy)."""
+    if len(rows) != len(shard.indices):
+        raise ValueError(f"This rank has {len(shard.indices)} prompts but {len(rows)} rows to gather.")
+    by_prompt: dict[int, Any] = {}
+    for j, row in gather_object(list(zip(shard.indices, rows))):
+        by_prompt.setdefault(j, row)
     missing = sorted(set(range(shard.num_prompts)) - set(by_prompt))
     if missing or len(by_prompt) != shard.num_prompts:
         raise RuntimeError(
             f"The gathered round covers {len(by_prompt)} of {shard.num_prompts} prompts (missing {missing[:10]}): "
             "every rank must call the round with the same prompts and world size."
         )
-    ordered = [by_prompt[j] for j in range(shard.num_prompts)]
-    has_previous = ordered[0][4] is not None
-    gathered = [r[1] for r in ordered]
-    return gathered, RoundScores(
-        policy=torch.tensor([r[2] for r in ordered], dtype=torch.float32),
-        initial=torch.tensor([r[3] for r in ordered], dtype=torch.float32),
-        previous=torch.tensor([r[4] for r in ordered], dtype=torch.float32) if has_previous else None,
-        lengths=torch.tensor([[len(c) for c in cands] for cands in gathered], dtype=torch.long),
+    return [by_prompt[j] for j in range(shard.num_prompts)]
+
+
+def gather_candidates(shard: Shard, candidates: Sequence[Sequence[TokenIds]]) -> list[list[TokenIds]]:
+    """Every rank's sampled candidates (``[len(shard.indices)][N]`` token ids, ragged) as the whole round, in prompt
+    order, identical on every rank."""
+    return _gather_by_prompt(shard, [[list(c) for c in cands] for cands in candidates])
+
+
+def gather_scores(shard: Shard, scores: RoundScores, candidates: Sequence[Sequence[TokenIds]]) -> RoundScores:
+    """Every rank's `RoundScores` of its share as the scores of the whole round (``candidates``: the whole round's,
+    for the lengths), in prompt order, identical on every rank."""
+    has_previous = scores.previous is not None
+    rows = [
+        (scores.policy[k].tolist(), scores.initial[k].tolist(), scores.previous[k].tolist() if has_previous else None)
+        for k in range(len(shard.indices))
+    ]
+    ordered = _gather_by_prompt(shard, rows)
+    return RoundScores(
+        policy=torch.tensor([r[0] for r in ordered], dtype=torch.float32),
+        initial=torch.tensor([r[1] for r in ordered], dtype=torch.float32),
+        previous=torch.tensor([r[2] for r in ordered], dtype=torch.float32) if has_previous else None,
+        lengths=torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long),
     )
 
 
