@@ -24,6 +24,7 @@ from .artifacts import RoundScores, candidates_dataset, label_round, pairs_datas
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
+from .perf import frozen_gc
 from .sampling import completion_logps, generate_candidates, score_candidates, tokenize_prompts
 from .sft import run_sft
 
@@ -239,7 +240,7 @@ class CreamTrainer(OnlineDPOTrainer):
             set_seed(args.seed + t)
             prompt_ids = tokenize_prompts(self.processing_class, prompts)
             candidates = self.generate_candidates(prompt_ids, desc=f"round {t}: sampling")
-        with _timed(timings, "score"):
+        with _timed(timings, "score"), frozen_gc(args.freeze_gc):
             scores = self.score_round(t, prompt_ids, candidates)
         with _timed(timings, "pair"):
             labels = label_round(scores, args.consistency_measure, args.consistency_granularity)
@@ -272,12 +273,13 @@ class CreamTrainer(OnlineDPOTrainer):
         self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
         self.stats = {}
         history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
-        output = super().train()
-        self.state.log_history = history + self.state.log_history
-        self._step_offset += self.state.global_step
-        self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-        self.accelerator.free_memory()
-        gc.collect()
+        with frozen_gc(self.args.freeze_gc):
+            output = super().train()
+            self.state.log_history = history + self.state.log_history
+            self._step_offset += self.state.global_step
+            self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
+            self.accelerator.free_memory()
+            gc.collect()
         return output
 
     # ---------------------------------------------------------------- phases a vLLM or distributed path can replace
