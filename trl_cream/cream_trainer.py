@@ -24,7 +24,7 @@ from .artifacts import RoundScores, candidates_dataset, label_round, pairs_datas
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
-from .perf import frozen_gc
+from .perf import frozen_gc, sampled_policy_scores
 from .sampling import completion_logps, generate_candidates, score_candidates, tokenize_prompts
 from .sft import run_sft
 
@@ -288,6 +288,7 @@ class CreamTrainer(OnlineDPOTrainer):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as unwrapped:
+            self._sampled_logps: list[list[float]] | None = [] if self.args.policy_logps_from_sampling else None
             return generate_candidates(
                 unwrapped,
                 self._tokenizer,
@@ -297,6 +298,7 @@ class CreamTrainer(OnlineDPOTrainer):
                 batch_size=self.args.generation_batch_size,
                 show_progress=self.accelerator.is_local_main_process,
                 desc=desc,
+                logps_out=self._sampled_logps,
             )
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
@@ -310,7 +312,10 @@ class CreamTrainer(OnlineDPOTrainer):
                 desc=f"round {t}: scoring {who}",
             )  # fmt: skip
 
-        policy = score(model, "π_t")
+        sampled, self._sampled_logps = getattr(self, "_sampled_logps", None), None
+        policy = sampled_policy_scores(sampled, prompt_ids, candidates, self.args.max_length)
+        if policy is None:
+            policy = score(model, "π_t")
         if self.use_peft:
             with model.disable_adapter():
                 initial = score(model, "π_0")

@@ -88,11 +88,17 @@ def generate_candidates(
     batch_size: int = 8,
     show_progress: bool = True,
     desc: str = "sampling",
+    logps_out: list[list[float]] | None = None,
 ) -> list[list[TokenIds]]:
     """Sample ``num_generations`` completions for each prompt, ``batch_size`` prompts per ``generate`` call.
 
     The model runs in eval mode and the KV cache is always on (``use_cache=True``), whatever the training-time
     gradient checkpointing setting.
+
+    With ``logps_out`` (a list), ``generate`` also returns its raw logits (``output_logits=True``: before temperature
+    and top-p) and ``logps_out`` is extended with each candidate's ``Σ_k log π(y_k | x, y_<k)`` under the sampling
+    model, ``[num_prompts][num_generations]`` floats: the policy's score without a separate forward pass. It keeps
+    ``batch_size × num_generations × max_new_tokens × vocab`` float32 logits in memory per call.
 
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
@@ -111,12 +117,33 @@ def generate_candidates(
             ids, mask = _left_pad(chunk, pad_id)
             ids = ids.repeat_interleave(num_generations, 0).to(device)
             mask = mask.repeat_interleave(num_generations, 0).to(device)
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-            completions = generated[:, ids.shape[1] :].tolist()
-            for p in range(len(chunk)):
-                rows = completions[p * num_generations : (p + 1) * num_generations]
-                out.append([cut_at_stop(row, stop_ids, pad_id) for row in rows])
+            extra = {"output_logits": True, "return_dict_in_generate": True} if logps_out is not None else {}
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=generation_config, **extra
+            )
+            sequences = generated.sequences if logps_out is not None else generated
+            completions = sequences[:, ids.shape[1] :]
+            kept = [cut_at_stop(row, stop_ids, pad_id) for row in completions.tolist()]
+            out.extend(kept[p * num_generations : (p + 1) * num_generations] for p in range(len(chunk)))
+            if logps_out is not None:
+                sums = _sampled_logps(generated.logits, completions, [len(row) for row in kept])
+                logps_out.extend(sums[p * num_generations : (p + 1) * num_generations] for p in range(len(chunk)))
     return out
+
+
+def _sampled_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor, lengths: Sequence[int]) -> list[float]:
+    """Σ of the log-softmax of the raw per-step ``logits`` at the generated ``tokens``, over each row's first
+    ``lengths[i]`` steps."""
+    totals = torch.zeros(tokens.shape[0], dtype=torch.float64)
+    for step, step_logits in enumerate(logits):
+        live = torch.tensor([step < n for n in lengths])
+        if not live.any():
+            break
+        step_logits = step_logits.float()
+        token = tokens[:, step].to(step_logits.device).unsqueeze(-1)
+        logp = (step_logits.gather(-1, token).squeeze(-1) - step_logits.logsumexp(-1)).double().cpu()
+        totals += torch.where(live, logp, torch.zeros_like(logp))
+    return totals.float().tolist()
 
 
 def completion_logps(
