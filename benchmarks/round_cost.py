@@ -10,7 +10,8 @@ pairs. Round and parts alternate; medians of `--repeats` repetitions. Prints one
 
 `--scaling` runs the same round at P and 2P prompts, each in a fresh subprocess (alternating sizes), and reports the
 time ratio (goal ≤ 2.1) and the peak RSS of each child (`resource.getrusage`, before and after the round).
-`--candidates` also measures the optimisation candidates of issue #9 item 4 on the same data.
+`--candidates` also measures the optimisation candidates of issue #9 item 4 on the same data (`ab_switch.py` A/Bs the
+ones that became `CreamConfig` switches inside the real round).
 
 Usage:
     python benchmarks/round_cost.py --model tiny
@@ -117,6 +118,7 @@ def build_setup(a: argparse.Namespace, root: Path) -> Setup:
         per_device_train_batch_size=a.train_batch_size, learning_rate=1e-5, warmup_steps=0, bf16=cuda,
         use_cpu=not cuda, gradient_checkpointing=False, report_to="none", logging_steps=1000, disable_tqdm=True,
         generation_batch_size=a.generation_batch_size, scoring_batch_size=a.scoring_batch_size, seed=0,
+        freeze_gc=bool(a.freeze_gc), policy_logps_from_sampling=bool(a.policy_logps_from_sampling),
     )  # fmt: skip
     return Setup(root=root, tokenizer=tokenizer, prompts=questions(a.prompts), config=config, models=models)
 
@@ -426,8 +428,10 @@ def child_flags(a: argparse.Namespace) -> list[str]:
         "generation_batch_size",
         "scoring_batch_size",
         "train_batch_size",
+        "freeze_gc",
     )
-    return [x for n in names for x in (f"--{n}", str(getattr(a, n)))]
+    flags = [x for n in names for x in (f"--{n}", str(getattr(a, n)))]
+    return flags + (["--policy_logps_from_sampling"] if a.policy_logps_from_sampling else [])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -442,6 +446,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--candidates", action="store_true", help="also time the item-4 optimisation candidates")
     p.add_argument("--scaling", action="store_true", help="run the P vs 2P scaling in fresh subprocesses instead")
+    p.add_argument("--freeze_gc", type=int, choices=[0, 1], default=1, help="CreamConfig.freeze_gc of CREAM's round")
+    p.add_argument(
+        "--policy_logps_from_sampling", action="store_true", help="CreamConfig.policy_logps_from_sampling=True"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 

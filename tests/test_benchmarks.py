@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
+import ab_switch  # noqa: E402
 import round_cost  # noqa: E402
 import vs_naive  # noqa: E402
 
@@ -46,3 +47,9 @@ def test_vs_naive_trains_both_arms_on_the_same_pairs(capsys):
     assert positive(result["cream_over_naive"])
     assert all(positive(v) for v in result["medians"].values())
     assert 0 <= result["dpo_trainer_token_identical_fraction"] <= 1
+
+
+def test_ab_switch_freeze_gc_is_exact(capsys):
+    result = ab_switch.main(TINY + ["--field", "freeze_gc"])
+    assert result["same_pairs_every_repeat"] is True and result["pairs_bit_identical_every_repeat"] is True
+    assert result["max_abs_diff_ref_chosen_logps"] == 0.0 and positive(result["on_over_off"])
