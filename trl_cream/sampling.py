@@ -109,6 +109,8 @@ def generate_candidates(
     device = next(model.parameters()).device
     generation_config = copy.deepcopy(generation_config)
     generation_config.use_cache = True
+    if logps_out is not None:  # the raw (unprocessed) logits of every step, to score the samples
+        generation_config.output_logits = generation_config.return_dict_in_generate = True
     out: list[list[TokenIds]] = []
     starts = range(0, len(prompt_ids), batch_size)
     with eval_mode(model):
@@ -117,10 +119,7 @@ def generate_candidates(
             ids, mask = _left_pad(chunk, pad_id)
             ids = ids.repeat_interleave(num_generations, 0).to(device)
             mask = mask.repeat_interleave(num_generations, 0).to(device)
-            extra = {"output_logits": True, "return_dict_in_generate": True} if logps_out is not None else {}
-            generated = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=generation_config, **extra
-            )
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
             sequences = generated.sequences if logps_out is not None else generated
             completions = sequences[:, ids.shape[1] :]
             kept = [cut_at_stop(row, stop_ids, pad_id) for row in completions.tolist()]
