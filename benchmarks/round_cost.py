@@ -388,6 +388,7 @@ def run_child(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "prompts": a.prompts,
         "round_s": result.seconds,
+        **{f"{k}_s": v for k, v in result.phases.items()},
         "maxrss_before_round_mib": before / 1024,
         "maxrss_after_round_mib": after / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,

@@ -37,7 +37,7 @@ def test_round_cost_structure(capsys):
 
 def test_round_cost_child_reports_memory():
     result = round_cost.run_child(round_cost.parser().parse_args(TINY + ["--child"]))
-    assert positive(result["round_s"])
+    assert positive(result["round_s"]) and {"generate_s", "score_s", "train_s"} <= set(result)
     assert result["maxrss_after_round_mib"] >= result["maxrss_before_round_mib"] > 0
 
 
