@@ -76,6 +76,19 @@ class CreamConfig(OnlineDPOConfig):
             What to do with prompts longer than `max_length - max_new_tokens` tokens (their completions would not
             fit `max_length` when scored and trained): `"truncate"` keeps their last tokens, with a warning;
             `"error"` refuses them before any work.
+        freeze_gc (`bool`, *optional*, defaults to `True`):
+            Freeze the objects that exist when scoring and training start out of Python's cyclic garbage collector
+            (`gc.freeze`) until the phase ends, so that the full collections run between phases (accelerate's
+            `free_memory`, the release of ``π_{t−1}``) only walk what the phase created. Exact (no numeric change);
+            saves about 1.5–2 s per collection, four per round, on a busy CPU (see `benchmarks/README.md`).
+        policy_logps_from_sampling (`bool`, *optional*, defaults to `False`):
+            Take ``π_t``'s scores of the candidates from the sampling pass (`generate(output_logits=True)`, the raw
+            logits) instead of a separate scoring forward: one forward pass fewer per round. They equal the forward's
+            up to floating-point differences between the cached decode and the full forward (measured in
+            `benchmarks/README.md`), which can reorder near-ties. Keeps `generation_batch_size * num_generations *
+            max_new_tokens * vocab_size` float32 logits per `generate` call. Falls back to the forward when a prompt
+            + candidate exceeds `max_length`, with `generation_backend="paged"`, and when a resumed run reloads the
+            round's samples from disk.
 
         > Parameters of the SFT stage (Algorithm 1 line 2, used when the trainer gets an `sft_dataset`)
 
@@ -202,6 +215,14 @@ class CreamConfig(OnlineDPOConfig):
             "raise an error.",
             "choices": list(LONG_PROMPT_MODES),
         },
+    )
+    freeze_gc: bool = field(
+        default=True,
+        metadata={"help": "Freeze pre-existing objects out of the garbage collector while scoring and training."},
+    )
+    policy_logps_from_sampling: bool = field(
+        default=False,
+        metadata={"help": "Score the candidates under pi_t from the sampling pass's raw logits (one forward fewer)."},
     )
     sft_num_train_epochs: float = field(
         default=3.0,

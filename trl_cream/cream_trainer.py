@@ -25,6 +25,7 @@ from .checkpointing import PhaseStore
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .loss import cream_dpo_loss
+from .perf import frozen_gc, sampled_policy_scores
 from .resume import ResumableRoundsMixin
 from .sampling import completion_logps, generate_candidates, tokenize_prompts
 from .sft import run_sft
@@ -278,7 +279,7 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         )
         with _timed(timings, "generate"):
             prompt_ids, candidates = self._sample_phase(t, prompts)
-        with _timed(timings, "score"):
+        with _timed(timings, "score"), frozen_gc(args.freeze_gc):
             scores = self._score_phase(t, prompt_ids, candidates)
         with _timed(timings, "pair"):
             pairs, metrics = self._pair_phase(t, prompts, prompt_ids, candidates, scores)
@@ -322,15 +323,16 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         self.stats = {}
         history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
         self._round_output_dir = str(output_dir) if output_dir is not None else None
-        try:
-            output = super().train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        finally:
-            self._round_output_dir = None
-        self.state.log_history = history + self.state.log_history
-        self._step_offset += self.state.global_step
-        self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-        self.accelerator.free_memory()
-        gc.collect()
+        with frozen_gc(self.args.freeze_gc):
+            try:
+                output = super().train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            finally:
+                self._round_output_dir = None
+            self.state.log_history = history + self.state.log_history
+            self._step_offset += self.state.global_step
+            self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
+            self.accelerator.free_memory()
+            gc.collect()
         return output
 
     # ---------------------------------------------------------------- phases a vLLM or distributed path can replace
@@ -339,6 +341,7 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as unwrapped:
+            self._sampled_logps: list[list[float]] | None = [] if self.args.policy_logps_from_sampling else None
             return generate_candidates(
                 unwrapped,
                 self._tokenizer,
@@ -351,6 +354,7 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
                 show_progress=self.accelerator.is_local_main_process,
                 desc=desc,
                 backend=self.args.generation_backend,
+                logps_out=self._sampled_logps,
             )
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
@@ -364,7 +368,10 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
                 desc=f"round {t}: scoring {who}",
             )  # fmt: skip
 
-        policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
+        sampled, self._sampled_logps = getattr(self, "_sampled_logps", None), None
+        policy = sampled_policy_scores(sampled, prompt_ids, candidates, self.args.max_length)
+        if policy is None:
+            policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
         if self.use_peft:
             with model.disable_adapter():
                 initial = score(model, "π_0")

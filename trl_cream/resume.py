@@ -150,6 +150,7 @@ class ResumableRoundsMixin:
             tokenize_prompts(self.processing_class, prompts), args.max_length, args.max_new_tokens,
             args.long_prompts, f"round {t}'s prompts",
         )  # fmt: skip
+        self._sampled_logps = None  # π_t's scores from sampling exist only if this process samples the round
         candidates = self.store.load_samples(t, prompt_ids)
         self.accelerator.wait_for_everyone()  # every rank has looked before the main process can write
         if candidates is None:  # each rank samples its share (seed from seed, t and rank); all get the whole round

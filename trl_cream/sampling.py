@@ -150,6 +150,7 @@ def generate_candidates(
     show_progress: bool = True,
     desc: str = "sampling",
     backend: str = "generate",
+    logps_out: list[list[float]] | None = None,
 ) -> list[list[TokenIds]]:
     """Sample ``num_generations`` completions for each prompt.
 
@@ -161,6 +162,11 @@ def generate_candidates(
     - ``"paged"``: transformers' continuous batching, ``model.generate_batch``, on all the prompts at once
       (``batch_size`` is not used: the engine schedules sequences itself).
 
+    With ``logps_out`` (a list), ``generate`` also returns its raw logits (``output_logits=True``: before temperature
+    and top-p) and ``logps_out`` is extended with each candidate's ``Σ_k log π(y_k | x, y_<k)`` under the sampling
+    model, ``[num_prompts][num_generations]`` floats: the policy's score without a separate forward pass. It keeps
+    ``batch_size × num_generations × max_new_tokens × vocab`` float32 logits in memory per call.
+
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
     """
@@ -170,11 +176,18 @@ def generate_candidates(
     generation_config.use_cache = True
     if not prompt_ids:
         return []
-    sample = _generate_paged if backend == "paged" else _generate_padded
+    if logps_out is not None and backend == "generate":  # the raw (unprocessed) logits of every step
+        generation_config.output_logits = generation_config.return_dict_in_generate = True
     with eval_mode(model), isolated_generation_config(model):
-        rows = sample(
-            model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc
-        )
+        if backend == "paged":  # no logits: `logps_out` stays empty and π_t is scored by a forward pass
+            rows = _generate_paged(
+                model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc
+            )
+        else:
+            rows = _generate_padded(
+                model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc,
+                logps_out,
+            )  # fmt: skip
     stop_ids, pad_id = _stop_ids(generation_config, tokenizer), pad_token_id(tokenizer)
     rows = [cut_at_stop(row, stop_ids, pad_id) for row in rows]
     return [rows[p * num_generations : (p + 1) * num_generations] for p in range(len(prompt_ids))]
@@ -189,16 +202,24 @@ def _generate_padded(
     batch_size: int,
     show_progress: bool,
     desc: str,
+    logps_out: list[list[float]] | None = None,
 ) -> list[TokenIds]:
-    pad_id = pad_token_id(tokenizer)
+    pad_id, stop_ids = pad_token_id(tokenizer), _stop_ids(generation_config, tokenizer)
     device = next(model.parameters()).device
     rows: list[TokenIds] = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch", disable=not show_progress):
-        ids, mask = _left_pad(prompt_ids[start : start + batch_size], pad_id)
+        chunk = prompt_ids[start : start + batch_size]
+        ids, mask = _left_pad(chunk, pad_id)
         ids = ids.repeat_interleave(num_generations, 0).to(device)
         mask = mask.repeat_interleave(num_generations, 0).to(device)
         generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-        rows.extend(generated[:, ids.shape[1] :].tolist())
+        sequences = generated.sequences if logps_out is not None else generated
+        completions = sequences[:, ids.shape[1] :]
+        rows.extend(completions.tolist())
+        if logps_out is not None:
+            lengths = [len(cut_at_stop(row, stop_ids, pad_id)) for row in completions.tolist()]
+            sums = _sampled_logps(generated.logits, completions, lengths)
+            logps_out.extend(sums[p * num_generations : (p + 1) * num_generations] for p in range(len(chunk)))
     return rows
 
 
@@ -231,6 +252,21 @@ def _generate_paged(
             + "; generation_backend='generate' is the fallback."
         )
     return [list(r.generated_tokens) for r in results]
+
+
+def _sampled_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor, lengths: Sequence[int]) -> list[float]:
+    """Σ of the log-softmax of the raw per-step ``logits`` at the generated ``tokens``, over each row's first
+    ``lengths[i]`` steps."""
+    totals = torch.zeros(tokens.shape[0], dtype=torch.float64)
+    for step, step_logits in enumerate(logits):
+        live = torch.tensor([step < n for n in lengths])
+        if not live.any():
+            break
+        step_logits = step_logits.float()
+        token = tokens[:, step].to(step_logits.device).unsqueeze(-1)
+        logp = (step_logits.gather(-1, token).squeeze(-1) - step_logits.logsumexp(-1)).double().cpu()
+        totals += torch.where(live, logp, torch.zeros_like(logp))
+    return totals.float().tolist()
 
 
 def completion_logps(
