@@ -151,6 +151,18 @@ def test_lockstep_checks_and_unsupported_setups_are_refused_up_front():
             distributed.check_supported(sharded, use_peft=True)
 
 
+def test_the_paged_backend_is_refused_where_ranks_must_generate_in_step():
+    full = SimpleNamespace(state_dict_type="FULL_STATE_DICT")
+    for ok, gather in ((_accelerator(), True), (_accelerator(deepspeed=_zero(3)), True),
+                       (_accelerator(fsdp=full, num_processes=1), False)):  # fmt: skip
+        distributed.check_generation_backend(ok, "paged", gather)
+    distributed.check_generation_backend(_accelerator(fsdp=full), "generate", False)  # generate syncs the ranks
+    with pytest.raises(ValueError, match="cannot run under FSDP"):
+        distributed.check_generation_backend(_accelerator(fsdp=full), "paged", True)
+    with pytest.raises(ValueError, match="or set ds3_gather_for_generation=True"):
+        distributed.check_generation_backend(_accelerator(deepspeed=_zero(3)), "paged", False)
+
+
 def test_replicas_log_at_their_trainer_level(monkeypatch):
     import logging
 

@@ -4,14 +4,18 @@ import copy
 
 import pytest
 import torch
-from conftest import cream_args, tiny_llama
+from conftest import QUESTIONS, cream_args, perturbed, tiny_llama
+from datasets import load_from_disk
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
+from trl_cream import CreamTrainer
 from trl_cream.sampling import (
+    PAGED_CPU_CACHE_BYTES,
     generate_candidates,
     pad_pairs,
     pad_token_id,
+    paged_batching_config,
     sampling_generation_config,
     score_candidates,
     tokenize_prompts,
@@ -94,3 +98,99 @@ def test_generation_kwargs_and_the_config_fields_reach_the_sampler(tmp_path, tok
     assert (effective.top_k, effective.min_p, effective.repetition_penalty) == (4, 0.05, 1.3)
     assert effective.no_repeat_ngram_size == 3 and effective.suppress_tokens is None
     assert {"TopKLogitsWarper", "MinPLogitsWarper", "RepetitionPenaltyLogitsProcessor"} <= set(processors)
+
+
+def _greedy(tokenizer, max_new_tokens: int = 6, eos: list[int] | None = None) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos or [tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _lora_policy(model):
+    """A PEFT model whose adapter is far from the identity, so that it changes what is generated."""
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return peft_model
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_paged_and_generate_backends_agree_on_greedy_decoding(m0, tokenizer, prompts, use_lora):
+    model = _lora_policy(m0) if use_lora else m0
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:3])
+    config = _greedy(tokenizer)
+    common = dict(show_progress=False, batch_size=2)
+    padded = generate_candidates(model, tokenizer, prompt_ids, 2, config, backend="generate", **common)
+    paged = generate_candidates(model, tokenizer, prompt_ids, 2, config, backend="paged", **common)
+    assert paged == padded
+    assert [len(c) for c in paged] == [2, 2, 2] and all(len(seq) == 6 for c in paged for seq in c)
+    if use_lora:  # the adapter was active in both backends: the base model alone decodes something else
+        with model.disable_adapter():
+            base = generate_candidates(model, tokenizer, prompt_ids, 2, config, backend="paged", **common)
+        assert base != paged
+
+
+def test_paged_backend_cuts_each_candidate_at_its_first_stop_token(m0, tokenizer, prompts):
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:3])
+    free = generate_candidates(m0, tokenizer, prompt_ids, 1, _greedy(tokenizer, 8), show_progress=False)
+    stop = free[0][0][2]  # a token the first prompt's greedy answer emits third: declare it a stop token
+    config = _greedy(tokenizer, 8, eos=[tokenizer.eos_token_id, stop])
+    paged = generate_candidates(m0, tokenizer, prompt_ids, 2, config, backend="paged", show_progress=False)
+    padded = generate_candidates(m0, tokenizer, prompt_ids, 2, config, backend="generate", show_progress=False)
+    assert paged == padded
+    for cands, (reference,) in zip(paged, free, strict=True):
+        cut = reference.index(stop) + 1 if stop in reference else len(reference)
+        assert cands == [reference[:cut]] * 2  # ends at the first stop token, nothing after it
+
+
+def test_paged_backend_samples_n_candidates_per_prompt_reproducibly(m0, tokenizer, prompts, tmp_path):
+    args = cream_args(tmp_path, generation_backend="paged", max_new_tokens=5)
+    config = sampling_generation_config(args, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:4])
+
+    def sample(seed: int) -> list:
+        torch.manual_seed(seed)  # the engine's own sampler is seeded from torch's global generator
+        return generate_candidates(m0, tokenizer, prompt_ids, 3, config, backend="paged", show_progress=False)
+
+    candidates = sample(0)
+    assert len(candidates) == 4 and all(len(c) == 3 for c in candidates)
+    assert all(1 <= len(seq) <= 5 and all(isinstance(t, int) for t in seq) for c in candidates for seq in c)
+    assert len({tuple(seq) for c in candidates for seq in c}) > 4  # sampled, not N copies of one answer
+    assert sample(0) == candidates and sample(1) != candidates
+    with pytest.raises(ValueError, match="backend='vllm' is unknown"):
+        generate_candidates(m0, tokenizer, prompt_ids, 2, config, backend="vllm")
+
+
+def test_paged_cache_is_sized_to_the_workload_on_cpu(m0):
+    # transformers alone would size it to ~90 % of the machine's RAM on CPU (and take ~30 s to zero-fill it).
+    few = paged_batching_config(m0, [[1] * 10] * 6, max_new_tokens=20, seed=7)
+    assert (few.num_blocks, few.seed, few.max_batch_tokens) == (6, 7, 60)  # one 256-token page per sequence
+    # 2 layers x (K, V) x 2 kv heads x head dim 8 x float32 x 256 tokens = 32 KiB a block: 1 GiB holds 32768 blocks.
+    many = paged_batching_config(m0, [[1] * 700] * 20_000, max_new_tokens=768, seed=0)
+    assert (many.num_blocks, many.max_batch_tokens) == (PAGED_CPU_CACHE_BYTES // (2 * 2 * 2 * 8 * 4 * 256), 1024)
+    assert many.num_blocks < 20_000 * 6  # capped: the workload alone would need 6 pages per sequence
+
+
+def test_trainer_round_samples_through_the_paged_backend(tmp_path, m0, tokenizer, prompts, monkeypatch):
+    calls: list[int] = []
+    original = m0.generate_batch
+
+    def spy(inputs, **kwargs):
+        calls.append(len(inputs))
+        return original(inputs=inputs, **kwargs)
+
+    monkeypatch.setattr(m0, "generate_batch", spy)
+    monkeypatch.setattr(m0, "generate", lambda *a, **k: pytest.fail("the 'generate' backend was used"))
+    args = cream_args(tmp_path, generation_backend="paged", num_iterations=1, max_new_tokens=4)
+    CreamTrainer(
+        model=m0, ref_model=perturbed(m0), args=args, train_dataset=prompts, processing_class=tokenizer
+    ).train()
+    assert calls == [len(QUESTIONS) * args.num_generations]  # one call, every prompt x N at once
+    candidates = load_from_disk(str(tmp_path / "rounds" / "round_1" / "candidates"))
+    assert len(candidates) == len(QUESTIONS) * args.num_generations

@@ -194,6 +194,8 @@ def setup(accelerator: Any, args: Any, use_peft: bool) -> None:
     """Once, when the trainer is built: refuse unsupported sharded set-ups (`check_supported`) and log from the
     replicas at their Trainer level (``log_level_replica``, warnings by default), so round messages appear once."""
     check_supported(accelerator, use_peft)
+    backend = getattr(args, "generation_backend", "generate")
+    check_generation_backend(accelerator, backend, getattr(args, "ds3_gather_for_generation", True))
     if not args.should_log:
         logging.getLogger(__package__).setLevel(args.get_process_log_level())
 
@@ -227,6 +229,22 @@ def check_supported(accelerator: Any, use_peft: bool) -> None:
             f"FSDP `state_dict_type` is {getattr(fsdp, 'state_dict_type', None)}: M<k> would not be saved as a "
             "from_pretrained folder. Set `fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config "
             "(see examples/accelerate_configs/fsdp.yaml)."
+        )
+
+
+def check_generation_backend(accelerator: Any, backend: str, ds3_gather_for_generation: bool) -> None:
+    """Refuse ``generation_backend="paged"`` where a rank cannot generate on its own: under FSDP, or ZeRO-3 without
+    ``ds3_gather_for_generation``, every forward is a collective, and continuous batching (unlike ``generate``'s
+    ``synced_gpus``) does not keep the ranks in step, so the run would hang."""
+    if backend != "paged" or accelerator.state.num_processes < 2:
+        return
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if fsdp or (is_zero3(accelerator) and not ds3_gather_for_generation):
+        where = "FSDP" if fsdp else "DeepSpeed ZeRO-3 with ds3_gather_for_generation=False"
+        raise ValueError(
+            f"generation_backend='paged' cannot run under {where}: continuous batching does not keep the ranks' "
+            "sharded forwards in step. Use generation_backend='generate'"
+            + ("." if fsdp else ", or set ds3_gather_for_generation=True.")
         )
 
 
