@@ -242,7 +242,7 @@ class CreamTrainer(OnlineDPOTrainer):
         with _timed(timings, "score"):
             scores = self.score_round(t, prompt_ids, candidates)
         with _timed(timings, "pair"):
-            labels = label_round(scores, args.consistency_measure, args.consistency_granularity)
+            labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
             pairs = pairs_dataset(t, prompt_ids, candidates, scores, labels, args.ref_policy)
         metrics = {"round": t, "beta": self.beta, **labels.metrics}
         self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
