@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from . import adapters
+from . import adapters, reward_sources
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset, save_metrics, save_round
 from .cream_config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
@@ -61,6 +61,11 @@ class CreamTrainer(OnlineDPOTrainer):
         processing_class (`PreTrainedTokenizerBase`): the tokenizer.
         peft_config (`peft.PeftConfig`, *optional*): a LoRA config to wrap a base model with.
         callbacks, optimizers: as in [`~transformers.Trainer`]; a fresh optimizer is created for every round.
+        reward_model (`PreTrainedModel` or callable, *optional*): a sequence-classification reward model (one
+            label) or a TRL-style reward function, for `reward_source="reward_model"` (the Oracle baseline) or
+            `baseline_source="reward_model"`; with `reward_processing_class`, its tokenizer.
+        judge_model (`PreTrainedModel`, *optional*): the LLM-as-a-judge for `reward_source="judge"` (default: the
+            policy itself); with `judge_processing_class` (default: the policy's tokenizer).
     """
 
     _tag_names = ["trl", "cream", "online-dpo", "self-rewarding"]
@@ -83,9 +88,14 @@ class CreamTrainer(OnlineDPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
         sft_dataset: Dataset | None = None,
+        reward_model: PreTrainedModel | nn.Module | reward_sources.RewardFunction | None = None,
+        reward_processing_class: PreTrainedTokenizerBase | None = None,
+        judge_model: PreTrainedModel | nn.Module | None = None,
+        judge_processing_class: PreTrainedTokenizerBase | None = None,
     ) -> None:
         if not isinstance(args, CreamConfig):
             raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
+        reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
         validate_prompts(train_dataset, args.num_iterations)
         if isinstance(model, str):
             raise TypeError("Pass an instantiated model (M1), not a model id; load it with from_pretrained first.")
@@ -129,6 +139,11 @@ class CreamTrainer(OnlineDPOTrainer):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self._step_offset = 0
+        self.reward_model, self.reward_processing_class = reward_model, reward_processing_class
+        self.judge_model, self.judge_processing_class = judge_model, judge_processing_class
+        for extra in (reward_model, judge_model):
+            if isinstance(extra, nn.Module):
+                extra.to(self.accelerator.device).eval()
 
     # ---------------------------------------------------------------- parent fixes
     @property
@@ -325,7 +340,28 @@ class CreamTrainer(OnlineDPOTrainer):
                 with self._loaded_previous(t) as prev:
                     previous = score(prev, "π_t-1")
         lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
-        return RoundScores(policy=policy, initial=initial, previous=previous, lengths=lengths)
+        scores = RoundScores(policy=policy, initial=initial, previous=previous, lengths=lengths)
+        return self.add_external_rewards(scores, prompt_ids, candidates, desc=f"round {t}")
+
+    def add_external_rewards(
+        self, scores: RoundScores, prompt_ids: list[list[int]], candidates: list[list[list[int]]], desc: str = ""
+    ) -> RoundScores:
+        """Fill ``scores.reward`` / ``scores.baseline`` from a reward model or a judge (`reward_sources`)."""
+        args = self.args
+        if args.reward_source == "implicit" and args.baseline_source == "previous":
+            return scores
+        if getattr(self, "_prompt_lookup", None) is None:
+            self._prompt_lookup = reward_sources.prompt_lookup(self._tokenizer, self.prompts["prompt"])
+        model = self.accelerator.unwrap_model(self.model)
+        scores.reward, scores.baseline, scores.reward_metrics = reward_sources.external_rewards(
+            args.reward_source, args.baseline_source,
+            reward_sources.recover_prompts(self._prompt_lookup, prompt_ids, self._tokenizer),
+            [self._tokenizer.batch_decode(c, skip_special_tokens=True) for c in candidates],
+            model, self._tokenizer, self.reward_model, self.reward_processing_class, self.judge_model,
+            self.judge_processing_class, args.judge_max_new_tokens, args.scoring_batch_size, args.max_length,
+            show_progress=self.accelerator.is_local_main_process,
+        )  # fmt: skip
+        return scores
 
     @contextmanager
     def _on_device(self, model: nn.Module) -> Iterator[nn.Module]:
