@@ -267,6 +267,7 @@ def test_write_report(tmp_path: Path) -> None:
     assert EvaluationResults.from_dict(data) == results  # the JSON holds everything
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown == render_markdown(results) == render_markdown(data)
+
     def se(p: float) -> float:  # binomial standard error in points, n = 100
         return 100 * math.sqrt(p * (1 - p) / 100)
 

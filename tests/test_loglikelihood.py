@@ -15,7 +15,12 @@ from trl_cream.evaluation import binomial_stderr, evaluate_loglikelihood, run_ev
 from trl_cream.evaluation.loglikelihood import MC_CONTEXT, mc_requests, resolve_modes
 
 ROWS = [
-    {"question": "Which is a mammal?", "choices": ["whale", "shark", "a large tuna fish"], "answer": "A", "kind": "mc"},
+    {
+        "question": "Which is a mammal?",
+        "choices": ["whale", "shark", "a large tuna fish"],
+        "answer": "A",
+        "kind": "mc",
+    },
     {"question": "Plants make food from?", "choices": ["rock", "sunlight and water"], "answer": "B", "kind": "mc"},
     {"question": "Rain comes from?", "choices": ["clouds", "trees", "rocks", "fish"], "answer": "A", "kind": "mc"},
     {"question": "What is 3 plus 4?", "choices": ["7", "8", "12", "34"], "answer": "A", "kind": "mc"},
@@ -99,7 +104,9 @@ def test_bad_rows_and_modes_are_rejected(tok):
 
 def test_run_evaluation_mixes_modes_and_reports_stderr(tok, tmp_path: Path):
     checkpoints = {"M0": tiny_llama(tok, 0).eval(), "M1": tiny_llama(tok, 1).eval()}
-    gsm = [{"task": "gsm8k", "prompt": "What is 2+2?", "answer": "4", "kind": "gsm8k", "num_choices": 0, "choices": []}]
+    gsm = [
+        {"task": "gsm8k", "prompt": "What is 2+2?", "answer": "4", "kind": "gsm8k", "num_choices": 0, "choices": []}
+    ]
     sets = {"mc": Dataset.from_list(ROWS), "gsm8k": Dataset.from_list(gsm)}
     results = run_evaluation(
         checkpoints, sets, None, tmp_path, tok, max_new_tokens=3, eval_mode="loglikelihood", show_progress=False
@@ -107,7 +114,9 @@ def test_run_evaluation_mixes_modes_and_reports_stderr(tok, tmp_path: Path):
     assert results.accuracy["M1"]["mc"].mode == "loglikelihood" and results.accuracy["M1"]["gsm8k"].mode == "generate"
     assert results.settings["num_questions"] == {"mc": 4, "gsm8k": 1}
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["accuracy"]["M0"]["mc"]["stderr"] == pytest.approx(binomial_stderr(data["accuracy"]["M0"]["mc"]["accuracy"], 4))
+    assert data["accuracy"]["M0"]["mc"]["stderr"] == pytest.approx(
+        binomial_stderr(data["accuracy"]["M0"]["mc"]["accuracy"], 4)
+    )
     markdown = (tmp_path / "results.md").read_text()
     assert "mc: 4 questions, option log-likelihood" in markdown and "gsm8k: 1 questions, greedy" in markdown
     assert "Table 1b" in markdown and " ± " in markdown

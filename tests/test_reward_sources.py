@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUESTIONS, cream_args, perturbed, tiny_llama
+from conftest import QUESTIONS, cream_args, perturbed
 from datasets import load_from_disk
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -52,7 +52,9 @@ def test_sequence_classification_reward_model_matches_a_direct_forward(tokenizer
     assert scores.shape == (2, 3)
     for j, prompt in enumerate(PROMPTS):
         for i, completion in enumerate(COMPLETIONS[j]):
-            text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [*prompt, {"role": "assistant", "content": completion}], tokenize=False
+            )
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
             with torch.no_grad():
                 expected = rm(**ids).logits[0, 0].item()
@@ -91,7 +93,9 @@ def test_judge_counts_parse_failures_and_ties(tokenizer, monkeypatch):
 
 
 def test_judge_with_a_real_tiny_model_runs_and_scores_every_candidate(tokenizer, m0):
-    scores, metrics, judgements = judge_scores(m0, tokenizer, PROMPTS, COMPLETIONS, max_new_tokens=4, show_progress=False)
+    scores, metrics, judgements = judge_scores(
+        m0, tokenizer, PROMPTS, COMPLETIONS, max_new_tokens=4, show_progress=False
+    )
     assert scores.shape == (2, 3) and len(judgements) == 6
     parsed = [parse_judge_score(j) for j in judgements]
     assert metrics["judge_parse_failures"] == sum(p is None for p in parsed)
@@ -140,7 +144,9 @@ def test_reward_model_source_forms_pairs_from_its_scores(tmp_path, m0, tokenizer
         prompt = [{"role": "user", "content": json.loads(rows[0]["prompt"])[0]["content"]}]
         expected = reward_model_scores(rm, tokenizer, [prompt], [[r["completion"] for r in rows]], show_progress=False)
         assert [r["reward"] for r in rows] == pytest.approx(expected[0].tolist(), abs=1e-5)  # r is the RM score
-        assert pair["chosen_index"] == int(expected[0].argmax()) and pair["rejected_index"] == int(expected[0].argmin())
+        assert pair["chosen_index"] == int(expected[0].argmax()) and pair["rejected_index"] == int(
+            expected[0].argmin()
+        )
         # The DPO reference is still the round-start policy's log-prob, not the reward model's.
         assert pair["ref_chosen_logps"] == pytest.approx(rows[pair["chosen_index"]]["logp_policy"])
     assert "reward_model_score_mean" in metrics

@@ -48,7 +48,9 @@ def baseline_rewards(
         round1_baseline (`str`, *optional*, defaults to `"mean_logp"`): ``"mean_logp"`` or ``"sum_logp"``.
     """
     if round1_baseline not in ROUND1_BASELINES:
-        raise ValueError(f"round1_baseline={round1_baseline!r} is unknown; choose one of {', '.join(ROUND1_BASELINES)}.")
+        raise ValueError(
+            f"round1_baseline={round1_baseline!r} is unknown; choose one of {', '.join(ROUND1_BASELINES)}."
+        )
     if previous_logps is not None:
         return implicit_rewards(previous_logps, initial_logps)
     if round1_baseline == "sum_logp":

@@ -68,9 +68,7 @@ def resolve_modes(
     return modes
 
 
-def _encode_pair(
-    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
-) -> tuple[list[int], list[int]]:
+def _encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation ids such that ``context + continuation`` tokenizes as their concatenation.
 
     As in lm-evaluation-harness, the whole string is encoded and split after the context's tokens, so a word that
@@ -169,7 +167,9 @@ def _continuation_logps(
     index = torch.tensor([b for b, _ in continuations], device=device)
     cache = out.past_key_values
     cache.batch_select_indices(index)
-    cont_ids, cont_mask = sampling.pad_pairs([[]] * len(continuations), [c for _, c in continuations], pad_id, device)[2:]
+    cont_ids, cont_mask = sampling.pad_pairs([[]] * len(continuations), [c for _, c in continuations], pad_id, device)[
+        2:
+    ]
     mask = torch.cat([ctx_mask[index], cont_mask], dim=1)
     cont_positions = ctx_mask.sum(-1)[index].unsqueeze(-1) + torch.arange(cont_ids.shape[1], device=device)
     logits = model(

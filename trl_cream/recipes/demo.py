@@ -110,7 +110,9 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     out = Path(args.output_dir)
     start = time.perf_counter()
     model_path = demo.model or str(assets.smollm2_model_dir())
-    data = demo_data.build_demo_datasets(demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed)
+    data = demo_data.build_demo_datasets(
+        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed
+    )
     _timed(timings, "assets_and_data", start)
     print(f"[demo] M0 = {model_path}\n[demo] data: {data.summary()}", flush=True)
 
