@@ -1,4 +1,5 @@
-"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations) and `demo`.
+"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations), `demo` and
+`study` (SRLM vs CREAM over seeds).
 
 Every subcommand is parsed by TRL's `TrlParser`, so `--config file.yaml` sets any field and command-line flags
 override the file, as with `trl sft`/`trl dpo`.
@@ -14,7 +15,7 @@ from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-USAGE = """usage: trl-cream {train,eval,demo} [--config FILE.yaml] [--field value ...]
+USAGE = """usage: trl-cream {train,eval,demo,study} [--config FILE.yaml] [--field value ...]
 
 CREAM: Consistency Regularized Self-Rewarding Language Models (ICLR 2025) on Hugging Face TRL.
 
@@ -22,6 +23,7 @@ commands:
   train   SFT stage (optional) + CREAM rounds from a model, prompts and CreamConfig fields
   eval    accuracy of saved iterations (Table 1) and ranking consistency between them (Table 2)
   demo    the offline end-to-end demo: SmolLM2-135M, M0 -> M1 -> M2 -> M3, then Table 1 and Table 2
+  study   SRLM vs CREAM from one shared M1 over seeds: Table 1/2 with mean ± std and standard errors
 
 Run `trl-cream <command> --help` for every option of a command.
 """
@@ -260,7 +262,22 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main}
+def study_main(argv: list[str]) -> int:
+    import torch
+    from trl import TrlParser
+
+    from . import CreamConfig
+    from .recipes.study import StudyArguments, run_study, study_defaults
+
+    parser = TrlParser((StudyArguments, CreamConfig), prog="trl-cream study")
+    size, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # the preset's N as a default
+    parser.set_defaults(**study_defaults(size.size), use_cpu=not torch.cuda.is_available())
+    study, args = parser.parse_args_and_config(argv)
+    run_study(study, args)
+    return 0
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main, "study": study_main}
 
 
 def main(argv: list[str] | None = None) -> int:

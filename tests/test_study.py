@@ -1,0 +1,88 @@
+"""`trl-cream study` end to end at its smallest size: one shared M1, SRLM and CREAM over two seeds, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cream_args, tiny_llama, tiny_tokenizer
+
+from trl_cream.recipes.study import STUDY_SIZES, StudyArguments, run_study
+from trl_cream.recipes.study_report import compare
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(root / "m0")
+    tokenizer.save_pretrained(root / "m0")
+    args = cream_args(
+        root / "out", num_generations=STUDY_SIZES["tiny"]["num_generations"], sft_num_train_epochs=1.0,
+        sft_learning_rate=1e-2, sft_max_length=256, max_length=256,
+    )  # fmt: skip
+    study = StudyArguments(size="tiny", model=str(root / "m0"), seeds=[0, 1], lora_r=4)
+    return run_study(study, args), root / "out"
+
+
+def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
+    results, out = study_run
+    # SFT ran once: one M1, and every run's M1 is that adapter (no per-run SFT).
+    assert (out / "M1" / "adapter_model.safetensors").exists()
+    m1 = (out / "M1" / "adapter_model.safetensors").read_bytes()
+    for method in ("srlm", "cream"):
+        for seed in (0, 1):
+            run = out / method / f"seed{seed}"
+            assert (run / "M1" / "adapter_model.safetensors").read_bytes() == m1
+            assert (run / "M2" / "adapter_model.safetensors").exists() and (run / "M3").is_dir()
+            rounds = results["rounds"][method][str(seed)]
+            assert [r["round"] for r in rounds] == [1, 2]
+    # SRLM trains with C = 1 (no consistency weighting), CREAM with its measured C.
+    assert all(r["consistency"] == 1.0 for s in results["rounds"]["srlm"].values() for r in s)
+
+    table1 = results["summary"]["table1"]
+    assert {"M0", "M1", "srlm M2", "srlm M3", "cream M2", "cream M3"} <= set(table1)
+    for row in table1.values():
+        assert {"arc_easy", "openbookqa", "siqa", "Average"} <= set(row)
+        assert row["arc_easy"]["n"] == STUDY_SIZES["tiny"]["eval_mc"]
+        assert 0 <= row["Average"]["mean"] <= 1 and row["arc_easy"]["stderr"] > 0
+    assert table1["cream M2"]["Average"]["num_seeds"] == 2
+    for method in ("srlm", "cream"):
+        for pair in ("M2 vs M1", "M3 vs M2"):
+            c = results["summary"]["table2"][method][pair]["consistency"]
+            assert 0 <= c["mean"] <= 1 and c["num_seeds"] == 2
+        for kind in ("mean_logp", "sum_logp"):
+            assert 0 <= results["summary"]["round1_baseline"][method][kind]["mean"] <= 1
+    quantities = [row["quantity"] for row in results["summary"]["comparison"]]
+    assert "average accuracy M3 (%)" in quantities and "C M3 vs M2" in quantities
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["seeds"] == [0, 1] and saved["settings"]["num_held_out_prompts"] == 2
+    markdown = (out / "results.md").read_text()
+    for heading in ("Table 1", "Table 2", "CREAM vs SRLM", "Round-1 baseline"):
+        assert heading in markdown
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_comparison_is_judged_against_the_seed_spread():
+    def stat(mean, std):
+        return {"mean": mean, "std": std, "num_seeds": 3, "stderr": 0.01}
+
+    table2 = {
+        m: {p: {"consistency": stat(c, 0.01), "kendall_tau": stat(2 * c - 1, 0.02)} for p in ("M2 vs M1", "M3 vs M2")}
+        for m, c in (("cream", 0.80), ("srlm", 0.70))
+    }
+    table1 = {"cream M2": {"Average": stat(0.400, 0.05)}, "srlm M2": {"Average": stat(0.390, 0.05)}}
+    rows = {row["quantity"]: row for row in compare(table1, table2)}
+    assert rows["C M2 vs M1"]["difference"] == pytest.approx(0.10)
+    assert rows["C M2 vs M1"]["seed_spread"] == pytest.approx((2 * 0.01**2 / 3) ** 0.5)
+    assert rows["C M2 vs M1"]["verdict"].startswith("CREAM higher")
+    assert "within seed noise" in rows["average accuracy M2 (%)"]["verdict"]
+
+
+def test_bad_study_arguments_fail_before_any_work(tmp_path):
+    args = cream_args(tmp_path)
+    with pytest.raises(ValueError, match="methods"):
+        run_study(StudyArguments(size="tiny", model="unused", methods=["dpo"]), args)
+    with pytest.raises(ValueError, match="seeds"):
+        run_study(StudyArguments(size="tiny", model="unused", seeds=[1, 1]), args)
