@@ -52,7 +52,14 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
             c = results["summary"]["table2"][method][pair]["consistency"]
             assert 0 <= c["mean"] <= 1 and c["num_seeds"] == 2
         for kind in ("mean_logp", "sum_logp"):
-            assert 0 <= results["summary"]["round1_baseline"][method][kind]["mean"] <= 1
+            round1 = results["summary"]["round1_baseline"][method][kind]
+            assert 0 <= round1["consistency"]["mean"] <= 1 and -1 <= round1["kendall_tau"]["mean"] <= 1
+            per_run = results["round1_baseline"][method]["0"][kind]
+            assert per_run["consistency"] == pytest.approx((per_run["kendall_tau"] + 1) / 2)
+        # The trainer ranked round 1 with the default mean_logp baseline: its own τ is the study's recomputation.
+        for seed in ("0", "1"):
+            trainer_tau = results["rounds"][method][seed][0]["kendall_tau_mean"]
+            assert trainer_tau == pytest.approx(results["round1_baseline"][method][seed]["mean_logp"]["kendall_tau"])
     quantities = [row["quantity"] for row in results["summary"]["comparison"]]
     assert "average accuracy M3 (%)" in quantities and "C M3 vs M2" in quantities
 

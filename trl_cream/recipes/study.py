@@ -130,7 +130,8 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     start = time.perf_counter()
     data = demo_data.build_demo_datasets(
         demo_data.DemoSizes(
-            sft_mc=sizes["sft_mc"], sft_chat=sizes["sft_chat"], prompts=sizes["prompts"] + sizes["consistency_prompts"],
+            sft_mc=sizes["sft_mc"], sft_chat=sizes["sft_chat"],
+            prompts=sizes["prompts"] + sizes["consistency_prompts"],
             eval_mc=sizes["eval_mc"], eval_gsm8k=1,  # GSM8K is not a study task (~0 % at 135M)
         ),
         seed=0,

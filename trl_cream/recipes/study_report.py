@@ -77,7 +77,8 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
     }
     round1 = {
         method: {
-            kind: _mean_std([r[kind]["consistency"] for r in seeds.values()]) for kind in ("mean_logp", "sum_logp")
+            kind: {key: _mean_std([r[kind][key] for r in seeds.values()]) for key in ("consistency", "kendall_tau")}
+            for kind in ("mean_logp", "sum_logp")
         }
         for method, seeds in results["round1_baseline"].items()
     }
@@ -87,8 +88,10 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
 def _verdict(diff: float, spread: float) -> str:
     if not math.isfinite(diff):
         return "not measured"
-    if not spread or not math.isfinite(spread):
-        return "no seed spread to compare against (one seed?)"
+    if not math.isfinite(spread):
+        return "no seed spread to compare against (one seed per method?)"
+    if spread == 0:
+        return "identical" if diff == 0 else "differs, with no spread over seeds"
     ratio = abs(diff) / spread
     if ratio < 2:
         return f"within seed noise (|Δ| = {ratio:.1f} × the spread)"
@@ -120,7 +123,8 @@ def compare(table1: Mapping[str, Any], table2: Mapping[str, Any]) -> list[dict[s
         )
     for pair in PAIRS:
         for key, label in TABLE2_METRICS[:2]:
-            add(f"{label} {pair}", table2.get("cream", {}).get(pair, {}).get(key), table2.get("srlm", {}).get(pair, {}).get(key))
+            cream, srlm = (table2.get(m, {}).get(pair, {}).get(key) for m in ("cream", "srlm"))
+            add(f"{label} {pair}", cream, srlm)
     return rows
 
 
@@ -162,16 +166,26 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         for method, pairs in summary["table2"].items():
             cells = [_fmt(pairs.get(pair, {}).get(key)) for key, _ in TABLE2_METRICS]
             lines.append(f"| {pair} | {method.upper()} | " + " | ".join(cells) + " |")
-    lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |", "|---" * 6 + "|"]
+    lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |"]
+    lines += ["|---" * 6 + "|"]
     for row in summary["comparison"]:
         lines.append(
             f"| {row['quantity']} | {row['cream']:.3f} | {row['srlm']:.3f} | {row['difference']:+.3f} | "
             f"{row['seed_spread']:.3f} | {row['verdict']} |"
         )
-    lines += ["", "## Round-1 baseline: C of round 1's ranking against π_0's likelihood (mean ± std over seeds)", ""]
-    lines += ["| Method | mean_logp (length-normalised) | sum_logp (summed) |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Round-1 baseline: round 1's ranking (r = log π_1 − log π_0) against π_0's likelihood",
+        "",
+        "Computed from the same round-1 candidates and scores of every run; mean ± std over seeds.",
+        "",
+        "| Method | C, mean_logp (length-normalised) | τ, mean_logp | C, sum_logp (summed) | τ, sum_logp |",
+        "|---|---|---|---|---|",
+    ]
     for method, kinds in summary["round1_baseline"].items():
-        lines.append(f"| {method.upper()} | {_fmt(kinds['mean_logp'])} | {_fmt(kinds['sum_logp'])} |")
+        keys = ("consistency", "kendall_tau")
+        cells = [_fmt(kinds[kind][key]) for kind in ("mean_logp", "sum_logp") for key in keys]
+        lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time per phase (s): {results.get('timings', {})}", ""]
     return "\n".join(lines)
 
@@ -188,10 +202,10 @@ def plot_study(results: Mapping[str, Any], path: Path) -> Path:
         names = ["M0", "M1", f"{method} M2", f"{method} M3"]
         stats = [summary["table1"].get(n, {}).get("Average") for n in names]
         xs = [i for i, s in enumerate(stats) if s]
+        errors = [100 * max(stats[i]["std"], stats[i]["stderr"]) for i in xs]
         acc_axes.errorbar(
-            xs, [100 * stats[i]["mean"] for i in xs], yerr=[100 * max(stats[i]["std"], stats[i]["stderr"]) for i in xs],
-            marker="o", capsize=3, label=method.upper(),
-        )  # fmt: skip
+            xs, [100 * stats[i]["mean"] for i in xs], yerr=errors, marker="o", capsize=3, label=method.upper()
+        )
         pairs = summary["table2"].get(method, {})
         cs = [pairs.get(p, {}).get("consistency", {}) for p in PAIRS]
         c_axes.errorbar(
