@@ -139,11 +139,9 @@ class CreamTrainer(OnlineDPOTrainer):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self._step_offset = 0
-        self.reward_model, self.reward_processing_class = reward_model, reward_processing_class
-        self.judge_model, self.judge_processing_class = judge_model, judge_processing_class
-        for extra in (reward_model, judge_model):
-            if isinstance(extra, nn.Module):
-                extra.to(self.accelerator.device).eval()
+        self.reward_models = reward_sources.ExternalRewards(
+            reward_model, reward_processing_class, judge_model, judge_processing_class, self.accelerator.device
+        )
 
     # ---------------------------------------------------------------- parent fixes
     @property
@@ -341,27 +339,7 @@ class CreamTrainer(OnlineDPOTrainer):
                     previous = score(prev, "π_t-1")
         lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
         scores = RoundScores(policy=policy, initial=initial, previous=previous, lengths=lengths)
-        return self.add_external_rewards(scores, prompt_ids, candidates, desc=f"round {t}")
-
-    def add_external_rewards(
-        self, scores: RoundScores, prompt_ids: list[list[int]], candidates: list[list[list[int]]], desc: str = ""
-    ) -> RoundScores:
-        """Fill ``scores.reward`` / ``scores.baseline`` from a reward model or a judge (`reward_sources`)."""
-        args = self.args
-        if args.reward_source == "implicit" and args.baseline_source == "previous":
-            return scores
-        if getattr(self, "_prompt_lookup", None) is None:
-            self._prompt_lookup = reward_sources.prompt_lookup(self._tokenizer, self.prompts["prompt"])
-        model = self.accelerator.unwrap_model(self.model)
-        scores.reward, scores.baseline, scores.reward_metrics = reward_sources.external_rewards(
-            args.reward_source, args.baseline_source,
-            reward_sources.recover_prompts(self._prompt_lookup, prompt_ids, self._tokenizer),
-            [self._tokenizer.batch_decode(c, skip_special_tokens=True) for c in candidates],
-            model, self._tokenizer, self.reward_model, self.reward_processing_class, self.judge_model,
-            self.judge_processing_class, args.judge_max_new_tokens, args.scoring_batch_size, args.max_length,
-            show_progress=self.accelerator.is_local_main_process,
-        )  # fmt: skip
-        return scores
+        return reward_sources.add_external_rewards(self, scores, prompt_ids, candidates)
 
     @contextmanager
     def _on_device(self, model: nn.Module) -> Iterator[nn.Module]:

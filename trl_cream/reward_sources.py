@@ -12,7 +12,8 @@ previous checkpoint's. The paper's comparisons swap either reward:
   against (Table 3's "Oracle" BRM), instead of ``π_{t−1}``.
 
 Pairs always come from the chosen ``r``; the DPO reference log-probs stay those of the configured reference.
-The functions here are free of trainer state: the trainer decodes its candidates and calls `external_rewards`.
+The functions here are free of trainer state except `add_external_rewards`, the trainer's one call-out from
+``score_round``: it decodes the round's candidates and calls `external_rewards`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -272,3 +274,43 @@ def recover_prompts(
 ) -> list[Any]:
     """The prompts behind ``prompt_ids`` (via `prompt_lookup`), or their decoded text when one is not found."""
     return [lookup.get(tuple(ids), tokenizer.decode(ids, skip_special_tokens=True)) for ids in prompt_ids]
+
+
+@dataclass
+class ExternalRewards:
+    """The reward model and judge handed to the trainer, put on ``device`` in eval mode (models only)."""
+
+    reward_model: torch.nn.Module | RewardFunction | None = None
+    reward_tokenizer: PreTrainedTokenizerBase | None = None
+    judge_model: torch.nn.Module | None = None
+    judge_tokenizer: PreTrainedTokenizerBase | None = None
+    device: torch.device | str | None = None
+    prompt_lookup: dict[tuple[int, ...], Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for model in (self.reward_model, self.judge_model):
+            if isinstance(model, torch.nn.Module):
+                (model.to(self.device) if self.device is not None else model).eval()
+
+
+def add_external_rewards(
+    trainer: Any, scores: Any, prompt_ids: list[list[int]], candidates: list[list[list[int]]]
+) -> Any:
+    """Fill ``scores.reward`` / ``scores.baseline`` of a `CreamTrainer` round from its reward model or judge.
+
+    A no-op for the implicit reward with the previous-checkpoint baseline. The prompts are recovered from their
+    token ids through the trainer's prompt dataset (the reward model and the judge see the original text).
+    """
+    args, setup, tokenizer = trainer.args, trainer.reward_models, trainer._tokenizer
+    if args.reward_source == "implicit" and args.baseline_source == "previous":
+        return scores
+    if setup.prompt_lookup is None:
+        setup.prompt_lookup = prompt_lookup(tokenizer, trainer.prompts["prompt"])
+    scores.reward, scores.baseline, scores.reward_metrics = external_rewards(
+        args.reward_source, args.baseline_source, recover_prompts(setup.prompt_lookup, prompt_ids, tokenizer),
+        [tokenizer.batch_decode(c, skip_special_tokens=True) for c in candidates],
+        trainer.accelerator.unwrap_model(trainer.model), tokenizer, setup.reward_model, setup.reward_tokenizer,
+        setup.judge_model, setup.judge_tokenizer, args.judge_max_new_tokens, args.scoring_batch_size, args.max_length,
+        show_progress=trainer.accelerator.is_local_main_process,
+    )  # fmt: skip
+    return scores
