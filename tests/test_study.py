@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import cream_args, tiny_llama, tiny_tokenizer
 
 from trl_cream.recipes.study import STUDY_SIZES, StudyArguments, run_study
@@ -21,7 +22,8 @@ def study_run(tmp_path_factory):
         root / "out", num_generations=STUDY_SIZES["tiny"]["num_generations"], sft_num_train_epochs=1.0,
         sft_learning_rate=1e-2, sft_max_length=256, max_length=256,
     )  # fmt: skip
-    study = StudyArguments(size="tiny", model=str(root / "m0"), seeds=[0, 1], lora_r=4)
+    tasks = ["arc_easy", "openbookqa"]
+    study = StudyArguments(size="tiny", model=str(root / "m0"), seeds=[0, 1], tasks=tasks, lora_r=4)
     return run_study(study, args), root / "out"
 
 
@@ -43,7 +45,7 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
     table1 = results["summary"]["table1"]
     assert {"M0", "M1", "srlm M2", "srlm M3", "cream M2", "cream M3"} <= set(table1)
     for row in table1.values():
-        assert {"arc_easy", "openbookqa", "siqa", "Average"} <= set(row)
+        assert set(row) == {"arc_easy", "openbookqa", "Average"}
         assert row["arc_easy"]["n"] == STUDY_SIZES["tiny"]["eval_mc"]
         assert 0 <= row["Average"]["mean"] <= 1 and row["arc_easy"]["stderr"] > 0
     assert table1["cream M2"]["Average"]["num_seeds"] == 2
@@ -93,3 +95,20 @@ def test_bad_study_arguments_fail_before_any_work(tmp_path):
         run_study(StudyArguments(size="tiny", model="unused", methods=["dpo"]), args)
     with pytest.raises(ValueError, match="seeds"):
         run_study(StudyArguments(size="tiny", model="unused", seeds=[1, 1]), args)
+
+
+def test_merged_lora_checkpoint_scores_like_the_adapter(tokenizer, m0):
+    """The study evaluates accuracy on merged copies of its LoRA checkpoints: same option log-probs, faster."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from trl_cream.evaluation.loglikelihood import score_options
+
+    rows = [{"question": q, "choices": ["yes", "no", "maybe so"], "answer": "A"} for q in ("Is it?", "Why not?")]
+    model = get_peft_model(copy.deepcopy(m0), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    adapter = torch.tensor(score_options(model.eval(), tokenizer, rows, show_progress=False))
+    merged = torch.tensor(score_options(model.merge_and_unload(), tokenizer, rows, show_progress=False))
+    base = torch.tensor(score_options(m0.eval(), tokenizer, rows, show_progress=False))
+    torch.testing.assert_close(merged, adapter, atol=1e-4, rtol=1e-5)
+    assert (base - adapter).abs().max() > 1e-2  # the adapter does change the scores

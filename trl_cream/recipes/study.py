@@ -69,8 +69,12 @@ class StudyArguments:
         default_factory=lambda: ["srlm", "cream"], metadata={"help": "Methods to compare: srlm and/or cream."}
     )
     tasks: list[str] = field(
-        default_factory=lambda: ["arc_easy", "openbookqa", "siqa"],
-        metadata={"help": "Multiple-choice tasks (ARC-Challenge is at chance for a 135M model; GSM8K at ~0 %)."},
+        default_factory=lambda: ["arc_easy", "siqa"],
+        metadata={
+            "help": "Multiple-choice tasks among arc_easy, arc_challenge, openbookqa, siqa. Default: the two where "
+            "SmolLM2-135M is clearly above chance by option log-likelihood (ARC-Challenge is at chance, OpenBookQA "
+            "below it in acc); each task adds ~1/3 to the evaluation time."
+        },
     )
     eval_mode: str = field(
         default="loglikelihood",
@@ -200,23 +204,27 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
         keys = ("accuracy", "stderr", "n", "accuracy_norm", "stderr_norm", "mode")
         return {task: {k: getattr(r, k) for k in keys} for task, r in results.items()}
 
+    def merged(model: torch.nn.Module) -> torch.nn.Module:
+        """A LoRA checkpoint with its adapter merged into its own copy of the base: the same function, faster."""
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
     steps = 2 + 2 * len(runs) + (2 * len(runs) if held_out else 0)
     bar = tqdm(total=steps, desc="study: evaluation")
+    spent = {"accuracy_s": 0.0, "consistency_s": 0.0}
+    clock = time.perf_counter()
     acc: dict[str, Any] = {"M0": accuracy(base.eval(), "M0")}
     bar.update()
-    m1 = load_checkpoint(m1_dir, base=base, device=device)
-    acc["M1"] = accuracy(m1, "M1")
+    acc["M1"] = accuracy(merged(load_checkpoint(m1_dir, base=base, device=device)), "M1")
+    spent["accuracy_s"] += time.perf_counter() - clock
     bar.update()
+    m1 = load_checkpoint(m1_dir, base=base, device=device)  # unmerged: Table 2 scores π_0 with the adapter disabled
     per_run_acc: dict[str, dict[str, Any]] = {m: {} for m in study.methods}
     consistency: dict[str, dict[str, Any]] = {m: {} for m in study.methods}
     for method, seed in runs:
         run_dir = out / method / f"seed{seed}"
         models = {"M1": m1, **{k: load_checkpoint(run_dir / k, base=base, device=device) for k in ("M2", "M3")}}
-        per_run_acc[method][str(seed)] = {}
-        for name in ("M2", "M3"):
-            per_run_acc[method][str(seed)][name] = accuracy(models[name], f"{method}/{seed}/{name}")
-            bar.update()
         consistency[method][str(seed)] = {}
+        clock = time.perf_counter()
         for new, old in (("M2", "M1"), ("M3", "M2")) if held_out else ():
             stats = ranking_consistency(
                 models[new], models[old], None, tokenizer, held_out, args.num_generations, sampling_config,
@@ -226,10 +234,18 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
             stats.pop("per_prompt", None)
             consistency[method][str(seed)][f"{new} vs {old}"] = stats
             bar.update()
+        spent["consistency_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        per_run_acc[method][str(seed)] = {}
+        for name in ("M2", "M3"):
+            per_run_acc[method][str(seed)][name] = accuracy(merged(models.pop(name)), f"{method}/{seed}/{name}")
+            bar.update()
+        spent["accuracy_s"] += time.perf_counter() - clock
         del models
         gc.collect()
     bar.close()
     timings["evaluation_s"] = round(time.perf_counter() - start, 1)
+    timings.update({k: round(v, 1) for k, v in spent.items()})
 
     settings = {
         "size": study.size, **sizes, "model": model_path, "seeds": study.seeds, "methods": study.methods,
