@@ -112,3 +112,15 @@ def test_merged_lora_checkpoint_scores_like_the_adapter(tokenizer, m0):
     base = torch.tensor(score_options(m0.eval(), tokenizer, rows, show_progress=False))
     torch.testing.assert_close(merged, adapter, atol=1e-4, rtol=1e-5)
     assert (base - adapter).abs().max() > 1e-2  # the adapter does change the scores
+
+
+def test_study_command_takes_the_size_preset_n_unless_given(monkeypatch):
+    import trl_cream.recipes.study as study_module
+    from trl_cream import cli
+
+    seen = []
+    monkeypatch.setattr(study_module, "run_study", lambda study, args: seen.append((study.size, args.num_generations)))
+    assert cli.main(["study", "--size", "tiny", "--output_dir", "unused"]) == 0
+    assert cli.main(["study", "--size", "large", "--num_generations", "3", "--output_dir", "unused"]) == 0
+    assert cli.main(["study", "--output_dir", "unused"]) == 0
+    assert seen == [("tiny", 2), ("large", 3), ("default", STUDY_SIZES["default"]["num_generations"])]

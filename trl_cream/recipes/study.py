@@ -15,6 +15,7 @@ import copy
 import gc
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ METHODS: dict[str, str] = {"srlm": "none", "cream": "kendall"}  # method -> cons
 # Sizes of the study. `default` is the CPU run; `tiny` is the CI smoke size (use it with a tiny --model); `large`
 # is for a GPU. `prompts` are the training prompts of one run over all its rounds; `eval_mc` the questions per
 # multiple-choice task; `consistency_prompts` the held-out prompts of Table 2 (the same for every run).
+# Cost of `default` with SmolLM2-135M, measured as CPU time of one thread (2 CPU cores shared with other jobs; a probe
+# of SFT + one run + the option scorer): SFT (80 rows, 2 epochs) ~4 min once; a run's two rounds of 8 prompts x 4
+# candidates ~2.2 min (x 6 runs); option log-likelihood ~0.25 s per question, so 2 tasks x 200 questions ~1.7 min per
+# checkpoint (x 14: M0, M1 and M2, M3 of every run); Table 2, 8 held-out prompts x 4 candidates scored three times,
+# ~0.7 min per pair (x 12). About 50 CPU-minutes in all: ~25-30 min on 2 free cores with torch's 2 threads.
 STUDY_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(sft_mc=8, sft_chat=0, prompts=4, eval_mc=6, consistency_prompts=2, num_generations=2),
     "default": dict(sft_mc=72, sft_chat=8, prompts=16, eval_mc=200, consistency_prompts=8, num_generations=4),
@@ -246,6 +252,8 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     bar.close()
     timings["evaluation_s"] = round(time.perf_counter() - start, 1)
     timings.update({k: round(v, 1) for k, v in spent.items()})
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the wall times would be on free cores
+    timings["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
 
     settings = {
         "size": study.size, **sizes, "model": model_path, "seeds": study.seeds, "methods": study.methods,
@@ -253,6 +261,7 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
         "num_iterations": args.num_iterations, "learning_rate": args.learning_rate, "beta": args.beta,
         "round1_baseline": args.round1_baseline, "consistency_seed": 1234, "sft": sft_metrics,
         "num_train_prompts": len(train_prompts), "num_held_out_prompts": len(held_out),
+        "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     results = {
         "settings": settings, "accuracy": {"shared": acc, "runs": per_run_acc}, "consistency": consistency,
