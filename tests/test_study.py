@@ -95,6 +95,10 @@ def test_bad_study_arguments_fail_before_any_work(tmp_path):
         run_study(StudyArguments(size="tiny", model="unused", methods=["dpo"]), args)
     with pytest.raises(ValueError, match="seeds"):
         run_study(StudyArguments(size="tiny", model="unused", seeds=[1, 1]), args)
+    with pytest.raises(ValueError, match="num_iterations 3"):
+        run_study(StudyArguments(size="tiny", model="unused"), cream_args(tmp_path, num_iterations=3))
+    with pytest.raises(ValueError, match="--size 'huge'"):
+        run_study(StudyArguments(size="huge", model="unused"), args)
 
 
 def test_merged_lora_checkpoint_scores_like_the_adapter(tokenizer, m0):

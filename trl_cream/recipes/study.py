@@ -133,6 +133,13 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
         raise ValueError(f"Unknown or no --methods {sorted(unknown)}; choose among {sorted(METHODS)}.")
     if len(set(study.seeds)) != len(study.seeds) or not study.seeds:
         raise ValueError(f"--seeds {study.seeds}: give one or more distinct seeds.")
+    if study.size not in STUDY_SIZES:
+        raise ValueError(f"Unknown --size {study.size!r}; choose among {sorted(STUDY_SIZES)}.")
+    if args.num_iterations != 2:
+        raise ValueError(
+            f"--num_iterations {args.num_iterations}: the study compares M2 and M3, i.e. 2 rounds from M1 as in the "
+            "paper; leave num_iterations at 2."
+        )
     sizes = STUDY_SIZES[study.size]
     out, timings = Path(args.output_dir), {}
     out.mkdir(parents=True, exist_ok=True)
