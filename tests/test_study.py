@@ -128,3 +128,50 @@ def test_study_command_takes_the_size_preset_n_unless_given(monkeypatch):
     assert cli.main(["study", "--size", "large", "--num_generations", "3", "--output_dir", "unused"]) == 0
     assert cli.main(["study", "--output_dir", "unused"]) == 0
     assert seen == [("tiny", 2), ("large", 3), ("default", STUDY_SIZES["default"]["num_generations"])]
+
+
+def test_summarise_aggregates_over_seeds_with_standard_errors():
+    import math
+    import statistics
+
+    from trl_cream.recipes.study_report import render_study_markdown, summarise
+
+    def task(acc, n=200):
+        return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "n": n}
+
+    def pair(c):
+        return {"consistency": {"mean": c}, "kendall_tau": {"mean": 2 * c - 1}}
+
+    accs = {"srlm": [0.40, 0.42, 0.44], "cream": [0.45, 0.47, 0.52]}
+    runs = {
+        m: {str(s): {it: {"a": task(v), "b": task(0.5)} for it in ("M2", "M3")} for s, v in enumerate(vals)}
+        for m, vals in accs.items()
+    }
+    consistency = {
+        m: {str(s): {"M2 vs M1": pair(c), "M3 vs M2": pair(c)} for s, c in enumerate(cs)}
+        for m, cs in (("srlm", [0.5, 0.6, 0.7]), ("cream", [0.8, 0.8, 0.9]))
+    }
+    round1 = {m: {str(s): {k: {"consistency": 0.1, "kendall_tau": -0.8} for k in ("mean_logp", "sum_logp")}
+                  for s in range(3)} for m in accs}  # fmt: skip
+    results = {
+        "accuracy": {"shared": {"M0": {"a": task(0.3), "b": task(0.5)}}, "runs": runs},
+        "consistency": consistency, "round1_baseline": round1,
+    }  # fmt: skip
+    summary = summarise(results)
+    row = summary["table1"]["cream M3"]
+    assert row["a"]["mean"] == pytest.approx(statistics.fmean(accs["cream"]))
+    assert row["a"]["std"] == pytest.approx(statistics.stdev(accs["cream"])) and row["a"]["num_seeds"] == 3
+    assert row["a"]["stderr"] == pytest.approx(statistics.fmean(task(v)["stderr"] for v in accs["cream"]))
+    m0 = summary["table1"]["M0"]["Average"]
+    assert m0["mean"] == pytest.approx(0.4) and m0["std"] == 0.0
+    assert m0["stderr"] == pytest.approx(math.hypot(task(0.3)["stderr"], task(0.5)["stderr"]) / 2)
+    c = summary["table2"]["srlm"]["M3 vs M2"]["consistency"]
+    assert (c["mean"], c["std"]) == (pytest.approx(0.6), pytest.approx(0.1))
+    verdicts = {r["quantity"]: r["verdict"] for r in summary["comparison"]}
+    assert verdicts["C M2 vs M1"].startswith("CREAM higher")
+    results.update(summary=summary, settings=dict(
+        model="m", size="default", seeds=[0, 1, 2], num_train_prompts=16, num_iterations=2, num_generations=4,
+        eval_mode="loglikelihood", eval_mc=200, num_held_out_prompts=8, tasks=["a", "b"], methods=["srlm", "cream"],
+    ))  # fmt: skip
+    markdown = render_study_markdown(results)
+    assert "| cream M3 | 48.00 ± 3.61 (se " in markdown
