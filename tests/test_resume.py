@@ -221,3 +221,20 @@ def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path):
     assert max((m3[k] - again[k]).abs().max().item() for k in m3) <= 1e-5
     with pytest.raises(ValueError, match=r"config\.learning_rate: 0\.001 -> 0\.002"):
         cli.main([*argv, "--learning_rate", "2e-3", "--resume_from_checkpoint", "true"])
+
+
+def test_saved_scores_keep_the_external_reward_and_baseline(tmp_path):
+    """A resume after the scoring phase must rank by the same reward-model / judge scores, not the implicit reward."""
+    from trl_cream.artifacts import RoundScores
+
+    store = PhaseStore(tmp_path, 1, is_main=True)
+    base = torch.arange(6, dtype=torch.float32).view(2, 3)
+    lengths, metrics = torch.ones(2, 3, dtype=torch.long), {"judge_parse_failures": 1.0}
+    scores = RoundScores(base, -base, None, lengths, reward=base * 2, baseline=base + 0.5, reward_metrics=metrics)
+    store.save_scores(1, scores)
+    loaded = store.load_scores(1)
+    assert torch.equal(loaded.reward, scores.reward) and torch.equal(loaded.baseline, scores.baseline)
+    assert loaded.previous is None and loaded.reward_metrics == {"judge_parse_failures": 1.0}
+    store.save_scores(2, RoundScores(policy=base, initial=-base, previous=base + 1, lengths=lengths))
+    implicit = store.load_scores(2)
+    assert implicit.reward is None and implicit.baseline is None and torch.equal(implicit.previous, base + 1)

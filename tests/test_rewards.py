@@ -27,6 +27,22 @@ def test_round_one_baseline_is_length_normalised_initial_likelihood():
     assert baseline_rewards(None, initial, lengths).tolist() == [[-2.0, -1.0, -3.0]]
 
 
+def test_round_one_sum_logp_baseline_ranks_by_summed_likelihood_and_can_reverse_mean_logp():
+    initial = torch.tensor([[-4.0, -6.0, -9.0]])
+    lengths = torch.tensor([[2, 6, 3]])
+    summed = baseline_rewards(None, initial, lengths, "sum_logp")
+    assert summed.tolist() == [[-4.0, -6.0, -9.0]]
+    mean = baseline_rewards(None, initial, lengths, "mean_logp")
+    assert summed.argmax().item() == 0 and mean.argmax().item() == 1  # the two forms disagree on the best here
+    # From round 2 on the choice does not matter: r' = log π_{t-1} - log π_0.
+    previous = torch.tensor([[-2.0, -6.0, -1.0]])
+    assert torch.equal(
+        baseline_rewards(previous, initial, lengths, "sum_logp"), baseline_rewards(previous, initial, lengths)
+    )
+    with pytest.raises(ValueError, match="round1_baseline='median'"):
+        baseline_rewards(None, initial, lengths, "median")
+
+
 def test_select_pairs_best_vs_worst():
     rewards = torch.tensor([[0.1, 0.9, -0.3, 0.2], [2.0, -1.0, 0.0, 1.0]])
     pairs = select_pairs(rewards, 0.7)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,21 @@ class RoundScores:
         initial (`torch.Tensor`): under the initial model ``π_0``.
         previous (`torch.Tensor` or `None`): under ``π_{t−1}``; `None` in round 1, where ``π_{t−1} = π_0``.
         lengths (`torch.Tensor`): completion token counts.
+        reward (`torch.Tensor` or `None`): the ranking reward ``r`` when it does not come from the implicit reward
+            (`reward_source="reward_model"` or `"judge"`); `None` means ``log π_t − log π_0``.
+        baseline (`torch.Tensor` or `None`): the baseline reward ``r'`` when it comes from a reward model
+            (`baseline_source="reward_model"`); `None` means π_{t−1}'s implicit reward.
+        reward_metrics (`dict`): diagnostics of those sources (e.g. judge parse failures), merged into the
+            round's metrics.
     """
 
     policy: torch.Tensor
     initial: torch.Tensor
     previous: torch.Tensor | None
     lengths: torch.Tensor
+    reward: torch.Tensor | None = None
+    baseline: torch.Tensor | None = None
+    reward_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,10 +66,20 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), values.std(unbiased=False).item()
 
 
-def label_round(scores: RoundScores, measure: str, granularity: str) -> RoundLabels:
-    """Rewards (line 6, 8), consistency (lines 10-11), pairs (line 12) and the round's diagnostics."""
-    rewards = implicit_rewards(scores.policy, scores.initial)
-    baseline = baseline_rewards(scores.previous, scores.initial, scores.lengths)
+def label_round(
+    scores: RoundScores, measure: str, granularity: str, round1_baseline: str = "mean_logp"
+) -> RoundLabels:
+    """Rewards (line 6, 8), consistency (lines 10-11), pairs (line 12) and the round's diagnostics.
+
+    ``r`` is the implicit reward ``log π_t − log π_0`` unless ``scores.reward`` holds another source's reward (a
+    reward model or a judge, see `trl_cream.reward_sources`); ``r'`` is the previous checkpoint's implicit reward
+    (round 1: π_0's likelihood, ``round1_baseline``) unless ``scores.baseline`` holds an external baseline reward.
+    """
+    rewards = scores.reward if scores.reward is not None else implicit_rewards(scores.policy, scores.initial)
+    if scores.baseline is not None:
+        baseline = scores.baseline
+    else:
+        baseline = baseline_rewards(scores.previous, scores.initial, scores.lengths, round1_baseline)
     c = consistency_rate(rewards, baseline, measure=measure, granularity=granularity)
     pairs = select_pairs(rewards, c)
     tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
@@ -95,6 +114,7 @@ def label_round(scores: RoundScores, measure: str, granularity: str) -> RoundLab
         "chosen_length_mean": _mean_std(chosen_len)[0],
         "rejected_length_mean": _mean_std(rejected_len)[0],
         "completion_length_mean": lengths.mean().item(),
+        **scores.reward_metrics,
     }
     return RoundLabels(rewards=rewards, baseline=baseline, consistency=c, pairs=pairs, metrics=metrics)
 

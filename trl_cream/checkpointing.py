@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, load_from_disk
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .artifacts import RoundScores
@@ -122,12 +123,12 @@ def save_dataset(dataset: Dataset, path: Path, enabled: bool = True) -> None:
             dataset.save_to_disk(str(tmp))
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file, atomically."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file (with string ``metadata``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -338,20 +339,27 @@ class PhaseStore:
         if not self.is_main:
             return
         tensors = {"policy": scores.policy, "initial": scores.initial, "lengths": scores.lengths}
-        if scores.previous is not None:
-            tensors["previous"] = scores.previous
-        save_tensors(tensors, self.round_dir(t) / "scores.safetensors")
+        for name in ("previous", "reward", "baseline"):  # the external reward / baseline sources' scores too
+            if getattr(scores, name) is not None:
+                tensors[name] = getattr(scores, name)
+        metadata = {"reward_metrics": json.dumps(scores.reward_metrics)}
+        save_tensors(tensors, self.round_dir(t) / "scores.safetensors", metadata)
 
     def load_scores(self, t: int) -> RoundScores | None:
         path = self.round_dir(t) / "scores.safetensors"
         if not path.exists():
             return None
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            reward_metrics = json.loads((f.metadata() or {}).get("reward_metrics", "{}"))
         return RoundScores(
             policy=tensors["policy"],
             initial=tensors["initial"],
             previous=tensors.get("previous"),
             lengths=tensors["lengths"],
+            reward=tensors.get("reward"),
+            baseline=tensors.get("baseline"),
+            reward_metrics=reward_metrics,
         )
 
     def save_pairs(self, t: int, pairs: Dataset, metrics: dict[str, Any], candidates: Dataset | None) -> None:

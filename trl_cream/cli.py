@@ -1,4 +1,5 @@
-"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations) and `demo`.
+"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations), `demo` and
+`study` (SRLM vs CREAM over seeds).
 
 Every subcommand is parsed by TRL's `TrlParser`, so `--config file.yaml` sets any field and command-line flags
 override the file, as with `trl sft`/`trl dpo`.
@@ -14,7 +15,7 @@ from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-USAGE = """usage: trl-cream {train,eval,demo} [--config FILE.yaml] [--field value ...]
+USAGE = """usage: trl-cream {train,eval,demo,study} [--config FILE.yaml] [--field value ...]
 
 CREAM: Consistency Regularized Self-Rewarding Language Models (ICLR 2025) on Hugging Face TRL.
 
@@ -22,6 +23,7 @@ commands:
   train   SFT stage (optional) + CREAM rounds from a model, prompts and CreamConfig fields
   eval    accuracy of saved iterations (Table 1) and ranking consistency between them (Table 2)
   demo    the offline end-to-end demo: SmolLM2-135M, M0 -> M1 -> M2 -> M3, then Table 1 and Table 2
+  study   SRLM vs CREAM from one shared M1 over seeds: Table 1/2 with mean ± std and standard errors
 
 Run `trl-cream <command> --help` for every option of a command.
 """
@@ -74,6 +76,27 @@ class EvalArguments:
     tasks: list[str] = field(
         default_factory=lambda: ["arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"],
         metadata={"help": "Tasks to evaluate."},
+    )
+    eval_mode: str = field(
+        default="generate",
+        metadata={
+            "help": "How multiple-choice tasks are scored: 'generate' (greedy answer, letter extracted; the paper's "
+            "protocol) or 'loglikelihood' (each option's log-prob after the question, acc and acc_norm; signal on "
+            "small models). GSM8K always generates.",
+            "choices": ["generate", "loglikelihood"],
+        },
+    )
+    task_modes: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Per-task overrides of --eval_mode as TASK=MODE (e.g. arc_easy=generate)."},
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={"help": "Log-likelihood mode: put the question through the chat template (else 'Question: ...')."},
+    )
+    round1_baseline: str = field(
+        default="mean_logp",
+        metadata={"help": "Table 2's r' against M0's successor (M1).", "choices": ["mean_logp", "sum_logp"]},
     )
     consistency_prompts: int = field(default=8, metadata={"help": "Prompts for Table 2 (0 skips it)."})
     num_generations: int = field(default=4, metadata={"help": "Candidates per prompt for Table 2."})
@@ -188,6 +211,23 @@ def _quantized_device_map() -> dict[str, Any] | str:
     return {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
 
 
+def parse_task_modes(default: str, overrides: list[str], tasks: list[str]) -> dict[str, str] | str:
+    """Task -> evaluation mode from ``--eval_mode`` and ``--task_modes TASK=MODE``; an error message on bad input.
+
+    GSM8K has no options, so it is scored by generation unless named explicitly (which is then an error).
+    """
+    modes = {task: ("generate" if task == "gsm8k" else default) for task in tasks}
+    for spec in overrides:
+        task, sep, mode = spec.partition("=")
+        if not sep or task not in modes or mode not in ("generate", "loglikelihood"):
+            return (
+                f"--task_modes {spec!r}: expected TASK=MODE with TASK among {tasks} and MODE generate or "
+                "loglikelihood."
+            )
+        modes[task] = mode
+    return modes
+
+
 def eval_main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
@@ -208,6 +248,9 @@ def eval_main(argv: list[str]) -> int:
     unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
     if unknown:
         parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")
+    modes = parse_task_modes(args.eval_mode, args.task_modes, args.tasks)
+    if isinstance(modes, str):
+        parser.error(modes)
     data = build_demo_datasets(args.size, seed=args.seed)
     eval_sets = {task: data.eval[task] for task in args.tasks}
     prompts = [row["prompt"] for row in data.prompts.select(range(min(args.consistency_prompts, len(data.prompts))))]
@@ -222,6 +265,7 @@ def eval_main(argv: list[str]) -> int:
         checkpoints, eval_sets, prompts, args.output_dir, tokenizer, base=args.base_model,
         max_new_tokens=args.max_new_tokens, num_generations=args.num_generations, batch_size=args.batch_size,
         seed=args.seed, generation_config=sampling, device="cuda" if torch.cuda.is_available() else None,
+        eval_mode=modes, chat_template=args.chat_template, round1_baseline=args.round1_baseline,
     )  # fmt: skip
     print(render_markdown(results))
     print(f"Report written to {args.output_dir}/results.{{json,md,png}}")
@@ -242,7 +286,22 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main}
+def study_main(argv: list[str]) -> int:
+    import torch
+    from trl import TrlParser
+
+    from . import CreamConfig
+    from .recipes.study import StudyArguments, run_study, study_defaults
+
+    parser = TrlParser((StudyArguments, CreamConfig), prog="trl-cream study")
+    size, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # the preset's N as a default
+    parser.set_defaults(**study_defaults(size.size), use_cpu=not torch.cuda.is_available())
+    study, args = parser.parse_args_and_config(argv)
+    run_study(study, args)
+    return 0
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main, "study": study_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,12 @@ from trl.experimental.online_dpo import OnlineDPOConfig
 
 from . import hub
 from .consistency import GRANULARITIES, MEASURES
+from .rewards import ROUND1_BASELINES
 from .sampling import GENERATION_BACKENDS
 from .validation import LONG_PROMPT_MODES
+
+REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
+BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
 
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
 
@@ -59,6 +63,20 @@ class CreamConfig(OnlineDPOConfig):
             with a paged KV cache, on all of a round's prompts at once; TRL's GRPO calls it
             `use_transformers_paged`). Both give the same candidates format and honour the same sampling settings,
             except `repetition_penalty`, which continuous batching does not support.
+        round1_baseline (`str`, *optional*, defaults to `"mean_logp"`):
+            The baseline reward ``r'`` of round 1, where ``π_{t−1} = π_0`` and ``log π_{t−1} − log π_0`` would be 0:
+            `"mean_logp"` ranks by π_0's length-normalised log-likelihood (the authors' code), `"sum_logp"` by its
+            summed log-likelihood (the paper's text).
+        reward_source (`str`, *optional*, defaults to `"implicit"`):
+            The reward that ranks the candidates and forms the pairs: `"implicit"` (``log π_t − log π_0``,
+            CREAM/SRLM), `"reward_model"` (the trainer's `reward_model`, a sequence-classification model or a
+            TRL-style reward function: the paper's Oracle baseline) or `"judge"` (LLM-as-a-judge with a 5-point
+            additive rubric, by the trainer's `judge_model` or the policy itself). The DPO reference is unchanged.
+        baseline_source (`str`, *optional*, defaults to `"previous"`):
+            The baseline reward ``r'`` that ``C`` compares the ranking with: `"previous"` (π_{t−1}'s implicit
+            reward) or `"reward_model"` (the trainer's `reward_model`, Table 3's external baseline).
+        judge_max_new_tokens (`int`, *optional*, defaults to `128`):
+            Greedy token budget of each judgement when `reward_source="judge"`.
         generation_batch_size (`int`, *optional*, defaults to `8`):
             Prompts per `generate` call when sampling candidates (each call produces
             `generation_batch_size * num_generations` sequences). Not used by the `"paged"` backend.
@@ -191,6 +209,32 @@ class CreamConfig(OnlineDPOConfig):
             "help": "Sampling engine: 'generate' (padded batches) or 'paged' (continuous batching, generate_batch).",
             "choices": list(GENERATION_BACKENDS),
         },
+    )
+    round1_baseline: str = field(
+        default="mean_logp",
+        metadata={
+            "help": "Round-1 baseline reward r': π_0's length-normalised or summed log-likelihood.",
+            "choices": list(ROUND1_BASELINES),
+        },
+    )
+    reward_source: str = field(
+        default="implicit",
+        metadata={
+            "help": "Reward that ranks candidates and forms pairs: implicit (log π_t - log π_0), reward_model or "
+            "judge.",
+            "choices": list(REWARD_SOURCES),
+        },
+    )
+    baseline_source: str = field(
+        default="previous",
+        metadata={
+            "help": "Baseline reward r' for C: the previous checkpoint π_(t-1) or the trainer's reward_model.",
+            "choices": list(BASELINE_SOURCES),
+        },
+    )
+    judge_max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Greedy token budget of each LLM-as-a-judge evaluation (reward_source='judge')."},
     )
     generation_batch_size: int = field(
         default=8,
@@ -351,7 +395,14 @@ class CreamConfig(OnlineDPOConfig):
             raise ValueError(
                 f"long_prompts={self.long_prompts!r} is unknown; choose one of {', '.join(LONG_PROMPT_MODES)}."
             )
-        for name in ("generation_batch_size", "scoring_batch_size"):
+        for name, value, choices in (
+            ("round1_baseline", self.round1_baseline, ROUND1_BASELINES),
+            ("reward_source", self.reward_source, REWARD_SOURCES),
+            ("baseline_source", self.baseline_source, BASELINE_SOURCES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}.")
+        for name in ("generation_batch_size", "scoring_batch_size", "judge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.loss_type != "sigmoid":

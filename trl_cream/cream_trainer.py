@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from . import adapters, distributed, hub, sampling
+from . import adapters, distributed, hub, reward_sources, sampling
 from .artifacts import RoundScores
 from .checkpointing import PhaseStore
 from .cream_config import CreamConfig
@@ -70,6 +70,11 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         processing_class (`PreTrainedTokenizerBase`): the tokenizer.
         peft_config (`peft.PeftConfig`, *optional*): a LoRA config to wrap a base model with.
         callbacks, optimizers: as in [`~transformers.Trainer`]; a fresh optimizer is created for every round.
+        reward_model (`PreTrainedModel` or callable, *optional*): a sequence-classification reward model (one
+            label) or a TRL-style reward function, for `reward_source="reward_model"` (the Oracle baseline) or
+            `baseline_source="reward_model"`; with `reward_processing_class`, its tokenizer.
+        judge_model (`PreTrainedModel`, *optional*): the LLM-as-a-judge for `reward_source="judge"` (default: the
+            policy itself); with `judge_processing_class` (default: the policy's tokenizer).
     """
 
     _tag_names = ["trl", "cream", "online-dpo", "self-rewarding"]
@@ -92,9 +97,14 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
         sft_dataset: Dataset | None = None,
+        reward_model: PreTrainedModel | nn.Module | reward_sources.RewardFunction | None = None,
+        reward_processing_class: PreTrainedTokenizerBase | None = None,
+        judge_model: PreTrainedModel | nn.Module | None = None,
+        judge_processing_class: PreTrainedTokenizerBase | None = None,
     ) -> None:
         if not isinstance(args, CreamConfig):
             raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
+        reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
         validate_prompts(train_dataset, args.num_iterations)
         check_model_inputs(model, peft_config)
         check_tokenizer(processing_class, train_dataset["prompt"])
@@ -148,6 +158,9 @@ class CreamTrainer(ResumableRoundsMixin, OnlineDPOTrainer):
         self._resumed_round = 0
         self.store = PhaseStore(args.output_dir, self.first_iteration, self.accelerator.is_main_process)
         self._hub = hub.start(self)  # with push_to_hub: check the Hub before any training
+        self.reward_models = reward_sources.ExternalRewards(
+            reward_model, reward_processing_class, judge_model, judge_processing_class, self.accelerator.device
+        )
 
     # ---------------------------------------------------------------- parent fixes
     @property

@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import adapters, distributed
+from . import adapters, distributed, reward_sources
 from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset
 from .checkpointing import load_adapter_weights, load_full_weights
 from .manifest import build_manifest
@@ -174,6 +174,7 @@ class ResumableRoundsMixin:
         )
         local = shard.select(candidates)  # each rank scores its share; the scores of the whole round are gathered
         scores = distributed.gather_scores(shard, self.score_round(t, shard.select(prompt_ids), local), candidates)
+        scores = reward_sources.add_external_rewards(self, scores, prompt_ids, candidates)  # on the whole round
         k = self.first_iteration + t - 1
         named = {f"π_t (M{k})": scores.policy, "π_0": scores.initial, f"π_t-1 (M{k - 1})": scores.previous}
         check_finite_scores(named, t, next(model.parameters()).dtype)
@@ -194,7 +195,7 @@ class ResumableRoundsMixin:
             return loaded
         args = self.args
         self.store.drop_trainer_checkpoints(t)  # they would belong to pairs that are no longer on disk
-        labels = label_round(scores, args.consistency_measure, args.consistency_granularity)
+        labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
         pairs = pairs_dataset(t, prompt_ids, candidates, scores, labels, args.ref_policy)
         metrics = {"round": t, "beta": self.beta, **labels.metrics}
         table = None

@@ -24,23 +24,37 @@ def implicit_rewards(policy_logps: torch.Tensor, initial_logps: torch.Tensor) ->
     return policy_logps - initial_logps
 
 
+ROUND1_BASELINES: tuple[str, ...] = ("mean_logp", "sum_logp")
+
+
 def baseline_rewards(
-    previous_logps: torch.Tensor | None, initial_logps: torch.Tensor, completion_lengths: torch.Tensor
+    previous_logps: torch.Tensor | None,
+    initial_logps: torch.Tensor,
+    completion_lengths: torch.Tensor,
+    round1_baseline: str = "mean_logp",
 ) -> torch.Tensor:
     """The baseline reward ``r'`` used to rank with the previous checkpoint ``π_{t-1}`` (line 8).
 
     From round 2 on, ``r' = log π_{t-1}(y|x) - log π_0(y|x)``. In round 1 ``π_{t-1} = π_0``, so that difference is
-    identically 0; the paper then ranks by ``π_0``'s own likelihood instead. We use its length-normalised form,
-    ``Σ log π_0(y|x) / |y|``, so that short candidates are not favoured just for being short. Pass
-    ``previous_logps=None`` for round 1.
+    identically 0; the paper then ranks by ``π_0``'s own likelihood instead. ``round1_baseline`` picks its form:
+    ``"mean_logp"`` (default, as in the authors' code) is the length-normalised ``Σ log π_0(y|x) / |y|``, so that
+    short candidates are not favoured just for being short; ``"sum_logp"`` is the summed ``Σ log π_0(y|x)`` that
+    the paper's text writes. Pass ``previous_logps=None`` for round 1.
 
     Args:
         previous_logps (`torch.Tensor` or `None`): ``Σ log π_{t-1}``, ``[num_prompts, N]``; `None` in round 1.
         initial_logps (`torch.Tensor`): ``Σ log π_0``, ``[num_prompts, N]``.
         completion_lengths (`torch.Tensor`): number of completion tokens of each candidate, ``[num_prompts, N]``.
+        round1_baseline (`str`, *optional*, defaults to `"mean_logp"`): ``"mean_logp"`` or ``"sum_logp"``.
     """
+    if round1_baseline not in ROUND1_BASELINES:
+        raise ValueError(
+            f"round1_baseline={round1_baseline!r} is unknown; choose one of {', '.join(ROUND1_BASELINES)}."
+        )
     if previous_logps is not None:
         return implicit_rewards(previous_logps, initial_logps)
+    if round1_baseline == "sum_logp":
+        return initial_logps.clone()
     return initial_logps / completion_lengths.clamp_min(1).to(initial_logps.dtype)
 
 

@@ -12,8 +12,13 @@ from .harness import (
     ranking_consistency,
     run_evaluation,
 )
+from .loglikelihood import EVAL_MODES, binomial_stderr, evaluate_loglikelihood, score_options
 
 __all__ = [
+    "EVAL_MODES",
+    "binomial_stderr",
+    "evaluate_loglikelihood",
+    "score_options",
     "EvaluationResults",
     "ModelOrPath",
     "TaskResult",

@@ -26,6 +26,7 @@ from .. import sampling
 from ..consistency import kendall_tau, spearman, top_order
 from ..rewards import baseline_rewards, implicit_rewards
 from .answers import is_correct, predict
+from .loglikelihood import binomial_stderr, evaluate_loglikelihood, resolve_modes
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
 
@@ -40,7 +41,12 @@ class TaskResult:
         n (`int`): Number of rows evaluated.
         num_correct (`int`): Number of rows answered correctly.
         predictions (`list[dict]`): One entry per row: ``prompt``, gold ``answer``, ``completion``, extracted
-            ``prediction`` and ``correct``.
+            ``prediction`` and ``correct`` (log-likelihood mode: ``logprobs`` per option instead of a completion).
+        mode (`str`): ``"generate"`` (greedy answer, extracted) or ``"loglikelihood"`` (option scoring).
+        stderr (`float`): Binomial standard error of ``accuracy``, ``sqrt(p (1 - p) / n)``.
+        accuracy_norm (`float` or `None`): Log-likelihood mode only: ``acc_norm`` (log-prob per character).
+        num_correct_norm (`int` or `None`): Rows right under ``acc_norm``.
+        stderr_norm (`float` or `None`): Binomial standard error of ``accuracy_norm``.
     """
 
     task: str
@@ -48,6 +54,17 @@ class TaskResult:
     n: int
     num_correct: int
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "generate"
+    stderr: float | None = None
+    accuracy_norm: float | None = None
+    num_correct_norm: int | None = None
+    stderr_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stderr is None:
+            self.stderr = binomial_stderr(self.accuracy, self.n)
+        if self.accuracy_norm is not None and self.stderr_norm is None:
+            self.stderr_norm = binomial_stderr(self.accuracy_norm, self.n)
 
 
 @dataclass
@@ -197,6 +214,7 @@ def ranking_consistency(
     seed: int | None = None,
     show_progress: bool = True,
     desc: str = "consistency",
+    round1_baseline: str = "mean_logp",
 ) -> dict[str, Any]:
     """Ranking consistency between a checkpoint and its predecessor (paper Table 2, e.g. "M3 vs M2").
 
@@ -206,8 +224,8 @@ def ranking_consistency(
 
     Special cases:
         - ``old_model is initial_model`` (or ``old_model=None``): round 1, where ``r'`` would be identically 0.
-          The trainer's edge case is used instead: ``r'`` = π_0's length-normalised log-likelihood
-          (`rewards.baseline_rewards` with ``previous_logps=None``).
+          The trainer's edge case is used instead: ``r'`` = π_0's length-normalised (``round1_baseline=
+          "mean_logp"``) or summed (``"sum_logp"``) log-likelihood (`rewards.baseline_rewards`).
         - ``initial_model=None``: ``new_model`` must be a `PeftModel`; π_0 is its base, scored inside
           ``with new_model.disable_adapter():``. ``old_model`` may be another `PeftModel` or the same object.
         - ``new_model is old_model``: scored once; every defined prompt then has τ = 1 and C = 1.
@@ -227,9 +245,11 @@ def ranking_consistency(
         seed (`int`, *optional*): Seeds torch (globally) before sampling, for reproducible candidates.
         show_progress (`bool`, *optional*, defaults to `True`): One progress bar for sampling, one per scoring.
         desc (`str`, *optional*, defaults to `"consistency"`): Progress bar prefix.
+        round1_baseline (`str`, *optional*, defaults to `"mean_logp"`): ``r'`` when the old model is π_0:
+            ``"mean_logp"`` or ``"sum_logp"`` (see `rewards.baseline_rewards`).
 
     Returns:
-        `dict`: `consistency_stats` output, with ``num_generations`` added.
+        `dict`: `consistency_stats` output, with ``num_generations`` and ``round1_baseline`` added.
     """
     if num_generations < 2:
         raise ValueError(f"Ranking needs num_generations >= 2 candidates per prompt, got {num_generations}.")
@@ -270,9 +290,9 @@ def ranking_consistency(
         old_logps = None  # round 1: rank by π_0's length-normalised likelihood
     else:
         old_logps = new_logps if old_model is new_model else score(old_model, "old")
-    baseline = baseline_rewards(old_logps, initial_logps, lengths)
+    baseline = baseline_rewards(old_logps, initial_logps, lengths, round1_baseline)
     stats = consistency_stats(rewards, baseline)
-    stats["num_generations"] = num_generations
+    stats.update(num_generations=num_generations, round1_baseline=round1_baseline if old_logps is None else None)
     return stats
 
 
@@ -344,6 +364,9 @@ def run_evaluation(
     seed: int | None = 0,
     device: str | torch.device | None = None,
     show_progress: bool = True,
+    eval_mode: str | Mapping[str, str] = "generate",
+    chat_template: bool = False,
+    round1_baseline: str = "mean_logp",
 ) -> EvaluationResults:
     """Evaluate every iteration (Table 1) and every consecutive pair from ``M2 vs M1`` on (Table 2), then report.
 
@@ -362,13 +385,24 @@ def run_evaluation(
         num_generations, generation_config, max_length, batch_size, seed: See `ranking_consistency`.
         device (`str` or `torch.device`, *optional*): Where loaded checkpoints go.
         show_progress (`bool`, *optional*, defaults to `True`): Progress bars for every phase.
+        eval_mode (`str` or `Mapping[str, str]`, *optional*, defaults to `"generate"`): ``"generate"`` (greedy
+            answer + extraction, the paper's protocol) or ``"loglikelihood"`` (option scoring, see
+            `trl_cream.evaluation.loglikelihood`), for every multiple-choice task, or a task -> mode mapping. Tasks
+            without options (GSM8K) always generate.
+        chat_template (`bool`, *optional*, defaults to `False`): Log-likelihood mode: put the question through the
+            chat template instead of the plain ``"Question: ...\nAnswer:"`` context.
+        round1_baseline (`str`, *optional*, defaults to `"mean_logp"`): Table 2's ``r'`` for the pair whose older
+            checkpoint is π_0's successor M1 vs π_0 (see `rewards.baseline_rewards`).
     """
     names = list(checkpoints)
     if not names:
         raise ValueError("`checkpoints` is empty; pass e.g. {'M0': model_or_path, 'M1': ...}.")
     pair_kwargs = {"num_generations": num_generations, "generation_config": generation_config, "seed": seed}
     pair_kwargs.update(max_length=max_length, batch_size=batch_size, show_progress=show_progress)
-    settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens}
+    modes = resolve_modes(eval_sets, eval_mode)
+    settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens, "eval_modes": modes}
+    settings.update(chat_template=chat_template, num_questions={t: len(rows) for t, rows in eval_sets.items()})
+    pair_kwargs["round1_baseline"] = round1_baseline
     settings.update(num_consistency_prompts=len(consistency_prompts or []))
     if generation_config is not None:
         settings["generation_config"] = generation_config.to_dict()
@@ -382,9 +416,17 @@ def run_evaluation(
         return loaded[name]
 
     for k, name in enumerate(names):
-        results.accuracy[name] = evaluate_accuracy(
-            get(name), tokenizer, eval_sets, max_new_tokens, batch_size, show_progress, desc=f"{name} accuracy"
+        generate = {t: rows for t, rows in eval_sets.items() if modes[t] == "generate"}
+        scored = {t: rows for t, rows in eval_sets.items() if modes[t] == "loglikelihood"}
+        per_task = evaluate_accuracy(
+            get(name), tokenizer, generate, max_new_tokens, batch_size, show_progress, desc=f"{name} accuracy"
         )
+        per_task.update(
+            evaluate_loglikelihood(
+                get(name), tokenizer, scored, batch_size, max_length, chat_template, show_progress, f"{name} options"
+            )
+        )
+        results.accuracy[name] = {task: per_task[task] for task in eval_sets}
         if k >= 2 and consistency_prompts:
             label = f"{name} vs {names[k - 1]}"
             old, initial = get(names[k - 1]), get(names[0])

@@ -50,16 +50,56 @@ def _tasks(data: Mapping[str, Any]) -> list[str]:
     return tasks
 
 
-def accuracy_table(results: Any) -> dict[str, dict[str, float]]:
-    """Iteration -> task -> accuracy in percent, plus ``"Average"`` (the mean over the iteration's tasks)."""
+def _stderr(result: Mapping[str, Any], key: str = "accuracy") -> float:
+    """The stored binomial standard error, or ``sqrt(p (1 - p) / n)`` for a results.json written before it was."""
+    stored = result.get("stderr" if key == "accuracy" else "stderr_norm")
+    if stored is not None:
+        return float(stored)
+    p, n = float(result.get(key) or 0.0), int(result.get("n") or 0)
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def accuracy_table(results: Any, key: str = "accuracy") -> dict[str, dict[str, float]]:
+    """Iteration -> task -> accuracy in percent, plus ``"Average"`` (the mean over the iteration's tasks).
+
+    ``key="accuracy_norm"`` gives the log-likelihood tasks' ``acc_norm`` instead (tasks without it are left out).
+    """
     data = _as_dict(results)
     table: dict[str, dict[str, float]] = {}
     for iteration in data["iterations"]:
-        row = {task: 100 * r["accuracy"] for task, r in data["accuracy"].get(iteration, {}).items()}
+        tasks = data["accuracy"].get(iteration, {}).items()
+        row = {task: 100 * r[key] for task, r in tasks if r.get(key) is not None}
         if row:
             row["Average"] = sum(row.values()) / len(row)
         table[iteration] = row
     return table
+
+
+def stderr_table(results: Any, key: str = "accuracy") -> dict[str, dict[str, float]]:
+    """Iteration -> task -> binomial standard error in percentage points, plus ``"Average"``.
+
+    The average's error treats the tasks as independent: ``sqrt(Σ se_k²) / K``.
+    """
+    data = _as_dict(results)
+    table: dict[str, dict[str, float]] = {}
+    for iteration in data["iterations"]:
+        tasks = data["accuracy"].get(iteration, {}).items()
+        row = {task: 100 * _stderr(r, key) for task, r in tasks if r.get(key) is not None}
+        if row:
+            row["Average"] = math.sqrt(sum(v * v for v in row.values())) / len(row)
+        table[iteration] = row
+    return table
+
+
+def _task_notes(data: Mapping[str, Any]) -> str:
+    """One line per task: how it was scored and on how many questions."""
+    notes = []
+    for task in _tasks(data):
+        result = next(data["accuracy"][it][task] for it in data["iterations"] if task in data["accuracy"].get(it, {}))
+        mode = result.get("mode", "generate")
+        how = "option log-likelihood" if mode == "loglikelihood" else "greedy answer, extracted"
+        notes.append(f"{task}: {result.get('n', 0)} questions, {how}")
+    return "; ".join(notes)
 
 
 def _arrow(value: float, previous: float | None) -> str:
@@ -81,16 +121,17 @@ def render_markdown(results: Any) -> str:
     iteration as in the paper. Table 2: one row per consecutive pair ("M2 vs M1", ...), mean ± std over prompts.
     """
     data = _as_dict(results)
-    tasks = _tasks(data) + ["Average"]
-    table = accuracy_table(data)
-    lines = ["## Table 1: exact-match accuracy (%)", ""]
-    lines += ["| Iteration | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    previous: dict[str, float] = {}
-    for iteration in data["iterations"]:
-        row = table[iteration]
-        cells = [f"{row[t]:.2f}{_arrow(row[t], previous.get(t))}" if t in row else "–" for t in tasks]
-        lines.append(f"| {iteration} | " + " | ".join(cells) + " |")
-        previous = row
+    lines = ["## Table 1: accuracy (%) ± binomial standard error", ""]
+    lines += _accuracy_lines(data, "accuracy")
+    lines += ["", f"Questions per task: {_task_notes(data)}.", ""]
+    if any(accuracy_table(data, "accuracy_norm").values()):
+        lines += ["### Table 1b: log-likelihood tasks, acc_norm (log-prob per character of the option) (%)", ""]
+        lines += _accuracy_lines(data, "accuracy_norm")
+        lines += [""]
+    lines += [
+        "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = highest "
+        "log-prob per character (Table 1b). ± is sqrt(p(1-p)/n): a difference smaller than about twice it is noise.",
+    ]
     lines += ["", "## Table 2: ranking consistency between consecutive checkpoints (mean ± std over prompts)", ""]
     if not data["consistency"]:
         lines.append("_No pairs: Table 2 needs at least three checkpoints (M0, M1, M2) and consistency prompts._")
@@ -109,6 +150,19 @@ def render_markdown(results: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _accuracy_lines(data: Mapping[str, Any], key: str) -> list[str]:
+    table, errors = accuracy_table(data, key), stderr_table(data, key)
+    tasks = [t for t in _tasks(data) + ["Average"] if any(t in row for row in table.values())]
+    lines = ["| Iteration | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    previous: dict[str, float] = {}
+    for iteration in data["iterations"]:
+        row, err = table[iteration], errors[iteration]
+        cells = [f"{row[t]:.2f} ± {err[t]:.2f}{_arrow(row[t], previous.get(t))}" if t in row else "–" for t in tasks]
+        lines.append(f"| {iteration} | " + " | ".join(cells) + " |")
+        previous = row
+    return lines
+
+
 def plot_results(results: Any, path: str | Path) -> Path:
     """Save a two-panel figure: accuracy per task per iteration, and consistency metrics per consecutive pair.
 
@@ -120,19 +174,20 @@ def plot_results(results: Any, path: str | Path) -> Path:
     except ImportError as error:  # pragma: no cover - matplotlib is an optional (demo/test) dependency
         raise ImportError("Plotting needs matplotlib: `pip install matplotlib` (or `trl-cream[demo]`).") from error
     data = _as_dict(results)
-    table = accuracy_table(data)
+    table, errors = accuracy_table(data), stderr_table(data)
     iterations = data["iterations"]
     figure = Figure(figsize=(11, 4), layout="constrained")
     FigureCanvasAgg(figure)
     accuracy_axes, consistency_axes = figure.subplots(1, 2)
     for task in _tasks(data) + ["Average"]:
-        points = [(i, table[it][task]) for i, it in enumerate(iterations) if task in table[it]]
+        points = [(i, table[it][task], errors[it][task]) for i, it in enumerate(iterations) if task in table[it]]
         style = {"color": "black", "linestyle": "--", "linewidth": 2} if task == "Average" else {}
-        accuracy_axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task, **style)
-    top = max([v for row in table.values() for v in row.values()], default=0.0)
+        xs, ys, es = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        accuracy_axes.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=task, **style)
+    top = max([v + errors[it][t] for it, row in table.items() for t, v in row.items()], default=0.0)
     accuracy_axes.set(xticks=range(len(iterations)), xticklabels=iterations, ylabel="accuracy (%)")
     accuracy_axes.set_ylim(0, max(5.0, min(100.0, 1.15 * top)))
-    accuracy_axes.set_title("Accuracy per iteration (Table 1)")
+    accuracy_axes.set_title("Accuracy per iteration (Table 1, ± standard error)")
     accuracy_axes.legend(fontsize="small")
     pairs = list(data["consistency"])
     if pairs:

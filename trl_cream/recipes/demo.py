@@ -65,6 +65,27 @@ class DemoArguments:
         default=False, metadata={"help": "Train all weights instead of a LoRA adapter (slower, more memory)."}
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with LoRA)."})
+    eval_mode: str = field(
+        default="loglikelihood",
+        metadata={
+            "help": "How the multiple-choice tasks are scored: 'loglikelihood' (each option's log-prob after the "
+            "question; acc and acc_norm; default, since a 135M model answering by a generated letter mostly says "
+            "the same letter) or 'generate' (greedy answer, letter extracted; the paper's protocol). GSM8K always "
+            "generates.",
+            "choices": ["generate", "loglikelihood"],
+        },
+    )
+    eval_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Log-likelihood mode: put the question through the chat template (else 'Question: ...')."},
+    )
+    eval_mc_questions: int | None = field(
+        default=None,
+        metadata={
+            "help": "Questions per multiple-choice task. Default: the size preset's (more with --eval_mode "
+            "loglikelihood, which is cheaper per question than generation)."
+        },
+    )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Greedy token budget per evaluation answer."})
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call during evaluation."})
     consistency_prompts: int = field(
@@ -90,7 +111,9 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     out = Path(args.output_dir)
     start = time.perf_counter()
     model_path = demo.model or str(assets.smollm2_model_dir())
-    data = demo_data.build_demo_datasets(demo.size, seed=args.seed)
+    data = demo_data.build_demo_datasets(
+        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed
+    )
     _timed(timings, "assets_and_data", start)
     print(f"[demo] M0 = {model_path}\n[demo] data: {data.summary()}", flush=True)
 
@@ -147,6 +170,9 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         batch_size=demo.eval_batch_size,
         seed=args.seed,
         device="cuda" if torch.cuda.is_available() and not args.use_cpu else None,
+        eval_mode=demo.eval_mode,
+        chat_template=demo.eval_chat_template,
+        round1_baseline=args.round1_baseline,
     )
     _timed(timings, "evaluation", start)
     results.settings.update(demo_size=demo.size, model=model_path, lora=not demo.full_finetune)

@@ -218,6 +218,8 @@ class DemoSizes:
             SIQA (max 2329).
         eval_mc (`int`): Rows per multiple-choice eval task (arc_easy, arc_challenge, openbookqa, siqa).
         eval_gsm8k (`int`): GSM8K test rows (generation of up to a few hundred tokens each: the costliest eval).
+        eval_mc_loglikelihood (`int`): Rows per multiple-choice eval task when they are scored by option
+            log-likelihood (cheaper per question than generation, so more fit the same budget); see `eval_sizes`.
     """
 
     sft_mc: int | None
@@ -225,24 +227,39 @@ class DemoSizes:
     prompts: int | None
     eval_mc: int | None
     eval_gsm8k: int | None
+    eval_mc_loglikelihood: int | None = None
 
 
 SIZE_PRESETS: dict[str, DemoSizes] = {
     # Unit tests / smoke runs: seconds.
-    "tiny": DemoSizes(sft_mc=16, sft_chat=4, prompts=8, eval_mc=8, eval_gsm8k=4),
+    "tiny": DemoSizes(sft_mc=16, sft_chat=4, prompts=8, eval_mc=8, eval_gsm8k=4, eval_mc_loglikelihood=8),
     # The default demo on 2 CPU cores with SmolLM2-135M in <= 20 min: SFT 80 rows (~10 steps of 8), 2 CREAM rounds
     # of 10 prompts (sampling 8 prompts x 4 x 64 tokens took ~42 s), 4 checkpoints x (4 x 24 MC + 10 GSM8K) evals.
     # Measured greedy, batch 16: 24 MC prompts x 16 new tokens ~8 s per task, 10 GSM8K x 256 tokens ~86 s (the
     # largest eval cost), so ~2 min per checkpoint. 24 rows per task give a standard error of ~10 points: the demo
     # shows the pipeline, not significance.
-    "small": DemoSizes(sft_mc=72, sft_chat=8, prompts=20, eval_mc=24, eval_gsm8k=10),
+    # Scored by option log-likelihood instead (the demo's default): see the note on eval_mc_loglikelihood below.
+    "small": DemoSizes(sft_mc=72, sft_chat=8, prompts=20, eval_mc=24, eval_gsm8k=10, eval_mc_loglikelihood=100),
     # A GPU (or a long CPU run): standard error ~3 points per task.
-    "medium": DemoSizes(sft_mc=1024, sft_chat=64, prompts=512, eval_mc=250, eval_gsm8k=200),
+    "medium": DemoSizes(sft_mc=1024, sft_chat=64, prompts=512, eval_mc=250, eval_gsm8k=200, eval_mc_loglikelihood=500),
     # Everything: SFT 2221 + 256 chat, 2329 prompts, full test sets (ARC-E 2376, ARC-C 1172, OBQA 500, SIQA half 963,
     # GSM8K 1319).
     "full": DemoSizes(sft_mc=None, sft_chat=256, prompts=None, eval_mc=None, eval_gsm8k=None),
 }
 DEFAULT_SIZE = "small"
+
+
+def eval_sizes(size: str | DemoSizes, eval_mode: str = "generate", eval_mc: int | None = None) -> DemoSizes:
+    """The sizes of a preset with the multiple-choice eval count that fits ``eval_mode``, or ``eval_mc`` if given.
+
+    ``eval_mode="loglikelihood"`` uses the preset's `eval_mc_loglikelihood` (when set) instead of `eval_mc`.
+    """
+    sizes = _resolve_sizes(size)
+    if eval_mc is not None:
+        return replace(sizes, eval_mc=eval_mc)
+    if eval_mode == "loglikelihood" and sizes.eval_mc_loglikelihood is not None:
+        return replace(sizes, eval_mc=sizes.eval_mc_loglikelihood)
+    return sizes
 
 
 @dataclass
@@ -252,7 +269,8 @@ class DemoData:
     Args:
         sft (`Dataset`): Conversational SFT data, one `messages` column.
         prompts (`Dataset`): Prompt-only conversational data, one `prompt` column (`[{"role": "user", ...}]`).
-        eval (`dict[str, Dataset]`): Task name -> rows `{"task", "prompt", "answer", "kind", "num_choices"}`.
+        eval (`dict[str, Dataset]`): Task name -> rows `{"task", "prompt", "answer", "kind", "num_choices",
+            "question", "choices"}` (the bare question and option texts, for log-likelihood scoring).
         sizes (`DemoSizes`): The requested sizes.
         seed (`int`): The seed used for the training data.
     """
@@ -307,9 +325,15 @@ def _chat(user: str, assistant: str | None = None) -> list[dict[str, str]]:
 
 def _eval_row(task: str, row: dict[str, Any]) -> dict[str, Any]:
     if task == "gsm8k":
-        return dict(task=task, prompt=format_gsm8k(row["question"]), answer=row["answer"], kind="gsm8k", num_choices=0)
-    prompt = format_mc(row["question"], row["choices"])
-    return dict(task=task, prompt=prompt, answer=row["answer"], kind="mc", num_choices=len(row["choices"]))
+        return dict(
+        task=task, prompt=format_gsm8k(row["question"]), answer=row["answer"], kind="gsm8k", num_choices=0,
+        question=row["question"].strip(), choices=[],
+    )  # fmt: skip
+    prompt, choices = format_mc(row["question"], row["choices"]), list(row["choices"])
+    return dict(
+        task=task, prompt=prompt, answer=row["answer"], kind="mc", num_choices=len(choices),
+        question=row["question"].strip(), choices=choices,
+    )  # fmt: skip
 
 
 def check_disjoint(data: DemoData) -> None:

@@ -1,0 +1,234 @@
+"""Aggregation and report of `trl-cream study`: Table 1/2 over seeds, CREAM vs SRLM, results.{md,json,png}."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.report import _json_safe
+
+TABLE2_METRICS: tuple[tuple[str, str], ...] = (
+    ("consistency", "C"),
+    ("kendall_tau", "Kendall τ"),
+    ("spearman_normalized", "Spearman (ρ+1)/2"),
+    ("top_order", "TopOrder"),
+)
+PAIRS = ("M2 vs M1", "M3 vs M2")
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample std (ddof = 1; 0 for a single value) of the finite values; NaN when there is none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "num_seeds": 0}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": statistics.fmean(finite), "std": std, "num_seeds": len(finite)}
+
+
+def _with_average(per_task: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows = {task: dict(r) for task, r in per_task.items()}
+    if rows:
+        k = len(rows)
+        rows["Average"] = {
+            "accuracy": sum(r["accuracy"] for r in rows.values()) / k,
+            "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in rows.values())) / k,
+            "n": sum(r["n"] for r in rows.values()),
+        }
+    return rows
+
+
+def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Table 1 (mean ± std over seeds, mean binomial stderr), Table 2 (mean ± std over seeds of the per-run means),
+    the round-1 baseline comparison and CREAM vs SRLM relative to the seed spread."""
+    shared, runs = results["accuracy"]["shared"], results["accuracy"]["runs"]
+    table1: dict[str, dict[str, Any]] = {}
+    for iteration, per_task in shared.items():
+        rows = _with_average(per_task)
+        table1[iteration] = {
+            t: {"mean": r["accuracy"], "std": 0.0, "stderr": r["stderr"], "n": r["n"]} for t, r in rows.items()
+        }
+    for method, seeds in runs.items():
+        for iteration in ("M2", "M3"):
+            per_seed = [_with_average(by_it[iteration]) for by_it in seeds.values()]
+            if not per_seed:
+                continue
+            table1[f"{method} {iteration}"] = {
+                task: {
+                    **_mean_std([s[task]["accuracy"] for s in per_seed]),
+                    "stderr": statistics.fmean(s[task]["stderr"] for s in per_seed),
+                    "n": per_seed[0][task]["n"],
+                }
+                for task in per_seed[0]
+            }
+    table2 = {
+        method: {
+            pair: {
+                key: _mean_std([s[pair][key]["mean"] for s in seeds.values() if pair in s and s[pair].get(key)])
+                for key, _ in TABLE2_METRICS
+            }
+            for pair in PAIRS
+        }
+        for method, seeds in results["consistency"].items()
+    }
+    round1 = {
+        method: {
+            kind: {key: _mean_std([r[kind][key] for r in seeds.values()]) for key in ("consistency", "kendall_tau")}
+            for kind in ("mean_logp", "sum_logp")
+        }
+        for method, seeds in results["round1_baseline"].items()
+    }
+    return {"table1": table1, "table2": table2, "round1_baseline": round1, "comparison": compare(table1, table2)}
+
+
+def _verdict(diff: float, spread: float) -> str:
+    if not math.isfinite(diff):
+        return "not measured"
+    if not math.isfinite(spread):
+        return "no seed spread to compare against (one seed per method?)"
+    if spread == 0:
+        return "identical" if diff == 0 else "differs, with no spread over seeds"
+    ratio = abs(diff) / spread
+    if ratio < 2:
+        return f"within seed noise (|Δ| = {ratio:.1f} × the spread)"
+    return f"{'CREAM' if diff > 0 else 'SRLM'} higher, |Δ| = {ratio:.1f} × the spread"
+
+
+def compare(table1: Mapping[str, Any], table2: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CREAM − SRLM on average accuracy (M2, M3) and on C and τ per pair, with the seed spread of the difference,
+    ``sqrt(std_cream² / k_cream + std_srlm² / k_srlm)`` (the standard error of a difference of seed means)."""
+    rows = []
+
+    def add(quantity: str, cream: Mapping[str, Any] | None, srlm: Mapping[str, Any] | None) -> None:
+        if not cream or not srlm:
+            return
+        diff = cream["mean"] - srlm["mean"]
+        spread = math.sqrt(
+            sum((s["std"] ** 2) / s["num_seeds"] for s in (cream, srlm) if s.get("num_seeds") and s["std"] == s["std"])
+        )
+        rows.append(
+            {"quantity": quantity, "cream": cream["mean"], "srlm": srlm["mean"], "difference": diff,
+             "seed_spread": spread, "verdict": _verdict(diff, spread)}
+        )  # fmt: skip
+
+    for iteration in ("M2", "M3"):
+        add(
+            f"average accuracy {iteration} (%)",
+            _percent(table1.get(f"cream {iteration}", {}).get("Average")),
+            _percent(table1.get(f"srlm {iteration}", {}).get("Average")),
+        )
+    for pair in PAIRS:
+        for key, label in TABLE2_METRICS[:2]:
+            cream, srlm = (table2.get(m, {}).get(pair, {}).get(key) for m in ("cream", "srlm"))
+            add(f"{label} {pair}", cream, srlm)
+    return rows
+
+
+def _percent(stat: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not stat:
+        return None
+    return {**stat, "mean": 100 * stat["mean"], "std": 100 * stat["std"]}
+
+
+def _fmt(stat: Mapping[str, Any] | None, scale: float = 1.0, se: bool = False) -> str:
+    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
+        return "–"
+    text = f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f}"
+    return text + (f" (se {scale * stat['stderr']:.2f})" if se and "stderr" in stat else "")
+
+
+def render_study_markdown(results: Mapping[str, Any]) -> str:
+    summary, settings = results["summary"], results["settings"]
+    tasks = list(settings["tasks"]) + ["Average"]
+    lines = [
+        "# SRLM vs CREAM from one shared M1",
+        "",
+        f"Model {settings['model']}; size `{settings['size']}`; seeds {settings['seeds']}; "
+        f"{settings['num_train_prompts']} training prompts over {settings['num_iterations']} rounds, "
+        f"N = {settings['num_generations']}; eval mode `{settings['eval_mode']}`, "
+        f"{settings['eval_mc']} questions per task; {settings['num_held_out_prompts']} held-out prompts for Table 2.",
+        "",
+        "## Table 1: accuracy (%), mean ± std over seeds (se = mean binomial standard error of one run)",
+        "",
+        "| Iteration | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for iteration, row in summary["table1"].items():
+        lines.append(f"| {iteration} | " + " | ".join(_fmt(row.get(t), 100, se=True) for t in tasks) + " |")
+    lines += ["", "M0 and M1 are shared by every run (evaluated once: no seed spread).", ""]
+    lines += ["## Table 2: ranking consistency on held-out prompts, mean ± std over seeds", ""]
+    lines += ["| Iterations | Method | " + " | ".join(h for _, h in TABLE2_METRICS) + " |", "|---" * 6 + "|"]
+    for pair in PAIRS:
+        for method, pairs in summary["table2"].items():
+            cells = [_fmt(pairs.get(pair, {}).get(key)) for key, _ in TABLE2_METRICS]
+            lines.append(f"| {pair} | {method.upper()} | " + " | ".join(cells) + " |")
+    lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |"]
+    lines += ["|---" * 6 + "|"]
+    for row in summary["comparison"]:
+        lines.append(
+            f"| {row['quantity']} | {row['cream']:.3f} | {row['srlm']:.3f} | {row['difference']:+.3f} | "
+            f"{row['seed_spread']:.3f} | {row['verdict']} |"
+        )
+    lines += [
+        "",
+        "## Round-1 baseline: round 1's ranking (r = log π_1 − log π_0) against π_0's likelihood",
+        "",
+        "Computed from the same round-1 candidates and scores of every run; mean ± std over seeds.",
+        "",
+        "| Method | C, mean_logp (length-normalised) | τ, mean_logp | C, sum_logp (summed) | τ, sum_logp |",
+        "|---|---|---|---|---|",
+    ]
+    for method, kinds in summary["round1_baseline"].items():
+        keys = ("consistency", "kendall_tau")
+        cells = [_fmt(kinds[kind][key]) for kind in ("mean_logp", "sum_logp") for key in keys]
+        lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time per phase (s): {results.get('timings', {})}", ""]
+    return "\n".join(lines)
+
+
+def plot_study(results: Mapping[str, Any], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    summary = results["summary"]
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    acc_axes, c_axes = figure.subplots(1, 2)
+    for method in results["settings"]["methods"]:
+        names = ["M0", "M1", f"{method} M2", f"{method} M3"]
+        stats = [summary["table1"].get(n, {}).get("Average") for n in names]
+        xs = [i for i, s in enumerate(stats) if s]
+        errors = [100 * max(stats[i]["std"], stats[i]["stderr"]) for i in xs]
+        acc_axes.errorbar(
+            xs, [100 * stats[i]["mean"] for i in xs], yerr=errors, marker="o", capsize=3, label=method.upper()
+        )
+        pairs = summary["table2"].get(method, {})
+        cs = [pairs.get(p, {}).get("consistency", {}) for p in PAIRS]
+        c_axes.errorbar(
+            range(len(PAIRS)), [c.get("mean", math.nan) for c in cs], yerr=[c.get("std", 0) or 0 for c in cs],
+            marker="o", capsize=3, label=method.upper(),
+        )  # fmt: skip
+    acc_axes.set(xticks=range(4), xticklabels=["M0", "M1", "M2", "M3"], ylabel="average accuracy (%)")
+    acc_axes.set_title("Average accuracy (± max(seed std, binomial se))")
+    acc_axes.legend()
+    c_axes.set(xticks=range(len(PAIRS)), xticklabels=list(PAIRS), ylim=(0, 1.05), ylabel="consistency C")
+    c_axes.set_title("Ranking consistency on held-out prompts (± seed std)")
+    c_axes.legend()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_study_report(results: Mapping[str, Any], output_dir: Path) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
+    paths["json"].write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(render_study_markdown(results), encoding="utf-8")
+    try:
+        paths["png"] = plot_study(results, output_dir / "results.png")
+    except ImportError as error:
+        warnings.warn(f"Skipping results.png: {error}", stacklevel=2)
+    return paths
