@@ -368,22 +368,18 @@ class CreamConfig(OnlineDPOConfig):
             )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
-        if self.consistency_measure not in MEASURES:
-            raise ValueError(
-                f"consistency_measure={self.consistency_measure!r} is unknown; choose one of {', '.join(MEASURES)}."
-            )
-        if self.consistency_granularity not in GRANULARITIES:
-            raise ValueError(
-                f"consistency_granularity={self.consistency_granularity!r} is unknown; choose one of "
-                f"{', '.join(GRANULARITIES)}."
-            )
-        if self.ref_policy not in REF_POLICIES:
-            raise ValueError(f"ref_policy={self.ref_policy!r} is unknown; choose one of {', '.join(REF_POLICIES)}.")
-        if self.generation_backend not in GENERATION_BACKENDS:
-            raise ValueError(
-                f"generation_backend={self.generation_backend!r} is unknown; choose one of "
-                f"{', '.join(GENERATION_BACKENDS)}."
-            )
+        for name, choices in (
+            ("consistency_measure", MEASURES),
+            ("consistency_granularity", GRANULARITIES),
+            ("ref_policy", REF_POLICIES),
+            ("generation_backend", GENERATION_BACKENDS),
+            ("long_prompts", LONG_PROMPT_MODES),
+            ("round1_baseline", ROUND1_BASELINES),
+            ("reward_source", REWARD_SOURCES),
+            ("baseline_source", BASELINE_SOURCES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}.")
         penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
         if self.generation_backend == "paged" and penalty not in (None, 1.0):
             raise ValueError(
@@ -391,17 +387,6 @@ class CreamConfig(OnlineDPOConfig):
                 "(transformers' continuous batching drops that logits processor); set repetition_penalty=1.0 or "
                 "use generation_backend='generate'."
             )
-        if self.long_prompts not in LONG_PROMPT_MODES:
-            raise ValueError(
-                f"long_prompts={self.long_prompts!r} is unknown; choose one of {', '.join(LONG_PROMPT_MODES)}."
-            )
-        for name, value, choices in (
-            ("round1_baseline", self.round1_baseline, ROUND1_BASELINES),
-            ("reward_source", self.reward_source, REWARD_SOURCES),
-            ("baseline_source", self.baseline_source, BASELINE_SOURCES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}.")
         for name in ("generation_batch_size", "scoring_batch_size", "judge_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
