@@ -5,14 +5,13 @@ from .harness import (
     EvaluationResults,
     ModelOrPath,
     TaskResult,
-    consistency_stats,
     evaluate_accuracy,
     greedy_generation_config,
     load_checkpoint,
-    ranking_consistency,
     run_evaluation,
 )
 from .loglikelihood import EVAL_MODES, binomial_stderr, evaluate_loglikelihood, score_options
+from .ranking import consistency_stats, ranking_consistency
 
 __all__ = [
     "EVAL_MODES",

@@ -9,11 +9,9 @@ exactly as the trainer computes its rewards.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,10 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import sampling
-from ..consistency import kendall_tau, spearman, top_order
-from ..rewards import baseline_rewards, implicit_rewards
 from .answers import is_correct, predict
 from .loglikelihood import binomial_stderr, evaluate_loglikelihood, resolve_modes
+from .ranking import _as_messages, ranking_consistency
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
 
@@ -92,13 +89,6 @@ class EvaluationResults:
         return cls(list(data["iterations"]), accuracy, dict(data["consistency"]), dict(data.get("settings", {})))
 
 
-def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Any:
-    """A plain prompt string becomes one user message (left as text when the tokenizer has no chat template)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}] if tokenizer.chat_template else prompt
-    return list(prompt)
-
-
 def greedy_generation_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
     """Greedy decoding with the tokenizer's eos and pad tokens (the accuracy setting)."""
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
@@ -160,140 +150,6 @@ def evaluate_accuracy(
         accuracy = num_correct / len(rows) if rows else 0.0
         results[task] = TaskResult(task, accuracy, len(rows), num_correct, predictions)
     return results
-
-
-def _mean_std(values: torch.Tensor) -> dict[str, float | None]:
-    """Mean and population std (ddof = 0, as the paper's TopOrder column implies); `None` when there is no value."""
-    if values.numel() == 0:
-        return {"mean": None, "std": None}
-    return {"mean": values.mean().item(), "std": values.std(correction=0).item()}
-
-
-def _nan_to_none(values: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(v) else v for v in values.tolist()]
-
-
-def consistency_stats(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
-    """Table 2 from two ``[num_prompts, N]`` reward tensors: ``r`` of the newer model and ``r'`` of the older one.
-
-    A prompt whose ``r`` or ``r'`` is entirely tied has no ranking (τ and ρ are undefined). Such prompts are left out
-    of every mean and std, TopOrder included, so all columns describe the same prompts; they are counted in
-    ``num_undefined``. ``spearman`` is ρ in ``[-1, 1]``; ``spearman_normalized`` is ``(ρ + 1) / 2``, the scale the
-    paper's Table 2 uses (its SRLM row has τ = -0.22 but "Spearman" 0.36).
-
-    Args:
-        rewards (`torch.Tensor`): ``r``, ``[num_prompts, N]``, e.g. saved by the trainer for a round.
-        baseline (`torch.Tensor`): ``r'``, ``[num_prompts, N]``.
-
-    Returns:
-        `dict`: ``{"consistency" | "kendall_tau" | "spearman" | "spearman_normalized" | "top_order": {"mean", "std"},
-        "num_prompts", "num_defined", "num_undefined", "per_prompt": {metric: list with None where undefined}}``.
-    """
-    tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
-    defined = ~(torch.isnan(tau) | torch.isnan(rho))
-    top = torch.where(defined, top, torch.full_like(top, float("nan")))
-    metrics = {"consistency": (tau + 1) / 2, "kendall_tau": tau, "spearman": rho, "spearman_normalized": (rho + 1) / 2}
-    metrics["top_order"] = top
-    stats: dict[str, Any] = {name: _mean_std(values[defined]) for name, values in metrics.items()}
-    num_defined = int(defined.sum())
-    stats.update(num_prompts=int(tau.numel()), num_defined=num_defined, num_undefined=int(tau.numel()) - num_defined)
-    stats["per_prompt"] = {name: _nan_to_none(values) for name, values in metrics.items()}
-    return stats
-
-
-def ranking_consistency(
-    new_model: torch.nn.Module,
-    old_model: torch.nn.Module | None,
-    initial_model: torch.nn.Module | None,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Any],
-    num_generations: int = 4,
-    generation_config: GenerationConfig | None = None,
-    max_length: int = 1024,
-    batch_size: int = 8,
-    seed: int | None = None,
-    show_progress: bool = True,
-    desc: str = "consistency",
-    round1_baseline: str = "mean_logp",
-) -> dict[str, Any]:
-    """Ranking consistency between a checkpoint and its predecessor (paper Table 2, e.g. "M3 vs M2").
-
-    ``num_generations`` candidates per prompt are sampled from ``new_model`` and scored (summed completion
-    log-probs) under the new, old and initial (π_0) models. ``r = log π_new - log π_0`` ranks them for the new model,
-    ``r' = log π_old - log π_0`` for the old one, and `consistency_stats` compares the two rankings.
-
-    Special cases:
-        - ``old_model is initial_model`` (or ``old_model=None``): round 1, where ``r'`` would be identically 0.
-          The trainer's edge case is used instead: ``r'`` = π_0's length-normalised (``round1_baseline=
-          "mean_logp"``) or summed (``"sum_logp"``) log-likelihood (`rewards.baseline_rewards`).
-        - ``initial_model=None``: ``new_model`` must be a `PeftModel`; π_0 is its base, scored inside
-          ``with new_model.disable_adapter():``. ``old_model`` may be another `PeftModel` or the same object.
-        - ``new_model is old_model``: scored once; every defined prompt then has τ = 1 and C = 1.
-
-    Args:
-        new_model (`torch.nn.Module`): The newer checkpoint ``M_k``; candidates are sampled from it.
-        old_model (`torch.nn.Module` or `None`): The previous checkpoint ``M_{k-1}``.
-        initial_model (`torch.nn.Module` or `None`): π_0, the reference of the implicit rewards (``M0``).
-        tokenizer (`PreTrainedTokenizerBase`): Shared tokenizer.
-        prompts (`Sequence`): Prompt strings (wrapped as one user message) or chat message lists.
-        num_generations (`int`, *optional*, defaults to `4`): Candidates per prompt ``N`` (at least 2).
-        generation_config (`GenerationConfig`, *optional*): Sampling settings; defaults to ``do_sample=True``,
-            temperature 1, 128 new tokens, the tokenizer's eos/pad.
-        max_length (`int`, *optional*, defaults to `1024`): Prompt + completion tokens when scoring (the prompt is
-            left-truncated).
-        batch_size (`int`, *optional*, defaults to `8`): Prompts per `generate` call and sequences per forward.
-        seed (`int`, *optional*): Seeds torch (globally) before sampling, for reproducible candidates.
-        show_progress (`bool`, *optional*, defaults to `True`): One progress bar for sampling, one per scoring.
-        desc (`str`, *optional*, defaults to `"consistency"`): Progress bar prefix.
-        round1_baseline (`str`, *optional*, defaults to `"mean_logp"`): ``r'`` when the old model is π_0:
-            ``"mean_logp"`` or ``"sum_logp"`` (see `rewards.baseline_rewards`).
-
-    Returns:
-        `dict`: `consistency_stats` output, with ``num_generations`` and ``round1_baseline`` added.
-    """
-    if num_generations < 2:
-        raise ValueError(f"Ranking needs num_generations >= 2 candidates per prompt, got {num_generations}.")
-    if initial_model is None and not hasattr(new_model, "disable_adapter"):
-        raise ValueError(
-            f"initial_model=None means 'π_0 = new_model with adapters disabled', but new_model is a "
-            f"{type(new_model).__name__}, not a PeftModel. Pass the initial (M0) model explicitly."
-        )
-    if hasattr(prompts, "column_names"):
-        prompts = prompts["prompt"]
-    if generation_config is None:
-        generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128)
-        generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=sampling.pad_token_id(tokenizer))
-    if seed is not None:
-        torch.manual_seed(seed)
-    prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(p, tokenizer) for p in prompts])
-    common = {"batch_size": batch_size, "show_progress": show_progress}
-    candidates = sampling.generate_candidates(
-        new_model, tokenizer, prompt_ids, num_generations, generation_config, **common, desc=f"{desc} sampling"
-    )
-
-    pad_id = sampling.pad_token_id(tokenizer)
-
-    def score(model: torch.nn.Module, name: str, disable_adapter: bool = False) -> torch.Tensor:
-        with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
-            return sampling.score_candidates(
-                model, prompt_ids, candidates, pad_id, max_length, **common, desc=f"{desc} scoring {name}"
-            )
-
-    if initial_model is None:
-        initial_logps = score(new_model, "π_0", disable_adapter=True)
-    else:
-        initial_logps = score(initial_model, "π_0")
-    new_logps = score(new_model, "new")
-    rewards = implicit_rewards(new_logps, initial_logps)
-    lengths = torch.tensor([[len(c) for c in cands] for cands in candidates])
-    if old_model is None or old_model is initial_model:
-        old_logps = None  # round 1: rank by π_0's length-normalised likelihood
-    else:
-        old_logps = new_logps if old_model is new_model else score(old_model, "old")
-    baseline = baseline_rewards(old_logps, initial_logps, lengths, round1_baseline)
-    stats = consistency_stats(rewards, baseline)
-    stats.update(num_generations=num_generations, round1_baseline=round1_baseline if old_logps is None else None)
-    return stats
 
 
 def _looks_like_hub_id(spec: str) -> bool:
