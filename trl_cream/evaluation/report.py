@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,14 +218,22 @@ def write_report(results: Any, output_dir: str | Path) -> dict[str, Path]:
         `dict[str, Path]`: ``{"json": ..., "markdown": ..., "png": ...}`` (no ``"png"`` without matplotlib).
     """
     data = _as_dict(results)
+    return write_results(data, output_dir, render_markdown(data), plot_results)
+
+
+def write_results(
+    data: Mapping[str, Any], output_dir: str | Path, markdown: str, plot: Callable[[Any, Path], Path]
+) -> dict[str, Path]:
+    """``results.json`` (strict JSON: NaN becomes null), ``results.md`` and, with matplotlib, ``results.png``
+    drawn by ``plot``; shared by the evaluation and the study reports."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
     text = json.dumps(_json_safe(data), indent=2, ensure_ascii=False, allow_nan=False)
     paths["json"].write_text(text + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(data), encoding="utf-8")
+    paths["markdown"].write_text(markdown, encoding="utf-8")
     try:
-        paths["png"] = plot_results(data, output_dir / "results.png")
+        paths["png"] = plot(data, output_dir / "results.png")
     except ImportError as error:
         warnings.warn(f"Skipping results.png: {error}", stacklevel=2)
     return paths

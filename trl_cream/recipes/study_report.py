@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.report import _json_safe
+from ..evaluation.report import write_results
 
 TABLE2_METRICS: tuple[tuple[str, str], ...] = (
     ("consistency", "C"),
@@ -223,12 +221,4 @@ def plot_study(results: Mapping[str, Any], path: Path) -> Path:
 
 
 def write_study_report(results: Mapping[str, Any], output_dir: Path) -> dict[str, Path]:
-    output_dir = Path(output_dir)
-    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md"}
-    paths["json"].write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_study_markdown(results), encoding="utf-8")
-    try:
-        paths["png"] = plot_study(results, output_dir / "results.png")
-    except ImportError as error:
-        warnings.warn(f"Skipping results.png: {error}", stacklevel=2)
-    return paths
+    return write_results(results, output_dir, render_study_markdown(results), plot_study)
