@@ -175,3 +175,6 @@ def test_summarise_aggregates_over_seeds_with_standard_errors():
     ))  # fmt: skip
     markdown = render_study_markdown(results)
     assert "| cream M3 | 48.00 ± 3.61 (se " in markdown
+    for table in markdown.split("\n\n"):  # every row of a table has as many cells as its header (no stray "|")
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in rows}) <= 1, rows

@@ -92,8 +92,8 @@ def _verdict(diff: float, spread: float) -> str:
         return "identical" if diff == 0 else "differs, with no spread over seeds"
     ratio = abs(diff) / spread
     if ratio < 2:
-        return f"within seed noise (|Δ| = {ratio:.1f} × the spread)"
-    return f"{'CREAM' if diff > 0 else 'SRLM'} higher, |Δ| = {ratio:.1f} × the spread"
+        return f"within seed noise (abs(Δ) = {ratio:.1f} × the spread)"
+    return f"{'CREAM' if diff > 0 else 'SRLM'} higher, abs(Δ) = {ratio:.1f} × the spread"
 
 
 def compare(table1: Mapping[str, Any], table2: Mapping[str, Any]) -> list[dict[str, Any]]:
