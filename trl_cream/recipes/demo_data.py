@@ -238,8 +238,9 @@ SIZE_PRESETS: dict[str, DemoSizes] = {
     # Measured greedy, batch 16: 24 MC prompts x 16 new tokens ~8 s per task, 10 GSM8K x 256 tokens ~86 s (the
     # largest eval cost), so ~2 min per checkpoint. 24 rows per task give a standard error of ~10 points: the demo
     # shows the pipeline, not significance.
-    # Scored by option log-likelihood instead (the demo's default): see the note on eval_mc_loglikelihood below.
-    "small": DemoSizes(sft_mc=72, sft_chat=8, prompts=20, eval_mc=24, eval_gsm8k=10, eval_mc_loglikelihood=100),
+    # Scored by option log-likelihood instead (the demo's default): 50 questions per task (se ~7 points); 100 took
+    # ~22 s per task and checkpoint on 2 CPU cores (2026-11-23), which made the demo ~14 min instead of ~9.
+    "small": DemoSizes(sft_mc=72, sft_chat=8, prompts=20, eval_mc=24, eval_gsm8k=10, eval_mc_loglikelihood=50),
     # A GPU (or a long CPU run): standard error ~3 points per task.
     "medium": DemoSizes(sft_mc=1024, sft_chat=64, prompts=512, eval_mc=250, eval_gsm8k=200, eval_mc_loglikelihood=500),
     # Everything: SFT 2221 + 256 chat, 2329 prompts, full test sets (ARC-E 2376, ARC-C 1172, OBQA 500, SIQA half 963,
