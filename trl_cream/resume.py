@@ -169,9 +169,7 @@ class ResumableRoundsMixin:
                 adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
             return scores
         self._restore_previous_adapter(t)
-        shard = distributed.shard_round(
-            len(prompt_ids), self.accelerator, distributed.needs_lockstep(self.accelerator)
-        )
+        shard = distributed.round_shard(self.accelerator, len(prompt_ids))  # the same split as sampling
         local = shard.select(candidates)  # each rank scores its share; the scores of the whole round are gathered
         scores = distributed.gather_scores(shard, self.score_round(t, shard.select(prompt_ids), local), candidates)
         scores = reward_sources.add_external_rewards(self, scores, prompt_ids, candidates)  # on the whole round
