@@ -274,7 +274,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         return 1
 
     def iteration_dir(self, index: int) -> Path:
-        return Path(self.args.output_dir) / f"M{index}"
+        return self.store.iteration_dir(index)
 
     def split_prompts(self) -> list[list[Any]]:
         """Shuffle the prompts with ``args.seed`` and split them equally across the rounds."""
