@@ -105,8 +105,8 @@ class CreamConfig(OnlineDPOConfig):
             up to floating-point differences between the cached decode and the full forward (measured in
             `benchmarks/README.md`), which can reorder near-ties. Keeps `generation_batch_size * num_generations *
             max_new_tokens * vocab_size` float32 logits per `generate` call. Falls back to the forward when a prompt
-            + candidate exceeds `max_length`, with `generation_backend="paged"`, and when a resumed run reloads the
-            round's samples from disk.
+            + candidate exceeds `max_length`, with `generation_backend="paged"`, when a resumed run reloads the
+            round's samples from disk, and under ZeRO-3/FSDP with several processes (their forwards are collective).
 
         > Parameters of the SFT stage (Algorithm 1 line 2, used when the trainer gets an `sft_dataset`)
 

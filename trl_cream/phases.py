@@ -58,6 +58,8 @@ class RoundPhasesMixin:
             )  # fmt: skip
 
         sampled, self._sampled_logps = getattr(self, "_sampled_logps", None), None
+        if distributed.needs_lockstep(self.accelerator):  # ZeRO-3/FSDP: every rank must run the π_t forwards, or a
+            sampled = None  # rank falling back (prompt + candidate > max_length) would wait for the others forever
         policy = sampled_policy_scores(sampled, prompt_ids, candidates, self.args.max_length)
         if policy is None:
             policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
