@@ -42,7 +42,7 @@ def differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def check_run(out: Path, num_prompts: int, n: int) -> list[dict]:
+def check_run(out: Path, num_prompts: int, n: int, log_history: list[dict]) -> list[dict]:
     for m in ("M1", "M2", "M3"):
         assert (out / m).is_dir(), f"{m} was not saved"
     all_metrics = []
@@ -50,10 +50,19 @@ def check_run(out: Path, num_prompts: int, n: int) -> list[dict]:
         rd = out / "rounds" / f"round_{t}"
         candidates, pairs = load_from_disk(str(rd / "candidates")), load_from_disk(str(rd / "pairs"))
         metrics = json.loads((rd / "metrics.json").read_text())
-        # Every pair starts at z = 0 (policy = reference); with C = 0.5 on every pair dL/dz = 0.5 - C vanishes
-        # there exactly, so the round must leave the weights bit-identical. Any other C must move them.
+        # Every pair starts at z = 0 (policy = reference); with C = 0.5 on every pair dL/dz = (1 - C)σ(z) - Cσ(-z)
+        # vanishes there, so the round's first gradient is zero in exact arithmetic. On a real CPU the training
+        # forward and the scoring forward take different kernels (different batch shapes) and differ by ~1e-6 in a
+        # log-prob, which AdamW can still turn into an lr-sized step; so the weights are not compared bitwise: the
+        # first gradient norm is, against a bound far below a round with signal (~1 on this model).
         no_signal = set(pairs["consistency"]) == {0.5}
-        assert differ(weights(out / f"M{t}"), weights(out / f"M{t + 1}")) != no_signal, (t, metrics["consistency"])
+        grad_norms = [e["grad_norm"] for e in log_history if "grad_norm" in e and e.get("cream/round") == t]
+        assert grad_norms, f"round {t} logged no training step"
+        if no_signal:
+            assert grad_norms[0] < 1e-3, (t, grad_norms)
+        else:
+            assert grad_norms[0] > 1e-2, (t, grad_norms)
+            assert differ(weights(out / f"M{t}"), weights(out / f"M{t + 1}")), (t, metrics["consistency"])
         assert len(candidates) == (num_prompts // 2) * n
         assert (
             metrics["num_pairs"] == len(pairs)
@@ -78,7 +87,7 @@ def test_two_rounds_full_finetuning(tmp_path, m0, tokenizer, prompts):
         model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
     )
     output = trainer.train()
-    metrics = check_run(tmp_path / "a", len(QUESTIONS), args.num_generations)
+    metrics = check_run(tmp_path / "a", len(QUESTIONS), args.num_generations, trainer.state.log_history)
     assert [r["round"] for r in output.metrics["rounds"]] == [1, 2]
     logged = [e for e in trainer.state.log_history if "cream/kendall_tau_mean" in e]
     assert len(logged) == 2 and logged[0]["cream/kendall_tau_mean"] == pytest.approx(metrics[0]["kendall_tau_mean"])
@@ -105,7 +114,7 @@ def test_two_rounds_lora_shares_the_base_and_trains_only_the_policy_adapter(tmp_
     trainer = CreamTrainer(model=model, args=cream_args(tmp_path), train_dataset=prompts, processing_class=tokenizer)
     assert trainer.ref_model is None
     trainer.train()
-    check_run(tmp_path, len(QUESTIONS), 3)
+    check_run(tmp_path, len(QUESTIONS), 3, trainer.state.log_history)
     # Same seed, fresh adapter: identical pairs.
     again = tmp_path / "again"
     CreamTrainer(
