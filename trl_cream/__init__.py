@@ -4,8 +4,12 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from .cream_config import CreamConfig  # noqa: E402
-from .cream_trainer import CreamTrainer  # noqa: E402
+from ._compat import install as _install_moved_modules  # noqa: E402
+
+_install_moved_modules()
+
+from .trainer.config import CreamConfig  # noqa: E402
+from .trainer.trainer import CreamTrainer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -23,8 +23,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
-from .artifacts import RoundScores
-from .sampling import score_candidates
+from .core.labelling import RoundScores
+from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
 

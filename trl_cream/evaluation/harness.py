@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import sampling
+from ..modeling import sampling
 from .answers import is_correct, predict
 from .loglikelihood import binomial_stderr, evaluate_loglikelihood, resolve_modes
 from .ranking import _as_messages, ranking_consistency

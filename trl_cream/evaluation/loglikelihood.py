@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .. import sampling
+from ..modeling import sampling
 
 EVAL_MODES: tuple[str, ...] = ("generate", "loglikelihood")
 MC_CONTEXT = "Question: {question}\nAnswer:"

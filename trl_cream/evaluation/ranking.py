@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .. import sampling
-from ..consistency import kendall_tau, spearman, top_order
-from ..rewards import baseline_rewards, implicit_rewards
+from ..core.consistency import kendall_tau, spearman, top_order
+from ..core.rewards import baseline_rewards, implicit_rewards
+from ..modeling import sampling
 
 
 def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..cream_config import CreamConfig
+from ..trainer.config import CreamConfig
 
 # CreamConfig values of the demo that differ from the paper's (which target 7B models and 21K prompts): a 135M
 # model with ~10 pairs per round needs a LoRA-sized learning rate to move at all.
@@ -102,9 +102,9 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from ..cream_trainer import CreamTrainer
     from ..evaluation import run_evaluation
     from ..evaluation.report import render_markdown, write_report
+    from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
 
     timings: dict[str, float] = {}

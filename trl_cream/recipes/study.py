@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..cream_config import CreamConfig
+from ..trainer.config import CreamConfig
 from .demo import DEMO_DEFAULTS
 from .study_report import summarise, write_study_report
 
@@ -101,8 +101,8 @@ def _round1_baselines(round_dir: Path, num_generations: int) -> dict[str, dict[s
     """τ and C of round 1's ranking against π_0's mean and summed log-likelihood, from its saved candidates."""
     from datasets import load_from_disk
 
-    from ..consistency import kendall_tau
-    from ..rewards import ROUND1_BASELINES, baseline_rewards
+    from ..core.consistency import kendall_tau
+    from ..core.rewards import ROUND1_BASELINES, baseline_rewards
 
     table = load_from_disk(str(round_dir / "candidates"))
     reward, initial, lengths = (
@@ -122,10 +122,10 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .. import adapters
-    from ..cream_trainer import CreamTrainer
     from ..evaluation import evaluate_accuracy, evaluate_loglikelihood, load_checkpoint, ranking_consistency
-    from ..sft import run_sft
+    from ..modeling import adapters
+    from ..trainer.sft import run_sft
+    from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
 
     unknown = set(study.methods) - set(METHODS)

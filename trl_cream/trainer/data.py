@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .sampling import pad_pairs, truncate_prompts
+from ..modeling.sampling import pad_pairs, truncate_prompts
 
 
 @dataclass

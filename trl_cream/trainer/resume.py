@@ -16,11 +16,12 @@ from datasets import Dataset
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import adapters, distributed, reward_sources
-from .artifacts import RoundScores, candidates_dataset, label_round, pairs_dataset
-from .checkpointing import load_adapter_weights, load_full_weights
-from .manifest import build_manifest
-from .sampling import tokenize_prompts
+from .. import distributed
+from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from ..modeling import adapters, reward_sources
+from ..modeling.sampling import tokenize_prompts
+from ..runs.manifest import build_manifest
+from ..runs.store import load_adapter_weights, load_full_weights
 from .validation import check_finite_scores, fit_prompts
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 
-from . import distributed, hub, reward_sources
-from .checkpointing import PhaseStore
-from .cream_config import CreamConfig
+from .. import distributed, hub
+from ..core.loss import cream_dpo_loss
+from ..modeling import reward_sources
+from ..modeling.perf import frozen_gc
+from ..modeling.sampling import completion_logps, tokenize_prompts
+from ..runs.store import PhaseStore
+from .config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
-from .loss import cream_dpo_loss
-from .perf import frozen_gc
 from .phases import RoundPhasesMixin
 from .resume import ResumableRoundsMixin
-from .sampling import completion_logps, tokenize_prompts
 from .sft import run_sft
 from .validation import (
     check_distinct_from_initial,

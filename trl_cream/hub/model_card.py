@@ -12,7 +12,7 @@ from typing import Any
 from huggingface_hub import ModelCard
 from trl.trainer.utils import generate_model_card
 
-from .hub import MERGED_SUBFOLDER, iteration_target
+from .publisher import MERGED_SUBFOLDER, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
 CARD_CONFIG_FIELDS: tuple[str, ...] = (
@@ -210,7 +210,7 @@ def _rounds_section(num_rounds: int, rounds: list[dict[str, Any]]) -> str:
 
 
 def _evaluation_section(evaluation: dict[str, Any]) -> str:
-    from .evaluation.report import render_markdown
+    from ..evaluation.report import render_markdown
 
     tables = render_markdown(evaluation).strip().replace("## ", "### ")
     return f"## Evaluation\n\n{tables}\n"

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
-from . import hub
-from .consistency import GRANULARITIES, MEASURES
-from .rewards import ROUND1_BASELINES
-from .sampling import GENERATION_BACKENDS
+from .. import hub
+from ..core.consistency import GRANULARITIES, MEASURES
+from ..core.rewards import ROUND1_BASELINES
+from ..modeling.sampling import GENERATION_BACKENDS
 from .validation import LONG_PROMPT_MODES
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")

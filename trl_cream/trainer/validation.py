@@ -15,7 +15,7 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from . import adapters
+from ..modeling import adapters
 
 logger = logging.getLogger(__name__)
 

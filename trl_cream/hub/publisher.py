@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .hub_utils import (
+from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
     STRATEGIES,

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
 
-from .cream_config import CreamConfig
+from .config import CreamConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from trl.models.utils import unwrap_model_for_generation
 
-from . import adapters, distributed, sampling
-from .artifacts import RoundScores
-from .perf import sampled_policy_scores
-from .sampling import generate_candidates
+from .. import distributed
+from ..core.labelling import RoundScores
+from ..modeling import adapters, sampling
+from ..modeling.perf import sampled_policy_scores
+from ..modeling.sampling import generate_candidates
 
 
 class RoundPhasesMixin:

@@ -18,7 +18,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedM
 from trl.data_utils import maybe_apply_chat_template
 
 if TYPE_CHECKING:
-    from .cream_config import CreamConfig
+    from ..trainer.config import CreamConfig
 
 TokenIds = list[int]
 

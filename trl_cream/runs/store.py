@@ -33,7 +33,7 @@ from datasets import Dataset, load_from_disk
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifacts import RoundScores
+from ..core.labelling import RoundScores
 from .manifest import manifest_differences
 
 logger = logging.getLogger(__name__)

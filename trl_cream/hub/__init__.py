@@ -1,0 +1,37 @@
+"""Publishing CREAM iterations to the Hugging Face Hub: settings and retries, the background publisher, model cards."""
+
+from .publisher import (
+    FAILURE_MODES,
+    MERGED_SUBFOLDER,
+    STRATEGIES,
+    HubPublisher,
+    HubPushError,
+    HubSettings,
+    RetryPolicy,
+    is_pushed,
+    iteration_target,
+    latest_local_iteration,
+    marker_path,
+    publish_iteration,
+    start,
+    validate_settings,
+    wait,
+)
+
+__all__ = [
+    "FAILURE_MODES",
+    "MERGED_SUBFOLDER",
+    "STRATEGIES",
+    "HubPublisher",
+    "HubPushError",
+    "HubSettings",
+    "RetryPolicy",
+    "is_pushed",
+    "iteration_target",
+    "latest_local_iteration",
+    "marker_path",
+    "publish_iteration",
+    "start",
+    "validate_settings",
+    "wait",
+]

@@ -1,0 +1,1 @@
+"""What touches a model: sampling and scoring, LoRA adapters, external reward sources."""

@@ -1,0 +1,1 @@
+"""The TRL trainer: configuration, round phases, resume, validation, datasets and the SFT stage."""
