@@ -12,7 +12,7 @@ from typing import Any
 from huggingface_hub import ModelCard
 from trl.trainer.utils import generate_model_card
 
-from .publisher import MERGED_SUBFOLDER, iteration_target
+from .utils import MERGED_SUBFOLDER, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
 CARD_CONFIG_FIELDS: tuple[str, ...] = (
