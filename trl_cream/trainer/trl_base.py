@@ -51,8 +51,35 @@ PARENT_INIT_PARAMETERS: tuple[str, ...] = (
 )
 # Attributes the parent's constructor sets and CREAM reads.
 PARENT_ATTRIBUTES: tuple[str, ...] = ("ref_model", "_tokenizer", "eos_token_ids", "stats")
-# Parent methods CREAM calls through super() or replaces.
-PARENT_METHODS: tuple[str, ...] = ("_maybe_log_save_evaluate", "_save_checkpoint", "training_step", "log")
+# Methods of the parent (and of transformers' Trainer below it) that CREAM calls through super() or replaces, with
+# the parameters it passes or receives.
+PARENT_METHODS: dict[str, tuple[str, ...]] = {
+    "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval"),
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "_push_from_checkpoint": ("checkpoint_folder",),
+    "training_step": ("model", "inputs", "num_items_in_batch"),
+    "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
+    "log": ("logs", "start_time"),
+    "init_hf_repo": ("token", "private"),
+    "save_model": ("output_dir", "_internal_call"),
+    "train": ("resume_from_checkpoint",),
+}
+# Fields of the parent's config that CREAM reads (the others are refused when set, see CreamConfig).
+PARENT_CONFIG_FIELDS: tuple[str, ...] = (
+    "beta",
+    "loss_type",
+    "max_new_tokens",
+    "max_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_kwargs",
+    "ds3_gather_for_generation",
+    "use_vllm",
+)
 
 __all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "TrlOnlineDPOBase"]
 
