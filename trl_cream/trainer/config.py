@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
@@ -16,6 +17,70 @@ REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
 
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
+
+# Every choice field and its allowed values, checked once, here (the owning layer defines each tuple).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "consistency_measure": MEASURES,
+    "consistency_granularity": GRANULARITIES,
+    "ref_policy": REF_POLICIES,
+    "generation_backend": GENERATION_BACKENDS,
+    "long_prompts": LONG_PROMPT_MODES,
+    "round1_baseline": ROUND1_BASELINES,
+    "reward_source": REWARD_SOURCES,
+    "baseline_source": BASELINE_SOURCES,
+}
+
+_VLLM = "CREAM samples with transformers (`generation_backend`); vLLM is not supported yet"
+# Fields inherited from OnlineDPOConfig that CREAM does not use: setting one to anything but TRL's default is refused,
+# with what to use instead.
+IGNORED_PARENT_FIELDS: dict[str, str] = {
+    "reward_model_path": (
+        "CREAM ranks candidates with its own implicit reward; for an external reward model pass "
+        "`reward_model=` to CreamTrainer with reward_source='reward_model' (or baseline_source='reward_model')"
+    ),
+    "reward_weights": "CREAM uses one reward source (`reward_source`), so there is nothing to weight",
+    "missing_eos_penalty": (
+        "CREAM's rewards are log-likelihood ratios, not reward-model scores to penalise; lower `max_new_tokens` "
+        "or raise it so that candidates finish"
+    ),
+    "cache_implementation": "pass it in `generation_kwargs` (e.g. {'cache_implementation': 'static'})",
+    "model_init_kwargs": "CreamTrainer takes an instantiated model: pass the kwargs to from_pretrained yourself",
+    "vllm_model_impl": _VLLM,
+    "vllm_structured_outputs_regex": _VLLM,
+    "vllm_gpu_memory_utilization": _VLLM,
+    "vllm_mode": _VLLM,
+    "vllm_server_base_url": _VLLM,
+    "vllm_server_host": _VLLM,
+    "vllm_server_port": _VLLM,
+    "vllm_server_timeout": _VLLM,
+    "vllm_group_port": _VLLM,
+    "vllm_tensor_parallel_size": _VLLM,
+    "vllm_enable_sleep_mode": _VLLM,
+}
+
+
+def _parent_default(name: str) -> Any:
+    """TRL's default of an `OnlineDPOConfig` field."""
+    spec = OnlineDPOConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def check_choices(config: Any) -> None:
+    """Each choice field of `CHOICES` holds one of its allowed values."""
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name}={getattr(config, name)!r} is unknown; choose one of {', '.join(choices)}.")
+
+
+def refuse_ignored_parent_fields(config: Any) -> None:
+    """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
+    for name, instead in IGNORED_PARENT_FIELDS.items():
+        if name in OnlineDPOConfig.__dataclass_fields__ and getattr(config, name) != _parent_default(name):
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is a field of TRL's OnlineDPOConfig that CREAM does not use, so it "
+                f"would be silently ignored: {instead}. Leave {name} at its default "
+                f"({_parent_default(name)!r})."
+            )
 
 
 def _bf16_available() -> bool:
@@ -367,18 +432,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
-        for name, choices in (
-            ("consistency_measure", MEASURES),
-            ("consistency_granularity", GRANULARITIES),
-            ("ref_policy", REF_POLICIES),
-            ("generation_backend", GENERATION_BACKENDS),
-            ("long_prompts", LONG_PROMPT_MODES),
-            ("round1_baseline", ROUND1_BASELINES),
-            ("reward_source", REWARD_SOURCES),
-            ("baseline_source", BASELINE_SOURCES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}.")
+        check_choices(self)
+        refuse_ignored_parent_fields(self)
         penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
         if self.generation_backend == "paged" and penalty not in (None, 1.0):
             raise ValueError(
