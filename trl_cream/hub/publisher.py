@@ -197,11 +197,6 @@ class HubPublisher:
             if error is not None:
                 raise error
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
     # ------------------------------------------------ the push (worker thread)
     def _push_safely(self, index: int, folder: Path, round_dir: Path | None, update_main: bool) -> dict | None:
         s = self.settings

@@ -250,12 +250,6 @@ class PhaseStore:
     def holds_a_run(self) -> bool:
         return self.manifest_path.exists() or self.layout.rounds_dir.exists()
 
-    def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        """Check ``manifest`` against the folder's run, then record it (one process)."""
-        clear = self.check(manifest, resume, overwrite)
-        if not resume:
-            self.record(manifest, clear)
-
     def check(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> bool:
         """Check ``manifest`` against the folder's run, writing nothing (every process, before `record`).
 

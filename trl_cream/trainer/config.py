@@ -162,7 +162,7 @@ class CreamConfig(OnlineDPOConfig):
             Freeze the objects that exist when scoring and training start out of Python's cyclic garbage collector
             (`gc.freeze`) until the phase ends, so that the full collections run between phases (accelerate's
             `free_memory`, the release of ``π_{t−1}``) only walk what the phase created. Exact (no numeric change);
-            saves about 1.5–2 s per collection, four per round, on a busy CPU (see `benchmarks/README.md`).
+            the time it saves is measured in `benchmarks/` (figures in `benchmarks/RESULTS.md`).
         policy_logps_from_sampling (`bool`, *optional*, defaults to `False`):
             Take ``π_t``'s scores of the candidates from the sampling pass (`generate(output_logits=True)`, the raw
             logits) instead of a separate scoring forward: one forward pass fewer per round. They equal the forward's
