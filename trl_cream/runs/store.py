@@ -42,6 +42,7 @@ from .layout import (
     parse_trainer_checkpoint,
 )
 from .manifest import manifest_differences
+from .weights import load_adapter_weights, load_full_weights  # noqa: F401  (their home before 0.2)
 
 logger = logging.getLogger(__name__)
 
@@ -137,52 +138,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-# ---------------------------------------------------------------- model weights
-def _weight_files(path: Path, adapter: bool) -> list[Path]:
-    stem = "adapter_model" if adapter else "model"
-    index = path / f"{stem}.safetensors.index.json"
-    if index.exists():
-        return sorted({path / name for name in read_json(index)["weight_map"].values()})
-    single = path / f"{stem}.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(
-            f"{path} holds no {single.name}: only safetensors checkpoints are resumed from. Was the run saved with "
-            "save_safetensors=False? Start a new run."
-        )
-    return [single]
-
-
-@torch.no_grad()
-def load_full_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load the safetensors weights saved in ``path`` into ``model`` in place (tied weights included)."""
-    params = model.state_dict()
-    loaded: set[str] = set()
-    for file in _weight_files(Path(path), adapter=False):
-        for name, tensor in load_file(str(file)).items():
-            if name not in params:
-                raise ValueError(f"{file} holds {name!r}, which the model does not have: is it the same architecture?")
-            params[name].copy_(tensor.to(params[name].dtype))
-            loaded.add(name)
-    pointers = {params[n].data_ptr() for n in loaded}
-    missing = [n for n in params if n not in loaded and params[n].data_ptr() not in pointers]
-    if missing:
-        raise ValueError(f"{path} lacks weights for {missing[:5]}: it is not a checkpoint of this model.")
-
-
-@torch.no_grad()
-def load_adapter_weights(model: Any, adapter_name: str, path: Path) -> None:
-    """Load a LoRA adapter saved in ``path`` into the existing adapter ``adapter_name`` of a PeftModel."""
-    from peft import set_peft_model_state_dict
-
-    state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(Path(path), adapter=True):
-        state.update(load_file(str(file)))
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"The adapter in {path} does not fit adapter {adapter_name!r}: unexpected {unexpected[:5]}.")
 
 
 # ---------------------------------------------------------------- the phase store
