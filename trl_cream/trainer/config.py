@@ -11,7 +11,7 @@ from .. import hub
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..modeling.sampling import GENERATION_BACKENDS
-from .validation import LONG_PROMPT_MODES
+from .validation import LONG_PROMPT_MODES, check_optimization_settings, check_sampling_settings
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -405,6 +405,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
+        check_sampling_settings(self)
+        check_optimization_settings(self)
         hub.validate_settings(self)
 
     def __getstate__(self) -> dict:

@@ -22,7 +22,7 @@ from .. import distributed, hub
 from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
-from ..modeling.sampling import completion_logps, tokenize_prompts
+from ..modeling.sampling import completion_logps
 from ..runs.store import PhaseStore
 from .config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
@@ -32,8 +32,10 @@ from .sft import run_sft
 from .validation import (
     check_distinct_from_initial,
     check_model_inputs,
+    check_models_agree,
+    check_prompts_fit,
+    check_quantized_blocks,
     check_tokenizer,
-    fit_prompts,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,11 +110,9 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         validate_prompts(train_dataset, args.num_iterations)
         check_model_inputs(model, peft_config)
         check_tokenizer(processing_class, train_dataset["prompt"])
-        if processing_class is not None:
-            fit_prompts(
-                tokenize_prompts(processing_class, train_dataset["prompt"]), args.max_length, args.max_new_tokens,
-                args.long_prompts, "the prompts of train_dataset",
-            )  # fmt: skip
+        check_models_agree(model, ref_model, processing_class)
+        check_quantized_blocks(model)
+        check_prompts_fit(model, processing_class, train_dataset["prompt"], args)
         if sft_dataset is not None:
             validate_sft_dataset(sft_dataset)
             if ref_model is not None:

@@ -44,12 +44,111 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence
             "neither padded nor stopped. Set one first, e.g. tokenizer.pad_token = tokenizer.eos_token = '</s>' (an "
             "existing token, to avoid resizing the embeddings)."
         )
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has a pad token ({tokenizer.pad_token!r}) but no eos "
+            "token, so sampled candidates can never stop and are not marked as finished. Set an existing token as "
+            "eos, e.g. tokenizer.eos_token = tokenizer.pad_token, or the model's end-of-turn token."
+        )
     chat = next((i for i, p in enumerate(prompts) if isinstance(p, list)), None)
     if chat is not None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"The prompts are chat messages (e.g. row {chat}) but the tokenizer has no chat template. Set "
             "tokenizer.chat_template (e.g. from the instruct model's tokenizer), or pass plain-string prompts."
         )
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if is_peft_model(model) else model
+    return getattr(base, "config", None)
+
+
+def _vocab_rows(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError, IndexError):
+        return None
+
+
+def check_models_agree(model: Any, ref_model: Any | None, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """The policy, π_0 and the tokenizer share one vocabulary (and policy and π_0 one architecture): rewards are
+    log π_t − log π_0 of the same token ids."""
+    if isinstance(model, str) or not isinstance(model, nn.Module):
+        return
+    rows = _vocab_rows(model)
+    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but `model` embeds only {rows}: token ids >= {rows} would "
+            "index past the embeddings. Pass the model's own tokenizer, or call model.resize_token_embeddings("
+            "len(tokenizer)) before training (and on π_0)."
+        )
+    if ref_model is None or not isinstance(ref_model, nn.Module):
+        return
+    a, b = _base_config(model), _base_config(ref_model)
+    kind_a, kind_b = getattr(a, "model_type", None), getattr(b, "model_type", None)
+    if kind_a != kind_b:
+        raise ValueError(
+            f"`ref_model` (π_0) is a {kind_b!r} model but `model` is a {kind_a!r} model: CREAM's π_0 is the initial "
+            "model M0 that the policy was trained from, with the same architecture and vocabulary. Pass M0 as "
+            "ref_model."
+        )
+    ref_rows = _vocab_rows(ref_model)
+    if rows is not None and ref_rows is not None and rows != ref_rows:
+        raise ValueError(
+            f"`ref_model` (π_0) embeds {ref_rows} tokens but `model` embeds {rows}: their log-probs are not over the "
+            "same vocabulary. Pass the model M1 was trained from as ref_model (resize both to len(tokenizer) if "
+            "you added tokens)."
+        )
+
+
+def check_context_window(model: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse prompts whose candidates would run past the model's `max_position_embeddings`."""
+    limit = getattr(_base_config(model), "max_position_embeddings", None)
+    if not isinstance(limit, int) or not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if len(prompt_ids[longest]) + max_new_tokens > limit:
+        raise ValueError(
+            f"Prompt {longest} has {len(prompt_ids[longest])} tokens; with max_new_tokens={max_new_tokens} its "
+            f"candidates reach {len(prompt_ids[longest]) + max_new_tokens} positions, past the model's "
+            f"max_position_embeddings={limit}. Set max_length <= {limit} (long prompts then keep their last tokens), "
+            "lower max_new_tokens, or shorten those prompts."
+        )
+
+
+def check_prompts_fit(
+    model: Any, tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence[Any], args: Any
+) -> None:
+    """The prompts, tokenized as round 1 will, against `max_length` (`long_prompts`) and the model's context window."""
+    if tokenizer is None:
+        return
+    from ..modeling.sampling import tokenize_prompts
+
+    fitted = fit_prompts(
+        tokenize_prompts(tokenizer, prompts), args.max_length, args.max_new_tokens, args.long_prompts,
+        "the prompts of train_dataset",
+    )  # fmt: skip
+    check_context_window(model, fitted, args.max_new_tokens)
+
+
+def check_quantized_blocks(model: Any) -> None:
+    """A 4-bit (bitsandbytes) layer on the CPU whose input width is not a multiple of its quantization block: the
+    CPU kernels cannot run it. 4-bit on the CPU with fitting widths works."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        width = getattr(module, "in_features", None)
+        blocksize = getattr(state, "blocksize", None)
+        if state is None or not width or not blocksize or module.weight.device.type != "cpu":
+            continue
+        if width % blocksize:
+            raise ValueError(
+                f"`{name}` is a 4-bit layer with {width} input features, which is not a multiple of bitsandbytes' "
+                f"quantization block ({blocksize}): its CPU kernels cannot run it (the hidden size is below or off "
+                "the block). Load the model without 4-bit quantization, use a model whose hidden size is a "
+                f"multiple of {blocksize}, or train on a GPU."
+            )
 
 
 def prompt_token_budget(max_length: int | None, max_new_tokens: int) -> int | None:
@@ -133,3 +232,68 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
         if not torch.equal(param.detach(), other.detach().to(param.device)):
             return
     raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+
+
+# ---------------------------------------------------------------- pure config values (CreamConfig.__post_init__)
+def _generation_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    return frozenset(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+
+
+def check_sampling_settings(args: Any) -> None:
+    """Temperature, top-p, top-k and `generation_kwargs` as the candidates will be sampled with them."""
+    kwargs = dict(args.generation_kwargs or {})
+    unknown = sorted(set(kwargs) - _generation_keys())
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _generation_keys(), 1)) else
+                 repr(k) for k in unknown]  # fmt: skip
+        raise ValueError(
+            f"generation_kwargs has key(s) {', '.join(hints)} that transformers' GenerationConfig does not know; "
+            "they would be ignored silently. Fix or drop them (see transformers.GenerationConfig for the names)."
+        )
+    if kwargs.get("do_sample", True) is False:
+        raise ValueError(
+            "generation_kwargs={'do_sample': False}: CREAM ranks several *sampled* candidates per prompt; greedy "
+            "decoding gives identical candidates, so every pair is tied and nothing is learnt. Drop do_sample from "
+            "generation_kwargs (sampling is always on)."
+        )
+    where = lambda name: "generation_kwargs" if name in kwargs else name  # noqa: E731
+    temperature = kwargs.get("temperature", args.temperature)
+    if temperature is None or temperature <= 0:
+        raise ValueError(
+            f"{where('temperature')}: temperature={temperature} must be > 0 to sample candidates (the paper uses 0.8)."
+        )
+    top_p = kwargs.get("top_p", args.top_p)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(
+            f"{where('top_p')}: top_p={top_p} must lie in (0, 1] (1.0 turns nucleus sampling off; the default is "
+            "0.95)."
+        )
+    top_k = kwargs.get("top_k", args.top_k)
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"{where('top_k')}: top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
+
+
+def check_optimization_settings(args: Any) -> None:
+    """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
+    if args.learning_rate <= 0:
+        raise ValueError(
+            f"learning_rate={args.learning_rate} must be > 0 (the paper uses 1e-6; a value <= 0 learns nothing or "
+            "ascends the loss)."
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}={getattr(args, name)} must be at least 1.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs}: every round would train on none of its pairs, so M<t+1> "
+            "would equal M<t>. Use num_train_epochs > 0 (the paper: 1) or max_steps > 0."
+        )
+    if args.sft_learning_rate < 0 or args.sft_num_train_epochs < 0:
+        raise ValueError(
+            f"sft_learning_rate={args.sft_learning_rate} and sft_num_train_epochs={args.sft_num_train_epochs} must "
+            "be >= 0."
+        )
