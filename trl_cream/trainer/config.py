@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
@@ -176,6 +177,16 @@ class CreamConfig(OnlineDPOConfig):
     `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
     a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
     """
+
+    # CREAM's own fields that change neither the candidates, the scores, the pairs nor the weights: they may differ
+    # when a run is resumed (see `trl_cream.runs.manifest.not_compared_fields`, which checks that each is a field).
+    resume_free_fields: ClassVar[frozenset[str]] = frozenset(
+        {
+            "save_round_artifacts", "overwrite_output_dir", "freeze_gc", "save_strategy", "hub_iteration_strategy",
+            "hub_push_failure", "hub_push_retries", "hub_push_backoff", "push_round_datasets",
+            "push_merged_weights", "hub_base_model_id", "hub_card_results",
+        }
+    )  # fmt: skip
 
     num_iterations: int = field(
         default=2,
@@ -405,6 +416,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
+        check_sampling_settings(self)
+        check_optimization_settings(self)
         check_sampling_settings(self)
         check_optimization_settings(self)
         hub.validate_settings(self)

@@ -41,7 +41,9 @@ class ResumableRoundsMixin:
         """
         store, resume = self.store, bool(resume_from_checkpoint)
         chosen = self._chosen_checkpoint(resume_from_checkpoint)
-        manifest = build_manifest(self.args, self.prompts, self.sft_dataset, self.use_peft, self.first_iteration)
+        manifest = build_manifest(
+            self.args, self.prompts, self.sft_dataset, self.use_peft, self.first_iteration, self._run_identity
+        )
         clear = store.check(manifest, resume=resume, overwrite=self.args.overwrite_output_dir)  # every process
         self.accelerator.wait_for_everyone()  # all have read the old manifest before the main process replaces it
         if not resume:

@@ -23,6 +23,7 @@ from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps
+from ..runs.manifest import run_identity
 from ..runs.store import PhaseStore
 from .config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
@@ -35,7 +36,9 @@ from .validation import (
     check_models_agree,
     check_prompts_fit,
     check_quantized_blocks,
+    check_single_train,
     check_tokenizer,
+    check_training_finite,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                     "train LoRA adapters (π_0 is then the adapter-free base)."
                 )
             check_distinct_from_initial(model, ref_model, peft_config)
+        identity = run_identity(model, ref_model, processing_class, is_peft_model(model) or peft_config is not None)
         self._peft_placeholder = is_peft_model(model) and ref_model is None
         super().__init__(
             model=model,
@@ -156,6 +160,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         self._step_offset = 0
         self._round_output_dir: str | None = None
         self._resumed_round = 0
+        self._run_identity, self._train_called = identity, False
         self.store = PhaseStore(args.output_dir, self.first_iteration, self.accelerator.is_main_process)
         self._hub = hub.start(self)  # with push_to_hub: check the Hub before any training
         self.reward_models = reward_sources.ExternalRewards(
@@ -240,6 +245,8 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                 last intra-round Trainer checkpoint if `save_strategy` made one; a path to one of those
                 checkpoints (``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>``) picks it explicitly.
         """
+        check_single_train(self._train_called, self.args.output_dir)
+        self._train_called = True
         done, chosen = self._open_run(resume_from_checkpoint)  # checks the manifest; reloads M<k> on resume
         shards = self.split_prompts()
         if not done and not self.store.has_iteration(self.first_iteration):
@@ -300,6 +307,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         with _timed(timings, "train"):
             checkpoint = checkpoint or self._round_checkpoint(t)
             output = self._train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=args.seed + t)
+        check_training_finite(self.accelerator, self.model, output.training_loss, t, self.args)
         metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
         with _timed(timings, "save"):
             self.save_iteration(self.first_iteration + t)

@@ -7,6 +7,7 @@ what was wrong, the offending value and what to do.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -297,3 +298,51 @@ def check_optimization_settings(args: Any) -> None:
             f"sft_learning_rate={args.sft_learning_rate} and sft_num_train_epochs={args.sft_num_train_epochs} must "
             "be >= 0."
         )
+
+
+# ---------------------------------------------------------------- during the run
+def check_single_train(called: bool, output_dir: str) -> None:
+    """One run per `train()`: a second call would start over from the trained policy and replace the first run."""
+    if called:
+        raise RuntimeError(
+            "train() was already called on this CreamTrainer: its policy is now the trained model, so a second call "
+            f"would start a new run from it and replace the first run in {output_dir}. Build a new CreamTrainer "
+            "from the original M1 and π_0 to run again (with resume_from_checkpoint=True to continue an interrupted "
+            "run), or load the result from output_dir."
+        )
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (this process's ZeRO-3 partition when partitioned)."""
+    bad = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = getattr(param, "ds_tensor", param)
+            if tensor.numel() and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
+
+
+def check_training_finite(accelerator: Any, model: nn.Module, loss: float, round_index: int, args: Any) -> None:
+    """After a round's training and before ``M<t+1>`` is saved: refuse non-finite weights or a non-finite loss, so
+    that a diverged model is never saved, pushed or marked done (every process reaches the same verdict)."""
+    bad = nonfinite_weights(accelerator.unwrap_model(model))
+    loss_bad = not math.isfinite(loss)
+    flag = torch.tensor([float(bool(bad) or loss_bad)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if not flag.item():
+        return
+    what = []
+    if bad:
+        what.append(f"{len(bad)} weight tensor(s) of the policy are NaN or inf (first: {bad[0]})")
+    if loss_bad:
+        what.append(f"the mean training loss is {loss}")
+    raise FloatingPointError(
+        f"Round {round_index} diverged: {' and '.join(what) or 'another process found NaN/inf weights'}, with "
+        f"learning_rate={args.learning_rate} and max_grad_norm={args.max_grad_norm}. M{round_index + 1} is not "
+        f"saved and nothing of round {round_index} is marked done; the last good iteration stays the run's latest. "
+        "Lower learning_rate (the paper uses 1e-6), keep gradient clipping on (max_grad_norm=1.0), or train in "
+        "float32 (bf16=False); then start again with overwrite_output_dir=True or in a new output_dir (a resume "
+        "must keep the same settings)."
+    )
