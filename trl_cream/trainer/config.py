@@ -88,8 +88,9 @@ class CreamConfig(OnlineDPOConfig):
             `datasets` folders under `output_dir/rounds/round_<t>`. The phase results that a resume needs
             (`samples/`, `scores.safetensors`, `pairs/`, `pairing.json`, `metrics.json`) are written either way.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Start afresh in an `output_dir` that holds a different CREAM run, replacing its `M<k>`, `rounds/` and
-            `cream_state/` (nothing else). Without it such a start is refused; resume the run with
+            Start afresh in an `output_dir` that holds a different CREAM run, replacing the `M<k>`,
+            `rounds/round_<t>` and `cream_state/` its manifest lists (nothing else). Without it such a start is
+            refused, unless that run finished no phase (a failed start); resume the run with
             `resume_from_checkpoint=True` or pick a new `output_dir`.
         long_prompts (`str`, *optional*, defaults to `"truncate"`):
             What to do with prompts longer than `max_length - max_new_tokens` tokens (their completions would not
