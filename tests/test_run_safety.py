@@ -125,8 +125,8 @@ class _Diverging(CreamTrainer):
 
     diverge = True
 
-    def _train_on_pairs(self, *args, **kwargs):
-        output = super()._train_on_pairs(*args, **kwargs)
+    def train_phase(self, *args, **kwargs):
+        output = super().train_phase(*args, **kwargs)
         if self.diverge:
             with torch.no_grad():
                 next(self.accelerator.unwrap_model(self.model).parameters())[0, 0] = float("nan")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..runs.layout import iteration_name
+
 logger = logging.getLogger("trl_cream.hub")
 
 STRATEGIES: tuple[str, ...] = ("branch", "repo")
@@ -153,6 +155,16 @@ def check_repo_ids(args: Any) -> None:
                 f"hub_model_id={args.hub_model_id!r} is not a valid Hub repo id ({repo_id!r}: {error}) Use "
                 "'<user or org>/<name>' with letters, digits, '-', '_' or '.', at most 96 characters in all."
             ) from None
+
+
+# ---------------------------------------------------------------- names
+def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
+    """``(repo_id, revision)`` holding ``M<index>``."""
+    if strategy == "branch":
+        return hub_model_id, iteration_name(index)
+    if strategy == "repo":
+        return f"{hub_model_id}-{iteration_name(index)}", "main"
+    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
 
 
 # ---------------------------------------------------------------- what goes up

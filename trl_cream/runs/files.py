@@ -15,8 +15,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
 from .integrity import DamagedFile, load_checked
-
-PARTIAL_SUFFIX = ".partial"
+from .layout import PARTIAL_SUFFIX
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .layout import PARTIAL_SUFFIX, RunLayout
+
 logger = logging.getLogger(__name__)
 
 CHECKSUMS_NAME = "checksums.json"
@@ -35,19 +37,18 @@ def iteration_range(manifest: dict[str, Any] | None) -> tuple[int, int]:
     return int(first), int(rounds)
 
 
-def owned_paths(output_dir: Path, manifests: list[dict[str, Any] | None]) -> list[Path]:
+def owned_paths(layout: RunLayout, manifests: list[dict[str, Any] | None]) -> list[Path]:
     """The ``M<k>`` and ``rounds/round_<t>`` folders (and their ``.partial``/``.old`` leftovers) of the runs the
     manifests describe: nothing else in ``output_dir``."""
-    names: set[str] = set()
+    paths: set[Path] = set()
     for manifest in manifests:
         first, rounds = iteration_range(manifest)
-        names |= {f"M{k}" for k in range(first, first + rounds + 1)}
-        names |= {f"rounds/round_{t}" for t in range(1, rounds + 1)}
-    paths = []
-    for name in sorted(names):
-        path = output_dir / name
-        paths += [path, path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")]
-    return paths
+        paths |= {layout.iteration_dir(k) for k in range(first, first + rounds + 1)}
+        paths |= {layout.round_dir(t) for t in range(1, rounds + 1)}
+    found = []
+    for path in sorted(paths):
+        found += [path, path.with_name(f".{path.name}{PARTIAL_SUFFIX}"), path.with_name(f".{path.name}.old")]
+    return found
 
 
 # ---------------------------------------------------------------- checksums

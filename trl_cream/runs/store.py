@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -45,52 +44,81 @@ from .files import (  # noqa: F401  (re-exported: the store's public file helper
     save_tensors,
 )
 from .integrity import Checksums, DamagedFile, iteration_range, load_checked, owned_paths
+from .layout import FIRST_ITERATION, RunLayout, iteration_index, parse_trainer_checkpoint
 from .manifest import manifest_differences
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "cream_state"
-MANIFEST_NAME = "manifest.json"
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- the phase store
 class PhaseStore:
-    """Where a run's phases are saved and found again.
+    """Where a run's phases are saved and found again (paths: `trl_cream.runs.layout.RunLayout`).
 
     Args:
         output_dir: the run's folder.
         first_iteration: index of the starting policy in the ``M<k>`` naming.
         is_main: whether this process writes (the others only read).
+        barrier: called between a phase's look-up and its write, so that no process reads a result the main
+            process is replacing (``accelerator.wait_for_everyone``; nothing with one process).
     """
 
-    def __init__(self, output_dir: str | Path, first_iteration: int = 1, is_main: bool = True) -> None:
-        self.output_dir = Path(output_dir)
+    def __init__(
+        self,
+        output_dir: str | Path,
+        first_iteration: int = FIRST_ITERATION,
+        is_main: bool = True,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        self.layout = RunLayout(output_dir)
+        self.output_dir = self.layout.output_dir
         self.first_iteration = first_iteration
         self.is_main = is_main
+        self.barrier = barrier or (lambda: None)
         self.checksums = Checksums(self.output_dir, self.state_dir, atomic_write_json)
         self._previous_manifest: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ layout
     @property
     def state_dir(self) -> Path:
-        return self.output_dir / STATE_DIR
+        return self.layout.state_dir
 
     @property
     def manifest_path(self) -> Path:
-        return self.state_dir / MANIFEST_NAME
+        return self.layout.manifest_path
 
     def iteration_dir(self, index: int) -> Path:
-        return self.output_dir / f"M{index}"
+        return self.layout.iteration_dir(index)
 
     def round_dir(self, t: int) -> Path:
-        return self.output_dir / "rounds" / f"round_{t}"
+        return self.layout.round_dir(t)
 
     def trainer_checkpoint_dir(self, t: int) -> Path:
-        return self.round_dir(t) / "trainer_checkpoints"
+        return self.layout.trainer_checkpoint_dir(t)
+
+    def iteration(self, t: int) -> int:
+        """``k`` of ``π_t = M<k>`` in this run (`trl_cream.runs.layout.iteration_index`)."""
+        return iteration_index(t, self.first_iteration)
+
+    # ------------------------------------------------------------ one phase
+    def load_or_compute(self, load: Callable[[], T | None], compute: Callable[[], T], save: Callable[[T], None]) -> T:
+        """A phase's result: ``load()`` it when an earlier attempt saved it, else ``compute()`` and ``save`` it.
+
+        Every process looks before the main process may write (``barrier``), so a process never reads a result that
+        is being replaced; ``save`` writes on the main process only (the others return the computed value)."""
+        loaded = load()
+        self.barrier()
+        if loaded is not None:
+            return loaded
+        result = compute()
+        save(result)
+        return result
 
     # ------------------------------------------------------------ the run as a whole
     def holds_a_run(self) -> bool:
-        return self.manifest_path.exists() or (self.output_dir / "rounds").exists()
+        return self.manifest_path.exists() or self.layout.rounds_dir.exists()
 
     def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
         """Check ``manifest`` against the folder's run, then record it (one process)."""
@@ -111,7 +139,7 @@ class PhaseStore:
         """Whether the run in the folder finished a phase (SFT, or any phase of a round): a run that finished none
         (a failed start) is replaced by a new start without ``overwrite_output_dir``."""
         first, rounds = iteration_range(manifest)
-        if (self.state_dir / "sft.json").exists():
+        if self.layout.sft_metrics_path.exists():
             return True
         if any(self.iteration_dir(k).is_dir() for k in range(first + 1, first + rounds + 1)):
             return True
@@ -181,7 +209,7 @@ class PhaseStore:
                     else "another run (overwrite_output_dir=True)",
                 )
             return True
-        stray = [p.name for p in owned_paths(self.output_dir, [manifest])[::3] if p.is_dir()]
+        stray = [p.name for p in owned_paths(self.layout, [manifest])[::3] if p.is_dir()]
         if stray and not overwrite:
             raise ValueError(
                 f"output_dir={str(self.output_dir)!r} holds {', '.join(stray)} but no CREAM run recorded them (no "
@@ -207,10 +235,10 @@ class PhaseStore:
                 manifests = [self.read_manifest()]
             except DamagedFile:
                 manifests = []
-        for path in owned_paths(self.output_dir, manifests):
+        for path in owned_paths(self.layout, manifests):
             _remove(path)
         _remove(self.state_dir)
-        rounds = self.output_dir / "rounds"
+        rounds = self.layout.rounds_dir
         if rounds.is_dir() and not any(rounds.iterdir()):
             rounds.rmdir()
 
@@ -218,7 +246,7 @@ class PhaseStore:
         """The last round ``t`` with ``M<first+t>`` saved such that every earlier one is saved too (0: none)."""
         done = 0
         for t in range(1, num_rounds + 1):
-            if not self.iteration_dir(self.first_iteration + t).is_dir():
+            if not self.iteration_dir(self.iteration(t + 1)).is_dir():
                 break
             done = t
         return done
@@ -228,7 +256,7 @@ class PhaseStore:
 
     def is_pushed(self, index: int) -> bool:
         """Whether ``M<index>`` is fully on the Hub: its marker ``cream_state/pushed/M<index>.json`` exists."""
-        return (self.state_dir / "pushed" / f"M{index}.json").is_file()
+        return self.layout.push_marker_path(index).is_file()
 
     @contextmanager
     def writing_iteration(self, index: int) -> Iterator[Path]:
@@ -239,11 +267,11 @@ class PhaseStore:
     # ------------------------------------------------------------ SFT
     def save_sft_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
-            atomic_write_json(self.state_dir / "sft.json", metrics)
-            self.checksums.record(self.state_dir / "sft.json")
+            atomic_write_json(self.layout.sft_metrics_path, metrics)
+            self.checksums.record(self.layout.sft_metrics_path)
 
     def load_sft_metrics(self) -> dict[str, Any]:
-        path = self.state_dir / "sft.json"
+        path = self.layout.sft_metrics_path
         if not path.exists():
             return {}
         try:
@@ -341,13 +369,13 @@ class PhaseStore:
         if candidates is not None:
             save_dataset(candidates, self.round_dir(t) / "candidates")
             self.checksums.record(self.round_dir(t) / "candidates")
-        atomic_write_json(self.round_dir(t) / "pairing.json", metrics)
-        self.checksums.record(self.round_dir(t) / "pairing.json")
+        atomic_write_json(self.layout.pairing_path(t), metrics)
+        self.checksums.record(self.layout.pairing_path(t))
         save_dataset(pairs, self.round_dir(t) / "pairs")
         self.checksums.record(self.round_dir(t) / "pairs")
 
     def load_pairs(self, t: int) -> tuple[Dataset, dict[str, Any]] | None:
-        path, pairing = self.round_dir(t) / "pairs", self.round_dir(t) / "pairing.json"
+        path, pairing = self.round_dir(t) / "pairs", self.layout.pairing_path(t)
         if not path.is_dir() or not pairing.exists():
             return None
 
@@ -364,9 +392,9 @@ class PhaseStore:
         if not folder.is_dir():
             return None
         found = [
-            (int(m.group(1)), p)
+            (step, p)
             for p in folder.iterdir()
-            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()
+            if (step := parse_trainer_checkpoint(p.name)) is not None and (p / "trainer_state.json").exists()
         ]
         return max(found)[1] if found else None
 
@@ -377,14 +405,13 @@ class PhaseStore:
 
     def save_round_metrics(self, t: int, metrics: dict[str, Any]) -> None:
         if self.is_main:
-            atomic_write_json(self.round_dir(t) / "metrics.json", metrics)
-            self.checksums.record(self.round_dir(t) / "metrics.json")
+            atomic_write_json(self.layout.round_metrics_path(t), metrics)
+            self.checksums.record(self.layout.round_metrics_path(t))
 
     def load_round_metrics(self, t: int) -> dict[str, Any]:
         """A finished round's metrics (``metrics.json``, else ``pairing.json``); a damaged file is named with what
         to do (the round's model is saved, so nothing is recomputed)."""
-        for name in ("metrics.json", "pairing.json"):
-            path = self.round_dir(t) / name
+        for path in (self.layout.round_metrics_path(t), self.layout.pairing_path(t)):
             if path.exists():
                 try:
                     return load_checked(path, lambda p=path: read_json(p), self.checksums)

@@ -8,11 +8,11 @@ from typing import ClassVar
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
-from .. import hub
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
-from ..modeling.sampling import GENERATION_BACKENDS
-from .validation import LONG_PROMPT_MODES, check_optimization_settings, check_sampling_settings
+from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
+from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
+from .config_checks import check_optimization_settings, check_sampling_settings
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -296,14 +296,14 @@ class CreamConfig(OnlineDPOConfig):
         default="branch",
         metadata={
             "help": "One branch per iteration in hub_model_id ('branch') or one repo each ('repo').",
-            "choices": list(hub.STRATEGIES),
+            "choices": list(STRATEGIES),
         },
     )
     hub_push_failure: str = field(
         default="raise",
         metadata={
             "help": "After the retries of a failed push: 'raise' or 'warn' and go on.",
-            "choices": list(hub.FAILURE_MODES),
+            "choices": list(FAILURE_MODES),
         },
     )
     hub_push_retries: int = field(
@@ -419,9 +419,7 @@ class CreamConfig(OnlineDPOConfig):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
         check_sampling_settings(self)
         check_optimization_settings(self)
-        check_sampling_settings(self)
-        check_optimization_settings(self)
-        hub.validate_settings(self)
+        validate_settings(self)
 
     def __getstate__(self) -> dict:
         """Pickle (``training_args.bin``) without `hub_token`: a token never lands in an artifact."""

@@ -13,14 +13,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import adapters
+from ..modeling.sampling import tokenize_prompts
+from .config import CreamConfig
+from .data import validate_prompts, validate_sft_dataset
 
 logger = logging.getLogger(__name__)
-
-LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
 
 
 def check_model_inputs(model: Any, peft_config: Any | None) -> None:
@@ -123,8 +125,6 @@ def check_prompts_fit(
     """The prompts, tokenized as round 1 will, against `max_length` (`long_prompts`) and the model's context window."""
     if tokenizer is None:
         return
-    from ..modeling.sampling import tokenize_prompts
-
     fitted = fit_prompts(
         tokenize_prompts(tokenizer, prompts), args.max_length, args.max_new_tokens, args.long_prompts,
         "the prompts of train_dataset",
@@ -235,71 +235,6 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
     raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
 
 
-# ---------------------------------------------------------------- pure config values (CreamConfig.__post_init__)
-def _generation_keys() -> frozenset[str]:
-    from transformers import GenerationConfig
-
-    return frozenset(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
-
-
-def check_sampling_settings(args: Any) -> None:
-    """Temperature, top-p, top-k and `generation_kwargs` as the candidates will be sampled with them."""
-    kwargs = dict(args.generation_kwargs or {})
-    unknown = sorted(set(kwargs) - _generation_keys())
-    if unknown:
-        import difflib
-
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _generation_keys(), 1)) else
-                 repr(k) for k in unknown]  # fmt: skip
-        raise ValueError(
-            f"generation_kwargs has key(s) {', '.join(hints)} that transformers' GenerationConfig does not know; "
-            "they would be ignored silently. Fix or drop them (see transformers.GenerationConfig for the names)."
-        )
-    if kwargs.get("do_sample", True) is False:
-        raise ValueError(
-            "generation_kwargs={'do_sample': False}: CREAM ranks several *sampled* candidates per prompt; greedy "
-            "decoding gives identical candidates, so every pair is tied and nothing is learnt. Drop do_sample from "
-            "generation_kwargs (sampling is always on)."
-        )
-    where = lambda name: "generation_kwargs" if name in kwargs else name  # noqa: E731
-    temperature = kwargs.get("temperature", args.temperature)
-    if temperature is None or temperature <= 0:
-        raise ValueError(
-            f"{where('temperature')}: temperature={temperature} must be > 0 to sample candidates (the paper uses 0.8)."
-        )
-    top_p = kwargs.get("top_p", args.top_p)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(
-            f"{where('top_p')}: top_p={top_p} must lie in (0, 1] (1.0 turns nucleus sampling off; the default is "
-            "0.95)."
-        )
-    top_k = kwargs.get("top_k", args.top_k)
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"{where('top_k')}: top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
-
-
-def check_optimization_settings(args: Any) -> None:
-    """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
-    if args.learning_rate <= 0:
-        raise ValueError(
-            f"learning_rate={args.learning_rate} must be > 0 (the paper uses 1e-6; a value <= 0 learns nothing or "
-            "ascends the loss)."
-        )
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name}={getattr(args, name)} must be at least 1.")
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise ValueError(
-            f"num_train_epochs={args.num_train_epochs}: every round would train on none of its pairs, so M<t+1> "
-            "would equal M<t>. Use num_train_epochs > 0 (the paper: 1) or max_steps > 0."
-        )
-    if args.sft_learning_rate < 0 or args.sft_num_train_epochs < 0:
-        raise ValueError(
-            f"sft_learning_rate={args.sft_learning_rate} and sft_num_train_epochs={args.sft_num_train_epochs} must "
-            "be >= 0."
-        )
-
-
 # ---------------------------------------------------------------- during the run
 def check_single_train(called: bool, output_dir: str) -> None:
     """One run per `train()`: a second call would start over from the trained policy and replace the first run."""
@@ -346,3 +281,39 @@ def check_training_finite(accelerator: Any, model: nn.Module, loss: float, round
         "float32 (bf16=False); then start again with overwrite_output_dir=True or in a new output_dir (a resume "
         "must keep the same settings)."
     )
+
+
+def check_inputs(
+    model: Any,
+    ref_model: Any | None,
+    args: Any,
+    train_dataset: Dataset | None,
+    processing_class: PreTrainedTokenizerBase | None,
+    peft_config: Any | None,
+    sft_dataset: Dataset | None,
+) -> None:
+    """Everything about the trainer's inputs that can be refused before the parent builds anything."""
+    if not isinstance(args, CreamConfig):
+        raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
+    validate_prompts(train_dataset, args.num_iterations)
+    check_model_inputs(model, peft_config)
+    check_tokenizer(processing_class, train_dataset["prompt"])
+    check_models_agree(model, ref_model, processing_class)
+    check_quantized_blocks(model)
+    check_prompts_fit(model, processing_class, train_dataset["prompt"], args)
+    if sft_dataset is not None:
+        validate_sft_dataset(sft_dataset)
+        if ref_model is not None:
+            raise ValueError(
+                "With `sft_dataset`, `model` is M0 and π_0 is taken from it before the SFT stage: leave "
+                "`ref_model=None`."
+            )
+        return
+    use_peft = is_peft_model(model) or peft_config is not None
+    if not use_peft and ref_model is None:
+        raise ValueError(
+            "Full fine-tuning needs the initial model π_0 (M0) as `ref_model`: CREAM's rewards are "
+            "log π_t − log π_0. Pass ref_model=M0, pass `sft_dataset` to run the SFT stage from M0, or "
+            "train LoRA adapters (π_0 is then the adapter-free base)."
+        )
+    check_distinct_from_initial(model, ref_model, peft_config)
