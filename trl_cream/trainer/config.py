@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import MISSING, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
@@ -12,6 +12,7 @@ from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
 from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
+from .config_checks import check_optimization_settings, check_sampling_settings
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -151,8 +152,9 @@ class CreamConfig(OnlineDPOConfig):
             `datasets` folders under `output_dir/rounds/round_<t>`. The phase results that a resume needs
             (`samples/`, `scores.safetensors`, `pairs/`, `pairing.json`, `metrics.json`) are written either way.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Start afresh in an `output_dir` that holds a different CREAM run, replacing its `M<k>`, `rounds/` and
-            `cream_state/` (nothing else). Without it such a start is refused; resume the run with
+            Start afresh in an `output_dir` that holds a different CREAM run, replacing the `M<k>`,
+            `rounds/round_<t>` and `cream_state/` its manifest lists (nothing else). Without it such a start is
+            refused, unless that run finished no phase (a failed start); resume the run with
             `resume_from_checkpoint=True` or pick a new `output_dir`.
         long_prompts (`str`, *optional*, defaults to `"truncate"`):
             What to do with prompts longer than `max_length - max_new_tokens` tokens (their completions would not
@@ -240,6 +242,16 @@ class CreamConfig(OnlineDPOConfig):
     `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
     a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
     """
+
+    # CREAM's own fields that change neither the candidates, the scores, the pairs nor the weights: they may differ
+    # when a run is resumed (see `trl_cream.runs.manifest.not_compared_fields`, which checks that each is a field).
+    resume_free_fields: ClassVar[frozenset[str]] = frozenset(
+        {
+            "save_round_artifacts", "overwrite_output_dir", "freeze_gc", "save_strategy", "hub_iteration_strategy",
+            "hub_push_failure", "hub_push_retries", "hub_push_backoff", "push_round_datasets",
+            "push_merged_weights", "hub_base_model_id", "hub_card_results",
+        }
+    )  # fmt: skip
 
     num_iterations: int = field(
         default=2,
@@ -459,6 +471,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
+        check_sampling_settings(self)
+        check_optimization_settings(self)
         validate_settings(self)
 
     def __getstate__(self) -> dict:
