@@ -28,11 +28,20 @@ def test_yaml_config_plus_command_line_overrides(tmp_path):
     assert model_args.use_peft and model_args.lora_r == 8
 
 
-def test_bad_values_are_rejected_by_the_parser(tmp_path):
+def test_bad_values_are_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.train_parser().parse_args_and_config(["--consistency_measure", "pearson", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="num_generations=1"):
-        cli.train_parser().parse_args_and_config(["--num_generations", "1", "--output_dir", str(tmp_path)])
+    # A value CreamConfig refuses, or a missing companion option: a parser error (exit 2), not a traceback.
+    for argv, message in (
+        (["--num_generations", "1"], "num_generations=1"),
+        (["--push_to_hub"], "push_to_hub=True needs hub_model_id"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.train_parser().parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "trl-cream train: error: " + message in err, err
+        assert "Traceback" not in err
 
 
 def test_help_lists_commands_and_fields(capsys):

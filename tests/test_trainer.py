@@ -73,7 +73,9 @@ def check_run(out: Path, num_prompts: int, n: int, log_history: list[dict]) -> l
         assert 0 <= metrics["frac_tau_negative"] <= 1
         finite = [v for k, v in metrics.items() if isinstance(v, float)]
         assert all(math.isfinite(v) for v in finite)
-        assert set(metrics["timings_s"]) == {"generate", "score", "pair", "train", "save"}
+        timings = {k for k in metrics if k.startswith("time")}  # each phase's timing once, no nested copy
+        assert timings == {f"time_{p}_s" for p in ("generate", "score", "pair", "train", "save")}, sorted(metrics)
+        assert metrics["reused_phases"] == [] and "no_op" not in metrics
         assert all(r >= 1 for r in candidates["rank"]) and all(r <= n for r in candidates["rank"])
         prev = candidates["logp_previous"]
         assert (all(p is None for p in prev)) if t == 1 else all(p is not None for p in prev)

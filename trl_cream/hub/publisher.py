@@ -338,13 +338,14 @@ def start(trainer: Any) -> HubPublisher | None:
 
 def publish_iteration(trainer: Any, index: int) -> None:
     """Write ``M<index>/README.md`` (always) and schedule its push (with `push_to_hub`), on the main process."""
-    from .model_card import build_model_card, load_round_metrics, write_card
+    from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 
     if not trainer.accelerator.is_main_process:
         return
     args, first = trainer.args, trainer.first_iteration
     folder = trainer.iteration_dir(index)
     evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
+    wandb_url, trackio_url = run_urls()  # the run's links, as on TRL's own cards
     card = build_model_card(
         trainer_cls=type(trainer),
         index=index,
@@ -355,6 +356,8 @@ def publish_iteration(trainer: Any, index: int) -> None:
         base_model=args.hub_base_model_id or _base_model_path(trainer),
         sft_metrics=trainer.sft_metrics,
         evaluation=evaluation,
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
     )
     write_card(card, folder)
     publisher: HubPublisher | None = getattr(trainer, "_hub", None)

@@ -11,6 +11,7 @@ from .. import hub
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..modeling.sampling import GENERATION_BACKENDS
+from .schedule import whole_step_warmup
 from .validation import LONG_PROMPT_MODES
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
@@ -151,7 +152,10 @@ class CreamConfig(OnlineDPOConfig):
         num_train_epochs (`float`, *optional*, defaults to `1.0`):
             Epochs over each round's pairs (paper: 1).
         warmup_steps (`float`, *optional*, defaults to `0.1`):
-            Linear warm-up, as a ratio of each round's steps when below 1 (paper: warm-up ratio 0.1).
+            Linear warm-up of each round (and of the SFT stage), as a ratio of its optimizer steps when below 1
+            (paper: warm-up ratio 0.1). Unlike transformers, a ratio rounds *down* to whole steps and the warm-up
+            always leaves at least one step at the full learning rate: a round of fewer than 10 steps has no warm-up
+            at all, and a one-step round never runs at learning rate 0.
         max_new_tokens (`int`, *optional*, defaults to `768`):
             Maximum tokens of each sampled candidate (the authors' code samples up to 768; TRL's default is 64,
             which cuts GSM8K-style reasoning short). Sampling cost grows with it: with `generation_backend="generate"`
@@ -330,7 +334,10 @@ class CreamConfig(OnlineDPOConfig):
     )
     warmup_steps: float = field(
         default=0.1,
-        metadata={"help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1)."},
+        metadata={
+            "help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1), rounded down; at least "
+            "one step of a round always runs at the full learning rate."
+        },
     )
     max_new_tokens: int = field(
         default=768,
@@ -422,6 +429,10 @@ class CreamConfig(OnlineDPOConfig):
 
     def __repr__(self) -> str:
         return str(self)  # TrainingArguments.__str__ masks every *_token field
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warm-up steps of one round: whole steps, never all of them (`trl_cream.trainer.schedule`)."""
+        return whole_step_warmup(self.warmup_steps, num_training_steps)
 
     def beta_for_round(self, round_index: int) -> float:
         """β of round ``round_index`` (1-based)."""

@@ -51,12 +51,13 @@ class ResumableRoundsMixin:
             return 0, chosen
         done = store.last_complete_round(self.args.num_iterations)
         self.sft_metrics = store.load_sft_metrics()
+        self.steps.finish_stage(int(self.sft_metrics.get("sft_steps", 0)))
         self._restore_policy(self.first_iteration + done)
         self._resumed_round = done + 1
         for t in range(1, done + 1):
             store.drop_trainer_checkpoints(t)  # left over when a crash came right after M<first+t> was saved
             self.round_metrics.append(store.load_round_metrics(t))
-            self._step_offset += int(self.round_metrics[-1].get("train_steps", 0))
+            self.steps.finish_stage(int(self.round_metrics[-1].get("train_steps", 0)))
         self._push_saved_iterations(done)
         logger.info("Resuming the CREAM run in %s after %d finished round(s).", self.args.output_dir, done)
         return done, chosen
@@ -117,7 +118,20 @@ class ResumableRoundsMixin:
 
     def _round_checkpoint(self, t: int) -> Path | None:
         """The intra-round Trainer checkpoint to continue round ``t`` from (only the round a resume starts in)."""
-        return self.store.last_trainer_checkpoint(t) if t == self._resumed_round else None
+        checkpoint = self.store.last_trainer_checkpoint(t) if t == self._resumed_round else None
+        if checkpoint is not None:
+            logger.info("Resuming round %d: training continues from %s.", t, checkpoint)
+        elif t == self._resumed_round:
+            logger.info("Resuming round %d: training runs from the round's start (no intra-round checkpoint).", t)
+        return checkpoint
+
+    def _note_phase(self, t: int, phase: str, reused: bool, what: str) -> None:
+        """Record (for the console line, metrics.json and the card) and log whether a resume reused a phase."""
+        if reused:
+            self.phase_status[phase] = "reused"
+            logger.info("Resuming round %d: %s reused from %s.", t, what, self.store.round_dir(t))
+        elif t == self._resumed_round:
+            logger.info("Resuming round %d: %s recomputed.", t, what)
 
     def save_iteration(self, index: int) -> None:
         """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place.
@@ -154,6 +168,7 @@ class ResumableRoundsMixin:
         self._sampled_logps = None  # π_t's scores from sampling exist only if this process samples the round
         candidates = self.store.load_samples(t, prompt_ids)
         self.accelerator.wait_for_everyone()  # every rank has looked before the main process can write
+        self._note_phase(t, "generate", candidates is not None, "samples")
         if candidates is None:  # each rank samples its share (seed from seed, t and rank); all get the whole round
             shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)
             local = self.generate_candidates(shard.select(prompt_ids), desc=f"round {t}: sampling")
@@ -164,6 +179,7 @@ class ResumableRoundsMixin:
     def _score_phase(self, t: int, prompt_ids: list[TokenIds], candidates: list[list[TokenIds]]) -> RoundScores:
         scores = self.store.load_scores(t)
         self.accelerator.wait_for_everyone()
+        self._note_phase(t, "score", scores is not None, "scores")
         model = self.accelerator.unwrap_model(self.model)
         if scores is not None:
             if self.use_peft:  # what score_round does after scoring: π_t becomes the next round's π_{t−1}
@@ -190,6 +206,7 @@ class ResumableRoundsMixin:
     ) -> tuple[Dataset, dict[str, Any]]:
         loaded = self.store.load_pairs(t)
         self.accelerator.wait_for_everyone()
+        self._note_phase(t, "pair", loaded is not None, "pairs")
         if loaded is not None:
             return loaded
         args = self.args

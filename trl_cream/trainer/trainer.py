@@ -24,6 +24,7 @@ from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps, tokenize_prompts
 from ..runs.store import PhaseStore
+from . import report, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
 from .phases import RoundPhasesMixin
@@ -153,7 +154,11 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         self.round_metrics: list[dict[str, Any]] = []
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
-        self._step_offset = 0
+        self.steps = run_log.StepAxis()  # one step axis across the SFT stage and every round
+        self.lr_probe = report.LearningRateProbe()  # tells a round that ran at learning rate 0
+        self.add_callback(self.lr_probe)
+        run_log.attach(self.callback_handler.callbacks, args.output_dir)
+        self.phase_status: dict[str, str] = {}  # phase -> "reused" when a resume loaded it
         self._round_output_dir: str | None = None
         self._resumed_round = 0
         self.store = PhaseStore(args.output_dir, self.first_iteration, self.accelerator.is_main_process)
@@ -180,12 +185,14 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Log with steps counted across rounds, so report_to integrations see one monotonic run."""
-        self.state.global_step += self._step_offset
-        try:
+        """Log at the run's step (`trl_cream.trainer.run_log`), so report_to integrations see one ordered run."""
+        with self.steps.applied(self.state):
             super().log({**logs, "cream/round": self.round}, start_time)
-        finally:
-            self.state.global_step -= self._step_offset
+
+    def log_at(self, logs: dict[str, float], step: int) -> None:
+        """Log at the run's step ``step`` (a round's own metrics, the SFT stage's logs)."""
+        with self.steps.pinned(step):
+            self.log(logs)
 
     # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -248,11 +255,12 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                 self.store.save_sft_metrics(self.sft_metrics)
             self.save_iteration(self.first_iteration)
             self.push_iteration(self.first_iteration)
-        output = TrainOutput(self._step_offset, 0.0, {})
+        output = TrainOutput(self.steps.offset, 0.0, {})
         for t, shard in enumerate(shards, start=1):
             if t > done:
                 self.round = t
                 output = self._run_round(t, shard, chosen[1] if chosen and chosen[0] == t else None)
+        run_log.end_run(self.callback_handler.callbacks, self.args, self.state, self.control, model=self.model)
         hub.wait(self)
         output.metrics["rounds"] = self.round_metrics
         if self.sft_metrics:
@@ -263,10 +271,15 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         """Algorithm 1 line 2: train M0 → M1 on `sft_dataset` with TRL's SFTTrainer, in place."""
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)
-        self.sft_metrics = run_sft(model, self.processing_class, self.sft_dataset, self.args)
+        forward = run_log.SFTLogForwarder(self.log_at)  # the stage's logs go to this run, at steps 1..S
+        self.sft_metrics = run_sft(
+            model, self.processing_class, self.sft_dataset, self.args, callbacks=[forward], report_to="none"
+        )
         self.sft_metrics["time_sft_s"] = round(time.perf_counter() - start, 3)
         check_distinct_from_initial(model, self.ref_model, None)
-        self.log({f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
+        self.steps.finish_stage(int(self.sft_metrics.get("sft_steps", 0)))
+        numbers = {f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))}
+        self.log_at(numbers, self.steps.offset)
         return self.sft_metrics
 
     @property
@@ -286,7 +299,8 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
     def _run_round(self, t: int, prompts: list[Any], checkpoint: Path | None = None) -> TrainOutput:
         """One round. Each phase's result is saved as soon as it is computed, and loaded instead of recomputed
         when an earlier attempt of the run finished it (see `trl_cream.checkpointing`)."""
-        args, timings = self.args, {}
+        args, timings, start = self.args, {}, self.steps.offset  # the round's metrics are logged at `start`
+        self.phase_status, _ = {}, self.lr_probe.reset()
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
@@ -296,17 +310,21 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
             scores = self._score_phase(t, prompt_ids, candidates)
         with _timed(timings, "pair"):
             pairs, metrics = self._pair_phase(t, prompts, prompt_ids, candidates, scores)
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
+        self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, start)
         with _timed(timings, "train"):
             checkpoint = checkpoint or self._round_checkpoint(t)
             output = self._train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=args.seed + t)
-        metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
+        metrics.update(train_loss=output.training_loss if output.global_step else None, train_steps=output.global_step)
+        report.flag_no_op(t, metrics, self.lr_probe)
         with _timed(timings, "save"):
             self.save_iteration(self.first_iteration + t)
         self.store.drop_trainer_checkpoints(t)
         metrics.update({f"time_{k}_s": v for k, v in timings.items()})
-        self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
+        metrics = report.tidy({**metrics, "reused_phases": sorted(self.phase_status)})
+        self.store.save_round_metrics(t, metrics)
+        self.log_at({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")}, start)
+        if self.is_world_process_zero():
+            print(report.round_line(metrics, args.num_iterations), flush=True)
         self.round_metrics.append(metrics)
         self.push_iteration(self.first_iteration + t)
         return output
@@ -322,12 +340,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
     def _train_on_pairs(
         self, pairs: Dataset, output_dir: Path | None = None, resume_from: Path | None = None, seed: int | None = None
     ) -> TrainOutput:
-        if len(pairs) == 0:
-            logger.warning(
-                "Round %d produced no preference pair: every prompt's candidates are tied (equal implicit rewards). "
-                "Nothing is learnt this round and the policy is kept as is.",
-                self.round,
-            )
+        if len(pairs) == 0:  # `report.flag_no_op` says why and marks the round
             return TrainOutput(0, 0.0, {})
         if seed is not None:
             set_seed(seed)  # the same data order and dropout whether or not sampling ran in this process
@@ -342,7 +355,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
             finally:
                 self._round_output_dir = None
             self.state.log_history = history + self.state.log_history
-            self._step_offset += self.state.global_step
+            self.steps.finish_stage(self.state.global_step)
             self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
             self.accelerator.free_memory()
             gc.collect()
