@@ -93,7 +93,9 @@ def test_two_rounds_full_finetuning(tmp_path, m0, tokenizer, prompts):
     assert [r["round"] for r in output.metrics["rounds"]] == [1, 2]
     logged = [e for e in trainer.state.log_history if "cream/kendall_tau_mean" in e]
     assert len(logged) == 2 and logged[0]["cream/kendall_tau_mean"] == pytest.approx(metrics[0]["kendall_tau_mean"])
-    assert any("loss" in e and "rewards/margins" in e and "cream/consistency" in e for e in trainer.state.log_history)
+    assert any(
+        "loss" in e and "rewards/margins" in e and "cream/batch_consistency" in e for e in trainer.state.log_history
+    )
 
     # Same seed, fresh models: identical pairs.
     again = CreamTrainer(

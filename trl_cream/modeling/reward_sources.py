@@ -311,6 +311,6 @@ def add_external_rewards(
         [tokenizer.batch_decode(c, skip_special_tokens=True) for c in candidates],
         trainer.accelerator.unwrap_model(trainer.model), tokenizer, setup.reward_model, setup.reward_tokenizer,
         setup.judge_model, setup.judge_tokenizer, args.judge_max_new_tokens, args.scoring_batch_size, args.max_length,
-        show_progress=trainer.accelerator.is_local_main_process,
+        show_progress=trainer.accelerator.is_local_main_process and not trainer.args.disable_tqdm,
     )  # fmt: skip
     return scores

@@ -41,11 +41,15 @@ class RoundPhasesMixin:
                     self.args, self.eos_token_ids, self._tokenizer.pad_token_id, self._tokenizer.bos_token_id
                 ),
                 batch_size=self.args.generation_batch_size,
-                show_progress=self.accelerator.is_local_main_process,
+                show_progress=self._shows_progress(),
                 desc=desc,
                 backend=self.args.generation_backend,
                 logps_out=self._sampled_logps,
             )
+
+    def _shows_progress(self) -> bool:
+        """Sampling/scoring bars: on the local main process, unless ``disable_tqdm``."""
+        return self.accelerator.is_local_main_process and not self.args.disable_tqdm
 
     def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
         """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank."""
@@ -54,7 +58,7 @@ class RoundPhasesMixin:
         def score(m: nn.Module, who: str) -> torch.Tensor:
             return distributed.score_shard(
                 self.accelerator, m, prompt_ids, candidates, self._tokenizer.pad_token_id, self.args.max_length,
-                batch_size=self.args.scoring_batch_size, show_progress=self.accelerator.is_local_main_process,
+                batch_size=self.args.scoring_batch_size, show_progress=self._shows_progress(),
                 desc=f"round {t}: scoring {who}",
             )  # fmt: skip
 

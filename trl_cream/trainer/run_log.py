@@ -6,7 +6,9 @@ Trackio ends its run at every ``on_train_end``. Here:
 
 - `StepAxis` numbers the optimizer steps of the whole run: the SFT stage's steps 1..S, then round 1's S+1..S+n1,
   and so on. A round's own metrics (``cream/consistency``, τ, pairs, timings) are logged at the step where its
-  training starts, so every logged name's steps increase.
+  training starts (its first step, S+1 for round 1), so every metric's steps increase. (Transformers itself logs
+  the bookkeeping values ``epoch`` and ``cream/round`` twice at a stage's last step: with that step and with the
+  end-of-training summary.)
 - `attach` points TensorBoard at ``output_dir/runs/<date>_<host>`` (unless ``TENSORBOARD_LOGGING_DIR`` is set) and
   holds back the integrations' end-of-training hook (which closes the writer / finishes the run) until the run ends.
 - `SFTLogForwarder` sends the SFT stage's logs into the CREAM trainer's integrations, as ``sft/<name>``.
@@ -32,6 +34,13 @@ class StepAxis:
     def __init__(self) -> None:
         self.offset = 0
         self._pinned: int | None = None
+        self._last_round_step = 0
+
+    def round_start(self) -> int:
+        """The step of a round's own metrics: its first optimizer step (one past the last round's, if that round ran
+        no step)."""
+        self._last_round_step = max(self.offset + 1, self._last_round_step + 1)
+        return self._last_round_step
 
     def finish_stage(self, steps: int) -> None:
         """A stage (the SFT stage or a round) ran ``steps`` optimizer steps."""

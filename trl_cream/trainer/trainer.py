@@ -230,7 +230,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                 "logps/chosen": chosen,
                 "logps/rejected": rejected,
-                "cream/consistency": inputs["consistency"],
+                "cream/batch_consistency": inputs["consistency"],
                 "beta": torch.full_like(chosen, self.beta),
             }.items():
                 self.stats.setdefault(key, []).append(gather(value.detach().float()).mean().item())
@@ -299,7 +299,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
     def _run_round(self, t: int, prompts: list[Any], checkpoint: Path | None = None) -> TrainOutput:
         """One round. Each phase's result is saved as soon as it is computed, and loaded instead of recomputed
         when an earlier attempt of the run finished it (see `trl_cream.checkpointing`)."""
-        args, timings, start = self.args, {}, self.steps.offset  # the round's metrics are logged at `start`
+        args, timings, start = self.args, {}, self.steps.round_start()  # the round's metrics are logged at `start`
         self.phase_status, _ = {}, self.lr_probe.reset()
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
