@@ -88,7 +88,9 @@ def test_readme_quickstart_on_10_prompts_trains_every_round_and_logs_one_run(tmp
     for t in (1, 2):
         assert changed(out / f"M{t}", out / f"M{t + 1}"), f"round {t} left the weights unchanged"
         assert "no_op" not in rounds[t - 1]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "round 1: sampling" in captured.err  # progress bars on by default (disable_tqdm=False)
     for t in (1, 2):
         line = next(x for x in printed.splitlines() if x.startswith(f"CREAM round {t}/2: C "))
         assert line == round_line(rounds[t - 1], 2) and "pairs" in line and "train " in line
@@ -114,12 +116,13 @@ def test_readme_quickstart_on_10_prompts_trains_every_round_and_logs_one_run(tmp
     assert steps["train/loss"] == starts  # one step per round, right there
 
 
-def test_a_round_that_learns_nothing_is_flagged_once(tmp_path, m0, tokenizer, prompts, caplog):
+def test_a_round_that_learns_nothing_is_flagged_once(tmp_path, m0, tokenizer, prompts, caplog, capsys):
     args = cream_args(tmp_path, num_iterations=1, learning_rate=0.0)
     trainer = CreamTrainer(model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts,
                            processing_class=tokenizer)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="trl_cream"):
         output = trainer.train()
+    assert "sampling" not in capsys.readouterr().err  # disable_tqdm=True: no sampling/scoring bar either
     (metrics,) = output.metrics["rounds"]
     assert metrics["train_steps"] >= 1 and "learning rate 0" in metrics["no_op"]
     saved = json.loads((tmp_path / "rounds" / "round_1" / "metrics.json").read_text())

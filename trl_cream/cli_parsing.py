@@ -22,7 +22,7 @@ CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "CREAM: rounds",
         ("num_iterations", "learning_rate", "num_train_epochs", "warmup_steps", "save_round_artifacts",
-         "freeze_gc", "sft_num_train_epochs", "sft_learning_rate", "sft_max_length"),
+         "freeze_gc", "sft_num_train_epochs", "sft_learning_rate", "sft_max_length", "ddp_find_unused_parameters"),
     ),
     (
         "CREAM: sampling",

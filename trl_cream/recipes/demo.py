@@ -104,6 +104,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
 
     from ..evaluation import run_evaluation
     from ..evaluation.report import render_markdown, write_report
+    from ..hub.model_card import rounds_table
     from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
 
@@ -140,6 +141,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         for phase in ("generate", "score", "pair", "train", "save"):
             timings[f"round{r['round']}_{phase}"] = r[f"time_{phase}_s"]
     round_metrics = output.metrics["rounds"]
+    print("\n[demo] CREAM rounds\n" + rounds_table(round_metrics) + "\n", flush=True)
     del trainer, model
     gc.collect()
 

@@ -176,6 +176,11 @@ class CreamConfig(OnlineDPOConfig):
             Nucleus sampling of the candidates.
         save_strategy (`str`, *optional*, defaults to `"no"`):
             Intra-round Trainer checkpoints; off by default since every round's model is saved as `M<t+1>`.
+        ddp_find_unused_parameters (`bool` or `None`, *optional*, defaults to `False`):
+            DDP's `find_unused_parameters`. A CREAM step runs the whole policy (or the whole policy adapter, the
+            other adapters being frozen), so no trainable parameter goes unused: transformers' default (`True`
+            without gradient checkpointing) only costs an extra graph traversal per step and prints a warning on
+            every rank. Set it to `True` for a model whose forward skips trainable parameters (e.g. some MoE).
 
     `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
     a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
@@ -358,6 +363,13 @@ class CreamConfig(OnlineDPOConfig):
     save_strategy: str = field(
         default="no",
         metadata={"help": "Intra-round Trainer checkpoints; every round's model is saved as M<t+1> regardless."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters: every trainable parameter of a CREAM step is used, so False "
+            "(True only for a model whose forward skips trainable parameters)."
+        },
     )
 
     def __post_init__(self) -> None:
