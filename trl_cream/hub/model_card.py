@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from transformers.integrations import is_wandb_available
 from trl.trainer.utils import generate_model_card, get_trackio_space_url
 
-from .publisher import MERGED_SUBFOLDER, iteration_target
+from .utils import MERGED_SUBFOLDER, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
 CARD_CONFIG_FIELDS: tuple[str, ...] = (

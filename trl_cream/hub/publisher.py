@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -42,6 +43,7 @@ from .utils import (
     describe,
     is_retryable,
     iteration_files,
+    iteration_target,
     redact,
     round_files,
     validate_settings,
@@ -98,15 +100,6 @@ def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Pa
 
 
 # ---------------------------------------------------------------- names
-def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
-    """``(repo_id, revision)`` holding ``M<index>``."""
-    if strategy == "branch":
-        return hub_model_id, f"M{index}"
-    if strategy == "repo":
-        return f"{hub_model_id}-M{index}", "main"
-    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
-
-
 def rounds_repo_id(hub_model_id: str) -> str:
     """The dataset repo of the round artifacts."""
     return f"{hub_model_id}-rounds"
@@ -338,8 +331,6 @@ def start(trainer: Any) -> HubPublisher | None:
 
 def publish_iteration(trainer: Any, index: int) -> None:
     """Write ``M<index>/README.md`` (always) and schedule its push (with `push_to_hub`), on the main process."""
-    from .model_card import build_model_card, load_round_metrics, run_urls, write_card
-
     if not trainer.accelerator.is_main_process:
         return
     args, first = trainer.args, trainer.first_iteration

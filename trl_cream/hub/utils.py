@@ -119,6 +119,16 @@ def validate_settings(args: Any) -> None:
         )
 
 
+# ---------------------------------------------------------------- names
+def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
+    """``(repo_id, revision)`` holding ``M<index>``."""
+    if strategy == "branch":
+        return hub_model_id, f"M{index}"
+    if strategy == "repo":
+        return f"{hub_model_id}-M{index}", "main"
+    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+
+
 # ---------------------------------------------------------------- what goes up
 def iteration_files(folder: Path, base_model_id: str | None = None, merged: bool = False) -> dict[str, bytes | Path]:
     """``path_in_repo → content`` of ``M<k>``: every file but ``training_args.bin`` and hidden files; an adapter's

@@ -19,8 +19,6 @@ from ..modeling import adapters
 
 logger = logging.getLogger(__name__)
 
-LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
-
 
 def check_model_inputs(model: Any, peft_config: Any | None) -> None:
     """A model given as an id, or a PeftModel given together with a new `peft_config`."""
