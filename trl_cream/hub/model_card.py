@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from transformers.integrations import is_wandb_available
 from trl.trainer.utils import generate_model_card, get_trackio_space_url
 
+from ..runs.layout import RunLayout, round_of_iteration
 from .utils import MERGED_SUBFOLDER, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
@@ -114,7 +115,7 @@ def load_round_metrics(output_dir: str | Path, rounds: list[dict[str, Any]], up_
     out = []
     for t in range(1, up_to + 1):
         if t not in by_round:
-            path = Path(output_dir) / "rounds" / f"round_{t}" / "metrics.json"
+            path = RunLayout(output_dir).round_metrics_path(t)
             if path.is_file():
                 by_round[t] = json.loads(path.read_text())
         if t in by_round:
@@ -168,7 +169,7 @@ def build_model_card(
     strategy = getattr(args, "hub_iteration_strategy", "branch")
     repo_id, revision = iteration_target(hub_model_id, strategy, index)
     if not args.hub_model_id:  # a local run: load from the folder
-        repo_id, revision = (Path(args.output_dir) / f"M{index}").as_posix(), "main"
+        repo_id, revision = RunLayout(args.output_dir).iteration_dir(index).as_posix(), "main"
     paper = getattr(trainer_cls, "_paper", {}) or {}
     name = getattr(trainer_cls, "_name", "CREAM")
     base_hub_id = base_model if base_model and not _is_local(base_model) else None
@@ -195,7 +196,10 @@ def build_model_card(
     before.append(
         load_instructions(repo_id, revision, peft, base_model, peft and getattr(args, "push_merged_weights", False))
     )
-    inside = ["### CREAM configuration\n\n" + _config_table(args), _rounds_section(index - first_index, rounds)]
+    inside = [
+        "### CREAM configuration\n\n" + _config_table(args),
+        _rounds_section(round_of_iteration(index, first_index), rounds),
+    ]
     text = _insert(text, "## Training procedure", "\n".join(before) + "\n", before_marker=True)
     text = _insert(_drop_blank_lines_after(text, "## Training procedure"), "### Framework versions",
                    "\n".join(inside) + "\n", before_marker=True)  # fmt: skip
@@ -235,7 +239,7 @@ def _lineage(
         how = "the SFT stage on the seed data" if sft_metrics else "the starting policy given to the trainer"
         lines.append(f"- This is M{index}, {how}; the CREAM rounds start from it.")
     else:
-        previous = f"trained by CREAM round {index - first_index} from"
+        previous = f"trained by CREAM round {round_of_iteration(index, first_index)} from"
         if hub_model_id:
             prev_repo, prev_rev = iteration_target(hub_model_id, strategy, index - 1)
             link = f"https://huggingface.co/{prev_repo}" + (f"/tree/{prev_rev}" if prev_rev != "main" else "")
