@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..runs.layout import RunLayout, round_of_iteration
-from .model_card import build_model_card, load_round_metrics, write_card
+from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -366,6 +366,7 @@ def publish_iteration(
     layout = RunLayout(args.output_dir)
     folder = layout.iteration_dir(index)
     evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
+    wandb_url, trackio_url = run_urls()  # the run's links, as on TRL's own cards
     card = build_model_card(
         trainer_cls=trainer_cls,
         index=index,
@@ -376,6 +377,8 @@ def publish_iteration(
         base_model=args.hub_base_model_id or base_model,
         sft_metrics=sft_metrics,
         evaluation=evaluation,
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
     )
     write_card(card, folder)
     if publisher is not None:

@@ -13,6 +13,7 @@ from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
 from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
 from .config_checks import check_optimization_settings, check_sampling_settings
+from .schedule import whole_step_warmup
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -217,7 +218,10 @@ class CreamConfig(OnlineDPOConfig):
         num_train_epochs (`float`, *optional*, defaults to `1.0`):
             Epochs over each round's pairs (paper: 1).
         warmup_steps (`float`, *optional*, defaults to `0.1`):
-            Linear warm-up, as a ratio of each round's steps when below 1 (paper: warm-up ratio 0.1).
+            Linear warm-up of each round (and of the SFT stage), as a ratio of its optimizer steps when below 1
+            (paper: warm-up ratio 0.1). Unlike transformers, a ratio rounds *down* to whole steps and the warm-up
+            always leaves at least one step at the full learning rate: a round of fewer than 10 steps has no warm-up
+            at all, and a one-step round never runs at learning rate 0.
         max_new_tokens (`int`, *optional*, defaults to `768`):
             Maximum tokens of each sampled candidate (the authors' code samples up to 768; TRL's default is 64,
             which cuts GSM8K-style reasoning short). Sampling cost grows with it: with `generation_backend="generate"`
@@ -238,6 +242,11 @@ class CreamConfig(OnlineDPOConfig):
             Nucleus sampling of the candidates.
         save_strategy (`str`, *optional*, defaults to `"no"`):
             Intra-round Trainer checkpoints; off by default since every round's model is saved as `M<t+1>`.
+        ddp_find_unused_parameters (`bool` or `None`, *optional*, defaults to `False`):
+            DDP's `find_unused_parameters`. A CREAM step runs the whole policy (or the whole policy adapter, the
+            other adapters being frozen), so no trainable parameter goes unused: transformers' default (`True`
+            without gradient checkpointing) only costs an extra graph traversal per step and prints a warning on
+            every rank. Set it to `True` for a model whose forward skips trainable parameters (e.g. some MoE).
 
     `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
     a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
@@ -406,7 +415,10 @@ class CreamConfig(OnlineDPOConfig):
     )
     warmup_steps: float = field(
         default=0.1,
-        metadata={"help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1)."},
+        metadata={
+            "help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1), rounded down; at least "
+            "one step of a round always runs at the full learning rate."
+        },
     )
     max_new_tokens: int = field(
         default=768,
@@ -427,6 +439,13 @@ class CreamConfig(OnlineDPOConfig):
     save_strategy: str = field(
         default="no",
         metadata={"help": "Intra-round Trainer checkpoints; every round's model is saved as M<t+1> regardless."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters: every trainable parameter of a CREAM step is used, so False "
+            "(True only for a model whose forward skips trainable parameters)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -490,6 +509,10 @@ class CreamConfig(OnlineDPOConfig):
 
     def __repr__(self) -> str:
         return str(self)  # TrainingArguments.__str__ masks every *_token field
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warm-up steps of one round: whole steps, never all of them (`trl_cream.trainer.schedule`)."""
+        return whole_step_warmup(self.warmup_steps, num_training_steps)
 
     def beta_for_round(self, round_index: int) -> float:
         """β of round ``round_index`` (1-based)."""
