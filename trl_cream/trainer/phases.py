@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed
+from .. import distributed, engines
 from ..core.labelling import RoundScores
 from ..modeling import adapters, sampling
 from ..modeling.perf import sampled_policy_scores
@@ -63,7 +63,8 @@ class RoundPhasesMixin:
             sampled = None  # rank falling back (prompt + candidate > max_length) would wait for the others forever
         policy = sampled_policy_scores(sampled, prompt_ids, candidates, self.args.max_length)
         if policy is None:
-            policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
+            with engines.scoring_policy(self) as policy_model:  # FSDP: wrapped; ZeRO-3: weights gathered
+                policy = score(policy_model, "π_t")
         if self.use_peft:
             with model.disable_adapter():
                 initial = score(model, "π_0")

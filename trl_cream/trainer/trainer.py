@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_utils import TrainOutput
 from trl.experimental.online_dpo import OnlineDPOTrainer
 
-from .. import distributed, hub
+from .. import distributed, engines, hub
 from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
@@ -120,6 +120,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                     "With `sft_dataset`, `model` is M0 and π_0 is taken from it before the SFT stage: leave "
                     "`ref_model=None`."
                 )
+            ref_model = engines.initial_reference(model, is_peft_model(model) or peft_config is not None)  # ZeRO-3
         else:
             use_peft = is_peft_model(model) or peft_config is not None
             if not use_peft and ref_model is None:
@@ -344,7 +345,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
             self.state.log_history = history + self.state.log_history
             self._step_offset += self.state.global_step
             self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-            self.accelerator.free_memory()
+            engines.release_engine(self)  # DeepSpeed: the next round builds a fresh engine (trl_cream.engines)
             gc.collect()
         return output
 

@@ -15,6 +15,7 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..engines import same_weights
 from ..modeling import adapters
 
 logger = logging.getLogger(__name__)
@@ -125,11 +126,5 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
         return
     if ref_model is model:
         raise ValueError(message + " (`ref_model` is the same object as `model`.)")
-    ref_params = dict(ref_model.named_parameters()) if ref_model is not None else {}
-    for name, param in model.named_parameters():
-        other = ref_params.get(name)
-        if other is None or other.shape != param.shape:
-            return
-        if not torch.equal(param.detach(), other.detach().to(param.device)):
-            return
-    raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+    if ref_model is not None and same_weights(model, ref_model):  # compared whole under ZeRO-3 / FSDP
+        raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
