@@ -22,7 +22,7 @@ import os
 import runpy
 import sys
 
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 _original_init = AcceleratorState.__init__
@@ -34,6 +34,7 @@ def _keep_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
     if wants_fsdp and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = fsdp_plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
 
 
 ENGINES: list[dict] = []

@@ -51,7 +51,8 @@ def check_engine_requested(accelerator: Any, args: Any) -> None:
     if _flag("ACCELERATE_USE_DEEPSPEED") or getattr(args, "deepspeed", None):
         asked.append(("DeepSpeed", state.distributed_type == DistributedType.DEEPSPEED))
     if _flag("ACCELERATE_USE_FSDP") or getattr(args, "fsdp", None):
-        asked.append(("FSDP", getattr(state, "fsdp_plugin", None) is not None))
+        fsdp = getattr(state, "fsdp_plugin", None) is not None and state.distributed_type == DistributedType.FSDP
+        asked.append(("FSDP", fsdp))
     for engine, running in asked:
         if not running:
             raise RuntimeError(
