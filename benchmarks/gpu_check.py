@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -54,8 +55,12 @@ TINY = dict(
     vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=2048,
 )  # fmt: skip
-FULL = dict(prompts=32, n=5, new_tokens=256, demo_prompts=40, demo_n=4, demo_tokens=48, repeats=3)
-SMOKE = dict(prompts=4, n=2, new_tokens=6, demo_prompts=4, demo_n=2, demo_tokens=6, repeats=1)
+# The round: prompts × n × new_tokens. Throughput: sample_prompts × n × sample_tokens per timed run (median of
+# `repeats`, after one warm-up), sized so that the whole check stays under 8 minutes on one GPU.
+FULL = dict(prompts=32, n=5, new_tokens=256, sample_prompts=16, sample_tokens=128, repeats=3, demo_prompts=40,
+            demo_n=4, demo_tokens=48)  # fmt: skip
+SMOKE = dict(prompts=4, n=2, new_tokens=6, sample_prompts=4, sample_tokens=6, repeats=1, demo_prompts=4, demo_n=2,
+             demo_tokens=6)  # fmt: skip
 
 
 def tokenizer():
@@ -82,7 +87,7 @@ def quantized_llama(arch: dict[str, Any], device: str, compute_dtype: torch.dtyp
     config = LlamaConfig(**arch, dtype=compute_dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)  # random weights drawn on the GPU: seconds, not minutes
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not model.lm_head:
@@ -90,15 +95,16 @@ def quantized_llama(arch: dict[str, Any], device: str, compute_dtype: torch.dtyp
                     child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype,
                     quant_type="nf4", device="meta",
                 )  # fmt: skip
-                weight = torch.randn(child.out_features, child.in_features, generator=generator) * 0.02
-                layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, quant_type="nf4")
+                shape = (child.out_features, child.in_features)
+                weight = torch.randn(shape, generator=generator, device=device, dtype=compute_dtype) * 0.02
+                layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
                 setattr(parent, name, layer.to(device))  # quantized on the move
     for name, param in list(model.named_parameters()):  # embeddings, norms, lm_head: still on the meta device
         if param.is_meta:
             owner_name, _, leaf = name.rpartition(".")
-            data = torch.ones(param.shape) if "norm" in leaf or "norm" in owner_name else None
+            data = torch.ones(param.shape, device=device) if "norm" in leaf or "norm" in owner_name else None
             if data is None:
-                data = 0.02 * torch.randn(param.shape, generator=generator)
+                data = 0.02 * torch.randn(param.shape, generator=generator, device=device)
             setattr(model.get_submodule(owner_name), leaf, nn.Parameter(data.to(device, compute_dtype), False))
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
     model.is_loaded_in_4bit = True
@@ -193,9 +199,9 @@ def sampling_rates(model: nn.Module, vocab: int, size: dict[str, int], device: s
 
     generator = torch.Generator().manual_seed(0)
     prompt_ids = [
-        torch.randint(2, vocab, (16 + i % 16,), generator=generator).tolist() for i in range(size["prompts"])
+        torch.randint(2, vocab, (16 + i % 16,), generator=generator).tolist() for i in range(size["sample_prompts"])
     ]
-    config = GenerationConfig(do_sample=False, max_new_tokens=size["new_tokens"], eos_token_id=[1], pad_token_id=1)
+    config = GenerationConfig(do_sample=False, max_new_tokens=size["sample_tokens"], eos_token_id=[1], pad_token_id=1)
 
     class Tok:
         eos_token_id = pad_token_id = 1
@@ -215,7 +221,7 @@ def sampling_rates(model: nn.Module, vocab: int, size: dict[str, int], device: s
                 run()
                 synced(device)
                 times.append(time.perf_counter() - start)
-            rates[backend] = round(size["prompts"] * size["n"] / statistics.median(times), 2)
+            rates[backend] = round(size["sample_prompts"] * size["n"] / statistics.median(times), 2)
         except Exception as error:  # noqa: BLE001 - a GPU check records what failed and goes on
             rates[backend] = f"failed: {type(error).__name__}: {error}"[:300]
     if all(isinstance(rates.get(b), float) for b in GENERATION_BACKENDS):
@@ -302,6 +308,7 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - record the failure, run the other parts
         return {"failed": f"{type(error).__name__}: {error}"[:500], "traceback": traceback.format_exc()[-2000:]}
     finally:
+        gc.collect()  # the part's models go before the next part builds its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
