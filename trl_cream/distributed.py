@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
-from .engines import check_engine_requested, check_zero3_sampling, full_state_dict, has_live_engine
+from .engines import check_engine_requested, check_zero3_sampling, full_state_dict
 from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
@@ -256,27 +256,26 @@ def check_generation_backend(accelerator: Any, backend: str, ds3_gather_for_gene
         )
 
 
-def save_full_model(trainer: Any, path: Path) -> None:
-    """Save a fully fine-tuned policy as a ``from_pretrained`` folder (main process writes; all ranks must call it).
+def save_full_model(
+    accelerator: Any, model: torch.nn.Module, engine: Any | None, save_model: Callable[[str], None], path: Path
+) -> None:
+    """Save a fully fine-tuned policy as a ``from_pretrained`` folder (the main process writes; all ranks must call
+    it).
 
-    Under DeepSpeed no engine exists when ``M<k>`` is saved (before round 1, and after each round's engine is
-    released, see `trl_cream.engines`), so the bare model is saved: ZeRO-3 weights are gathered one parameter at a
-    time (`gathered_state_dict`), ZeRO-1/2 weights are whole on every rank. FSDP: the full state dict, gathered one
-    tensor at a time (`engines.full_state_dict`). Otherwise ``Trainer.save_model``."""
-    if is_deepspeed(trainer.accelerator) and not has_live_engine(trainer):
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        state = (
-            gathered_state_dict(model, trainer.accelerator.is_main_process) if is_zero3(trainer.accelerator) else None
-        )
-        if trainer.accelerator.is_main_process:
+    Under DeepSpeed no ``engine`` exists when ``M<k>`` is saved (before round 1, and after each round's engine is
+    released, see `trl_cream.engines`), so the unwrapped ``model`` is saved: ZeRO-3 weights are gathered one parameter
+    at a time (`gathered_state_dict`), ZeRO-1/2 weights are whole on every rank. FSDP: the full state dict, gathered
+    one tensor at a time (`engines.full_state_dict`). Otherwise ``save_model`` (`Trainer.save_model`)."""
+    if is_deepspeed(accelerator) and engine is None:
+        state = gathered_state_dict(model, accelerator.is_main_process) if is_zero3(accelerator) else None
+        if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
-    elif getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        state = full_state_dict(model, trainer.accelerator.is_main_process)  # FSDP2: gathered one tensor at a time
-        if trainer.accelerator.is_main_process:
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        state = full_state_dict(model, accelerator.is_main_process)  # FSDP2: gathered one tensor at a time
+        if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
     else:
-        trainer.save_model(str(path))
+        save_model(str(path))
 
 
 def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:

@@ -108,15 +108,15 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
 
 
 @contextmanager
-def scoring_policy(trainer: Any) -> Iterator[nn.Module]:
-    """The policy π_t as scoring must call it. FSDP: the wrapped module (its forwards unshard). ZeRO-3 outside an
-    engine (always, since the round's engine is released after training): the bare model with its weights gathered
-    for the duration, as sampling gathers them with ``ds3_gather_for_generation``; without this the forwards would
-    see the empty local shards of ``zero.Init``. Otherwise the bare model."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_fsdp_enabled:
-        yield trainer.model_wrapped
-    elif _is_zero3(trainer.accelerator) and not has_live_engine(trainer):
+def scoring_policy(accelerator: Any, model: nn.Module, wrapped: nn.Module, is_fsdp: bool) -> Iterator[nn.Module]:
+    """The policy π_t as scoring must call it (``model`` unwrapped, ``wrapped`` as the Trainer holds it). FSDP: the
+    wrapped module (its forwards unshard). ZeRO-3: scoring runs between engines (the round's engine is released after
+    training), so the bare model's weights are gathered for the duration, as sampling gathers them with
+    ``ds3_gather_for_generation``; without this the forwards would see the empty local shards of ``zero.Init``.
+    Otherwise the bare model."""
+    if is_fsdp:
+        yield wrapped
+    elif _is_zero3(accelerator):
         with gathered(list(model.parameters())):
             yield model
     else:

@@ -29,17 +29,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import sampling
+from .results import TaskResult, binomial_stderr  # noqa: F401  (binomial_stderr was defined here before 0.2)
 
 EVAL_MODES: tuple[str, ...] = ("generate", "loglikelihood")
 MC_CONTEXT = "Question: {question}\nAnswer:"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def binomial_stderr(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on ``n`` independent questions: ``sqrt(p (1 - p) / n)`` (0 if n = 0)."""
-    if n <= 0:
-        return 0.0
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
 
 
 def resolve_modes(
@@ -206,8 +200,6 @@ def evaluate_loglikelihood(
         `dict[str, TaskResult]`: Task name -> result with ``mode="loglikelihood"`` and per-row predictions
         (``logprobs`` per option, ``prediction`` and ``prediction_norm`` letters).
     """
-    from .harness import TaskResult
-
     results: dict[str, TaskResult] = {}
     for task, dataset in datasets.items():
         rows = [dict(row) for row in dataset]
