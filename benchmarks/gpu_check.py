@@ -153,14 +153,14 @@ def qlora_round(size: dict[str, int], arch: dict[str, Any], device: str, out: Pa
             result["phases"][phase] = {"s": round(time.perf_counter() - start, 2), "peak_gib": peak_gib(device)}
             return value
 
-        def _sample_phase(self, *a: Any) -> Any:
-            return self._measure("sample", lambda: super(Measured, self)._sample_phase(*a))
+        def sample_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("sample", lambda: super(Measured, self).sample_phase(*a, **k))
 
-        def _score_phase(self, *a: Any) -> Any:
-            return self._measure("score", lambda: super(Measured, self)._score_phase(*a))
+        def score_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("score", lambda: super(Measured, self).score_phase(*a, **k))
 
-        def _train_on_pairs(self, *a: Any, **k: Any) -> Any:
-            return self._measure("train", lambda: super(Measured, self)._train_on_pairs(*a, **k))
+        def train_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("train", lambda: super(Measured, self).train_phase(*a, **k))
 
         def save_iteration(self, index: int) -> None:
             self._measure(f"save_M{index}", lambda: super(Measured, self).save_iteration(index))
