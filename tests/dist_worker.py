@@ -57,6 +57,21 @@ def _saved_and_loaded(model, path: Path, args):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
+def _record_identical_refused(initial, output_dir: Path, args, prompts, tokenizer) -> None:
+    """Build the trainer with M1 = a second load of π_0 (equal weights, partitioned alike under ZeRO-3) and record in
+    ``identical_refused.json`` whether the identity check refused it, as it must."""
+    from transformers import AutoModelForCausalLM
+
+    same = AutoModelForCausalLM.from_pretrained(output_dir / "init" / "m0")
+    try:
+        InjectedCandidates(model=same, ref_model=initial, args=args, train_dataset=prompts, processing_class=tokenizer)
+        refused = False
+    except ValueError as error:
+        refused = "identical to the initial model" in str(error)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (output_dir / "identical_refused.json").write_text(json.dumps({"refused": refused}))
+
+
 def run(output_dir: Path, mode: str, batch: int) -> None:
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)
@@ -68,9 +83,11 @@ def run(output_dir: Path, mode: str, batch: int) -> None:
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
         )
     elif mode == "full_loaded":  # M1 and π_0 loaded after the config: under ZeRO-3 (zero3_init_flag) partitioned
+        initial = _saved_and_loaded(m0, output_dir / "init" / "m0", args)
+        _record_identical_refused(initial, output_dir, args, prompts, tokenizer)
         trainer = InjectedCandidates(
             model=_saved_and_loaded(perturbed(m0), output_dir / "init" / "m1", args),
-            ref_model=_saved_and_loaded(m0, output_dir / "init" / "m0", args),
+            ref_model=initial,
             args=args,
             train_dataset=prompts,
             processing_class=tokenizer,

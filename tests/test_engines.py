@@ -251,6 +251,8 @@ def test_engine_matches_ddp_on_injected_candidates(engine, request, ddp):
         for column in ("prompt_index", "chosen_input_ids", "rejected_input_ids", "consistency"):
             assert pa[column] == pb[column], column
         assert pb["ref_chosen_logps"] == pytest.approx(pa["ref_chosen_logps"], abs=1e-5)
+    for d in (reference, run):  # M1 = a second load of π_0 is refused, also when both are partitioned (ZeRO-3)
+        assert json.loads((d / "identical_refused.json").read_text()) == {"refused": True}
     final_ddp, final = (load_file(str(d / "M3" / "model.safetensors")) for d in (reference, run))
     assert final.keys() == final_ddp.keys()
     for key in final:
