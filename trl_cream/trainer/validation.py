@@ -69,7 +69,8 @@ def _base_config(model: Any) -> Any:
 
 def _vocab_rows(model: Any) -> int | None:
     try:
-        return int(model.get_input_embeddings().weight.shape[0])
+        weight = model.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: the whole shape, not the local shard
     except (AttributeError, NotImplementedError, IndexError):
         return None
 
