@@ -57,6 +57,29 @@ def test_bad_config_values_are_refused_when_the_config_is_built(tmp_path, field,
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "instead"),
+    [
+        ("missing_eos_penalty", 1.0, "max_new_tokens"),
+        ("cache_implementation", "static", "generation_kwargs"),
+        ("reward_model_path", "org/rm", "reward_source='reward_model'"),
+        ("reward_weights", [1.0], "reward_source"),
+        ("model_init_kwargs", {"dtype": "float32"}, "from_pretrained"),
+        ("vllm_mode", "server", "generation_backend"),
+        ("vllm_gpu_memory_utilization", 0.9, "generation_backend"),
+    ],
+)
+def test_inherited_fields_cream_ignores_are_refused_when_set(tmp_path, field, value, instead):
+    with pytest.raises(ValueError, match=rf"{field}=.*CREAM does not use.*{instead}.*Leave {field} at its default"):
+        cream_args(tmp_path / "out", **{field: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
+    args = cream_args(tmp_path, missing_eos_penalty=None, vllm_mode="colocate", reward_weights=None)
+    assert args.missing_eos_penalty is None and args.vllm_mode == "colocate"
+
+
+@pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--top_p", "1.5"], r"top_p=1.5 must lie in"),

@@ -60,7 +60,7 @@ def test_llama3_recipe_runs_end_to_end_on_two_processes(tmp_path):
         "sft_num_train_epochs": 1,
         "sft_learning_rate": 1e-2,  # the paper's 1e-6 would leave a tiny random model's adapter near identity
         "learning_rate": 1e-2,
-        "warmup_steps": 0,  # one optimizer step a round: a 0.1 warm-up ratio makes it a 1-step warm-up at lr 0
+        "warmup_steps": 0,  # no warm-up in the SFT stage either (rounds of one step get none at 0.1 anyway)
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1,
         "generation_batch_size": 4,

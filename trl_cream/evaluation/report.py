@@ -128,10 +128,16 @@ def render_markdown(results: Any) -> str:
         lines += ["### Table 1b: log-likelihood tasks, acc_norm (log-prob per character of the option) (%)", ""]
         lines += _accuracy_lines(data, "accuracy_norm")
         lines += [""]
-    lines += [
-        "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = highest "
-        "log-prob per character (Table 1b). ± is sqrt(p(1-p)/n): a difference smaller than about twice it is noise.",
-    ]
+    loglikelihood = any(
+        result.get("mode") == "loglikelihood" for per_task in data["accuracy"].values() for result in per_task.values()
+    )
+    note = "± is sqrt(p(1-p)/n): a difference smaller than about twice it is noise."
+    if loglikelihood:  # only when some task was scored by log-likelihood
+        note = (
+            "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = "
+            "highest log-prob per character (Table 1b). " + note
+        )
+    lines += [note]
     lines += ["", "## Table 2: ranking consistency between consecutive checkpoints (mean ± std over prompts)", ""]
     if not data["consistency"]:
         lines.append("_No pairs: Table 2 needs at least three checkpoints (M0, M1, M2) and consistency prompts._")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..runs.layout import RunLayout, iteration_index, round_of_iteration
-from .model_card import build_model_card, load_round_metrics, write_card
+from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -208,11 +208,6 @@ class HubPublisher:
             if error is not None:
                 raise error
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
     # ------------------------------------------------ the push (worker thread)
     def _push_safely(self, index: int, folder: Path, round_dir: Path | None, update_main: bool) -> dict | None:
         s = self.settings
@@ -375,6 +370,7 @@ def publish_iteration(
     layout = RunLayout(args.output_dir)
     folder = layout.iteration_dir(index)
     evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
+    wandb_url, trackio_url = run_urls()  # the run's links, as on TRL's own cards
     card = build_model_card(
         trainer_cls=trainer_cls,
         index=index,
@@ -385,6 +381,8 @@ def publish_iteration(
         base_model=args.hub_base_model_id or base_model,
         sft_metrics=sft_metrics,
         evaluation=evaluation,
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
     )
     write_card(card, folder)
     if publisher is not None:

@@ -29,7 +29,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "max_length": 512,
     "per_device_train_batch_size": 4,
     "learning_rate": 1e-4,
-    "warmup_steps": 0.0,  # rounds of a few steps: a warm-up would spend the first (or only) step at lr 0
+    "warmup_steps": 0.0,  # no warm-up, SFT stage included (at 0.1, rounds under 10 steps would get none anyway)
     # 3e-4 made π1 so peaked that round 1 had C = 0.00 (τ = −1 on every prompt); 3e-5 gives C = 0.30 (docs/faq.md)
     "sft_learning_rate": 3e-5,
     "sft_num_train_epochs": 2.0,
@@ -104,6 +104,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
 
     from ..evaluation import run_evaluation
     from ..evaluation.report import render_markdown, write_report
+    from ..hub.model_card import rounds_table
     from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
 
@@ -140,6 +141,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         for phase in ("generate", "score", "pair", "train", "save"):
             timings[f"round{r['round']}_{phase}"] = r[f"time_{phase}_s"]
     round_metrics = output.metrics["rounds"]
+    print("\n[demo] CREAM rounds\n" + rounds_table(round_metrics) + "\n", flush=True)
     del trainer, model
     gc.collect()
 

@@ -37,8 +37,6 @@ from .files import (  # noqa: F401  (re-exported: the store's public file helper
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
-    load_adapter_weights,
-    load_full_weights,
     read_json,
     save_dataset,
     save_tensors,
@@ -46,6 +44,7 @@ from .files import (  # noqa: F401  (re-exported: the store's public file helper
 from .integrity import Checksums, DamagedFile, iteration_range, load_checked, owned_paths
 from .layout import FIRST_ITERATION, RunLayout, iteration_index, parse_trainer_checkpoint
 from .manifest import manifest_differences
+from .weights import load_adapter_weights, load_full_weights  # noqa: F401  (their home before 0.2)
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +118,6 @@ class PhaseStore:
     # ------------------------------------------------------------ the run as a whole
     def holds_a_run(self) -> bool:
         return self.manifest_path.exists() or self.layout.rounds_dir.exists()
-
-    def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        """Check ``manifest`` against the folder's run, then record it (one process)."""
-        clear = self.check(manifest, resume, overwrite)
-        if not resume:
-            self.record(manifest, clear)
 
     def read_manifest(self) -> dict[str, Any] | None:
         """The folder's manifest, `None` when there is none; `DamagedFile` when it cannot be read."""
