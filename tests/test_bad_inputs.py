@@ -91,10 +91,9 @@ def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
 def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
     from trl_cream.cli import train_parser
 
-    with pytest.raises(SystemExit) as exit_info:  # a parser error (usage + message, status 2), not a traceback
+    with pytest.raises(SystemExit) as exit_info:  # argparse's `prog: error: <the config's message>`, status 2
         train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
-    assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
@@ -231,9 +230,9 @@ def test_nan_log_probs_are_refused_before_scores_or_pairs_are_saved(tmp_path, m0
 
 def test_a_round_where_every_candidate_is_tied_warns_and_keeps_the_policy(tmp_path, m0, tokenizer, caplog):
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="trl_cream.cream_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_cream.trainer.report"):
         output = _override_trainer(out, m0, tokenizer, "tied").train()
-    assert "CREAM round 1 learnt nothing, the policy is kept as it was: no preference pair" in caplog.text
+    assert "CREAM round 1 learnt nothing, the policy is kept as it was: no preference" in caplog.text
     assert "candidates are tied" in caplog.text
     assert output.metrics["rounds"][0]["num_pairs"] == 0
     m1, m2 = load_file(str(out / "M1" / "model.safetensors")), load_file(str(out / "M2" / "model.safetensors"))
