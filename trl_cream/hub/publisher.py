@@ -44,6 +44,7 @@ from .utils import (
     is_retryable,
     iteration_files,
     iteration_target,
+    local_cause,
     redact,
     round_files,
     validate_settings,
@@ -159,12 +160,18 @@ class HubPublisher:
         `hub_push_failure`) when the Hub is unreachable or the token is refused."""
         s = self.settings
         try:
+            if local_cause() is not None:  # offline: fail at once, with no network call and no retry
+                from huggingface_hub.errors import OfflineModeIsEnabled
+
+                raise OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
             return with_retries(lambda: self.api.whoami(token=s.token), "start-up check (whoami)", s.policy, s.token)
         except Exception as error:
+            cause = local_cause(error) or redact(describe(error), s.token)
             message = (
-                f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: "
-                f"{redact(describe(error), s.token)}. Check the network, HF_HUB_OFFLINE and the token "
-                "(`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False."
+                f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: {cause}. Check the network, "
+                "HF_HUB_OFFLINE and the token (`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False "
+                "(CLI: drop --push_to_hub); a run already saved pushes what is missing when resumed with "
+                "--resume_from_checkpoint."
             )
             self._fail(message, error)
             return None
@@ -197,11 +204,6 @@ class HubPublisher:
             if error is not None:
                 raise error
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
     # ------------------------------------------------ the push (worker thread)
     def _push_safely(self, index: int, folder: Path, round_dir: Path | None, update_main: bool) -> dict | None:
         s = self.settings
@@ -209,11 +211,12 @@ class HubPublisher:
             info = self.push(index, folder, round_dir, update_main)
         except Exception as error:
             repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
+            cause = local_cause(error) or redact(describe(error), s.token)
             message = (
-                f"Pushing M{index} to {repo_id}@{revision} failed: {redact(describe(error), s.token)} "
+                f"Pushing M{index} to {repo_id}@{revision} failed: {cause} "
                 f"({f'still failing after {s.policy.retries} retries' if is_retryable(error) else 'not retried'}). "
-                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True)) "
-                "pushes the iterations that are missing."
+                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True), CLI: "
+                "trl-cream train ... --resume_from_checkpoint) pushes the iterations that are missing."
             )
             self.failed[index] = message
             self._fail(message, error)

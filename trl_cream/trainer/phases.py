@@ -24,7 +24,7 @@ from .. import distributed
 from ..core.labelling import RoundScores
 from ..modeling import adapters, sampling
 from ..modeling.perf import sampled_policy_scores
-from ..runs.store import load_adapter_weights
+from ..runs.weights import load_adapter_weights
 
 TokenIds = list[int]
 

@@ -29,7 +29,7 @@ from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps, tokenize_prompts
-from ..runs.manifest import build_manifest
+from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
 from . import phases, report, resume, run_log
 from .config import CreamConfig
@@ -41,6 +41,8 @@ from .validation import (
     check_distinct_from_initial,
     check_finite_scores,
     check_inputs,
+    check_single_train,
+    check_training_finite,
     fit_prompts,
 )
 
@@ -108,6 +110,7 @@ class CreamTrainer(TrlOnlineDPOBase):
     ) -> None:
         check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config, sft_dataset)
         reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
+        identity = run_identity(model, ref_model, processing_class, is_peft_model(model) or peft_config is not None)
         super().__init__(
             model, ref_model, args, train_dataset, processing_class, peft_config, callbacks, optimizers
         )  # fmt: skip
@@ -119,6 +122,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self.round_metrics: list[dict[str, Any]] = []
+        self._run_identity, self._train_called = identity, False  # the models as given; one run per train()
         self.store = PhaseStore(
             args.output_dir, is_main=self.accelerator.is_main_process, barrier=self.accelerator.wait_for_everyone
         )
@@ -177,6 +181,8 @@ class CreamTrainer(TrlOnlineDPOBase):
                 last intra-round Trainer checkpoint if `save_strategy` made one; a path to one of those
                 checkpoints (``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>``) picks it explicitly.
         """
+        check_single_train(self._train_called, self.args.output_dir)
+        self._train_called = True
         start = self._open_run(resume_from_checkpoint)
         shards = self.split_prompts()
         first = self.store.iteration(1)
@@ -222,6 +228,7 @@ class CreamTrainer(TrlOnlineDPOBase):
                 how = f"continues from {checkpoint}" if checkpoint else "runs from the round's start"
                 logger.info("Resuming round %d: training %s.", t, how)
             output = self.train_phase(t, pairs, checkpoint)  # lines 13-14
+        check_training_finite(self.accelerator, self.model, output.training_loss, t, args)  # before M_{t+1} is saved
         metrics.update(train_loss=output.training_loss if output.global_step else None, train_steps=output.global_step)
         report.flag_no_op(t, metrics, self.lr_probe)  # warns once and marks a round that learnt nothing
         with _timed(timings, "save"):
@@ -364,7 +371,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
         iterations whose push did not finish."""
         args = self.args
-        manifest = build_manifest(args, self.prompts, self.sft_dataset, self.use_peft, self.store.iteration(1))
+        manifest = build_manifest(
+            args, self.prompts, self.sft_dataset, self.use_peft, self.store.iteration(1), self._run_identity
+        )
         start = resume.open_run(
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
             args.overwrite_output_dir,

@@ -80,6 +80,8 @@ PARENT_CONFIG_FIELDS: tuple[str, ...] = (
     "generation_kwargs",
     "ds3_gather_for_generation",
     "use_vllm",
+    "disable_dropout",
+    "trust_remote_code",
 )
 
 __all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "TrlOnlineDPOBase"]
