@@ -5,10 +5,7 @@ be sampled with them, and the optimizer, batch and epoch settings with which a r
 from __future__ import annotations
 
 import difflib
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 def _generation_keys() -> frozenset[str]:
@@ -53,14 +50,10 @@ def check_sampling_settings(args: Any) -> None:
 
 def check_optimization_settings(args: Any) -> None:
     """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
-    if args.learning_rate < 0:
+    if args.learning_rate <= 0:
         raise ValueError(
-            f"learning_rate={args.learning_rate} must be > 0 (the paper uses 1e-6; a negative value ascends the loss)."
-        )
-    if args.learning_rate == 0:
-        logger.warning(
-            "learning_rate=0: every round trains at learning rate 0 and keeps the policy as it was (each round is "
-            "flagged as learning nothing). Set learning_rate > 0 (the paper uses 1e-6) to train."
+            f"learning_rate={args.learning_rate} must be > 0 (the paper uses 1e-6; a value <= 0 learns nothing or "
+            "ascends the loss)."
         )
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
