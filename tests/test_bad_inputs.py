@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -87,11 +88,12 @@ def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
         (["--push_to_hub", "--hub_model_id", "bad repo id!!"], r"not a valid Hub repo id"),
     ],
 )
-def test_the_cli_parser_refuses_the_same_values(tmp_path, flags, message):
+def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
     from trl_cream.cli import train_parser
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's `prog: error: <the config's message>`, status 2
         train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
