@@ -87,11 +87,15 @@ def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
         (["--push_to_hub", "--hub_model_id", "bad repo id!!"], r"not a valid Hub repo id"),
     ],
 )
-def test_the_cli_parser_refuses_the_same_values(tmp_path, flags, message):
+def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
+    import re
+
     from trl_cream.cli import train_parser
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as exit_info:  # a parser error (exit 2) with CreamConfig's message, no traceback
         train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search("trl-cream train: error: .*" + message, err), err
     assert not (tmp_path / "out").exists()
 
 
