@@ -33,11 +33,7 @@ METHODS: dict[str, str] = {"srlm": "none", "cream": "kendall"}  # method -> cons
 # Sizes of the study. `default` is the CPU run; `tiny` is the CI smoke size (use it with a tiny --model); `large`
 # is for a GPU. `prompts` are the training prompts of one run over all its rounds; `eval_mc` the questions per
 # multiple-choice task; `consistency_prompts` the held-out prompts of Table 2 (the same for every run).
-# Cost of `default` with SmolLM2-135M, measured as CPU time of one thread (2 CPU cores shared with other jobs; a probe
-# of SFT + one run + the option scorer): SFT (80 rows, 2 epochs) ~4 min once; a run's two rounds of 8 prompts x 4
-# candidates ~2.2 min (x 6 runs); option log-likelihood ~0.25 s per question, so 2 tasks x 200 questions ~1.7 min per
-# checkpoint (x 14: M0, M1 and M2, M3 of every run); Table 2, 8 held-out prompts x 4 candidates scored three times,
-# ~0.7 min per pair (x 12). About 50 CPU-minutes in all: ~25-30 min on 2 free cores with torch's 2 threads.
+# The measured cost of each size is in benchmarks/RESULTS.md.
 STUDY_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(sft_mc=8, sft_chat=0, prompts=4, eval_mc=6, consistency_prompts=2, num_generations=2),
     "default": dict(sft_mc=72, sft_chat=8, prompts=16, eval_mc=200, consistency_prompts=8, num_generations=4),
