@@ -228,10 +228,11 @@ def test_nan_log_probs_are_refused_before_scores_or_pairs_are_saved(tmp_path, m0
 
 def test_a_round_where_every_candidate_is_tied_warns_and_keeps_the_policy(tmp_path, m0, tokenizer, caplog):
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="trl_cream.cream_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_cream"):
         output = _override_trainer(out, m0, tokenizer, "tied").train()
-    assert "Round 1 produced no preference pair: every prompt's candidates are tied" in caplog.text
-    assert output.metrics["rounds"][0]["num_pairs"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "learnt nothing" in r.getMessage()]
+    assert len(warnings) == 1 and "round 1" in warnings[0] and "candidates are tied" in warnings[0], caplog.text
+    assert output.metrics["rounds"][0]["num_pairs"] == 0 and "tied" in output.metrics["rounds"][0]["no_op"]
     m1, m2 = load_file(str(out / "M1" / "model.safetensors")), load_file(str(out / "M2" / "model.safetensors"))
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
 

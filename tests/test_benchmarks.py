@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 import ab_switch  # noqa: E402
+import gpu_check  # noqa: E402
 import round_cost  # noqa: E402
 import vs_naive  # noqa: E402
 
@@ -80,3 +81,21 @@ def test_ab_switch_freeze_gc_is_exact(capsys):
     assert phases_fit_in({k: v for k, v in medians.items() if k.startswith("off_") and k != "off_s"}, medians["off_s"])
     assert phases_fit_in({k: v for k, v in medians.items() if k.startswith("on_") and k != "on_s"}, medians["on_s"])
     assert result["on_over_off"] == pytest.approx(medians["on_s"] / medians["off_s"], rel=1e-2)
+
+
+def test_gpu_check_cpu_smoke_runs_every_cpu_part(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    report = gpu_check.main(["--cpu-smoke", "--no-results", "--out", str(tmp_path / "gpu_check.json")])
+    assert gpu_check.json.loads((tmp_path / "gpu_check.json").read_text()) == report
+    assert report["mode"] == "cpu-smoke"
+    qlora = report["qlora_round"]
+    assert "failed" not in qlora, qlora.get("traceback")
+    assert qlora["num_linear4bit"] == 2 * 7 and qlora["all_nf4_quantized"]  # the base is really NF4
+    assert {"sample", "score", "train", "save_M2"} <= set(qlora["phases"]) and qlora["num_pairs"] > 0
+    for model in ("smollm2_135m_bf16", "llama3_8b_qlora"):
+        rates = report["sampling"][model]
+        assert positive(rates["generate"]) and positive(rates["paged"]) and positive(rates["paged_over_generate"])
+    assert len(report["bf16_demo"]["rounds"]) == 2
+    assert "tests/test_engines.py" in report["zero3_tiny"]["skipped"]
+    section = gpu_check.results_section(report)
+    assert section.startswith("## ") and "gpu_check.py (cpu-smoke)" in section

@@ -266,7 +266,7 @@ def test_weights_check_can_fail(tokenizer):
 
 
 def test_zero3_gathered_state_dict_saves_a_from_pretrained_folder(monkeypatch, tmp_path, tokenizer):
-    # DeepSpeed is not installed here: stand in for `deepspeed.zero.GatheredParameters` with a no-op (the weights are
+    # No process group here: stand in for `deepspeed.zero.GatheredParameters` with a no-op (the weights are
     # then already whole), and check the rest of the pre-engine save path: keys, values, and a folder that
     # from_pretrained reloads to the same logits.
     import contextlib

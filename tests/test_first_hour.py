@@ -116,15 +116,18 @@ def test_readme_quickstart_on_10_prompts_trains_every_round_and_logs_one_run(tmp
     assert steps["train/loss"] == starts  # one step per round, right there
 
 
-def test_a_round_that_learns_nothing_is_flagged_once(tmp_path, m0, tokenizer, prompts, caplog, capsys):
-    args = cream_args(tmp_path, num_iterations=1, learning_rate=0.0)
+def test_a_round_that_learns_nothing_is_flagged_once(tmp_path, m0, tokenizer, prompts, caplog, capsys, monkeypatch):
+    # transformers' own warm-up count (ceil) on a one-step round: that step runs at learning rate 0, as before the fix
+    monkeypatch.setattr(CreamConfig, "get_warmup_steps", TrainingArguments.get_warmup_steps)
+    args = cream_args(tmp_path, num_iterations=1, warmup_steps=0.1, per_device_train_batch_size=8)
     trainer = CreamTrainer(model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts,
                            processing_class=tokenizer)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="trl_cream"):
         output = trainer.train()
     assert "sampling" not in capsys.readouterr().err  # disable_tqdm=True: no sampling/scoring bar either
     (metrics,) = output.metrics["rounds"]
-    assert metrics["train_steps"] >= 1 and "learning rate 0" in metrics["no_op"]
+    assert metrics["train_steps"] == 1 and "learning rate 0" in metrics["no_op"]
+    assert not changed(tmp_path / "M1", tmp_path / "M2")  # the flag is right: nothing moved
     saved = json.loads((tmp_path / "rounds" / "round_1" / "metrics.json").read_text())
     assert saved["no_op"] == metrics["no_op"]
     warnings = [r for r in caplog.records if "learnt nothing" in r.getMessage()]

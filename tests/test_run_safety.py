@@ -316,3 +316,15 @@ def test_identity_of_two_loads_of_the_same_model_is_the_same(m0, tokenizer):
     b = run_identity(perturbed(m0), copy.deepcopy(m0), tokenizer, peft=False)
     assert a == b and a["policy"]["weights_sha256"] != a["initial"]["weights_sha256"]
     assert a["tokenizer"]["size"] == len(tokenizer) and a["policy"]["vocab_size"] == m0.config.vocab_size
+
+
+def test_a_users_own_later_iteration_folder_is_not_taken_as_the_runs_latest(tmp_path):
+    from trl_cream.hub import latest_local_iteration
+    from trl_cream.hub.publisher import HubSettings
+
+    for name in ("M1", "M2", "M9"):
+        (tmp_path / name).mkdir()
+    settings = HubSettings.from_args(cream_args(tmp_path, push_to_hub=True, hub_model_id="me/cream"))
+    assert settings.last_iteration == 3  # a 2-round run writes M1..M3
+    assert latest_local_iteration(tmp_path, settings.last_iteration) == 2  # so `main` still follows M2, M3
+    assert latest_local_iteration(tmp_path) == 9

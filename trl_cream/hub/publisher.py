@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..runs.layout import RunLayout, round_of_iteration
+from ..runs.layout import RunLayout, iteration_index, round_of_iteration
 from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
     FAILURE_MODES,
@@ -104,9 +104,10 @@ def rounds_repo_id(hub_model_id: str) -> str:
     return f"{hub_model_id}-rounds"
 
 
-def latest_local_iteration(output_dir: str | Path) -> int:
-    """The highest ``k`` of the ``output_dir/M<k>`` folders (``-1`` when there is none)."""
-    return max(RunLayout(output_dir).iterations(), default=-1)
+def latest_local_iteration(output_dir: str | Path, last: int | None = None) -> int:
+    """The highest ``k`` of the ``output_dir/M<k>`` folders, up to the run's ``last`` iteration when given (a
+    user's own ``M9/`` beside a 2-round run is not the run's latest); ``-1`` when there is none."""
+    return max((k for k in RunLayout(output_dir).iterations() if last is None or k <= last), default=-1)
 
 
 # ---------------------------------------------------------------- the publisher
@@ -124,6 +125,7 @@ class HubSettings:
     push_round_datasets: bool = False
     push_merged_weights: bool = False
     base_model_id: str | None = None
+    last_iteration: int | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> HubSettings:
@@ -138,6 +140,7 @@ class HubSettings:
             push_round_datasets=args.push_round_datasets,
             push_merged_weights=args.push_merged_weights,
             base_model_id=args.hub_base_model_id,
+            last_iteration=iteration_index(args.num_iterations + 1),
         )
 
 
@@ -184,7 +187,8 @@ class HubPublisher:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cream-hub-push")
         # main follows the latest iteration: never move it back to an older one (e.g. a resumed run pushing a
         # missing M1 when M3 is saved already)
-        self._latest = max(self._latest, index, latest_local_iteration(self.settings.output_dir))
+        local = latest_local_iteration(self.settings.output_dir, self.settings.last_iteration)
+        self._latest = max(self._latest, index, local)
         future = self._executor.submit(self._push_safely, index, folder, round_dir, index >= self._latest)
         self._pending.append((index, future))
         return future

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..runs.layout import iteration_name
+from ..runs.layout import iteration_index, iteration_name
 
 logger = logging.getLogger("trl_cream.hub")
 
@@ -141,10 +141,9 @@ def check_repo_ids(args: Any) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    last = args.num_iterations + 1  # M0 (SFT runs) .. M<T+1>
     ids = [args.hub_model_id]
-    if args.hub_iteration_strategy == "repo":
-        ids.append(f"{args.hub_model_id}-M{last}")
+    if args.hub_iteration_strategy == "repo":  # the longest derived id: the last iteration's repo
+        ids.append(iteration_target(args.hub_model_id, "repo", iteration_index(args.num_iterations + 1))[0])
     if args.push_round_datasets:
         ids.append(f"{args.hub_model_id}-rounds")
     for repo_id in ids:

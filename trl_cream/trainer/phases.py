@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed
+from .. import distributed, engines
 from ..core.labelling import RoundScores
 from ..modeling import adapters, sampling
 from ..modeling.perf import sampled_policy_scores
@@ -129,7 +129,8 @@ def score(
         policy_logps = None  # falling back (prompt + candidate > max_length) would wait for the others forever
     scores_t = sampled_policy_scores(policy_logps, prompt_ids, candidates, args.max_length)
     if scores_t is None:
-        scores_t = run(policy.wrapped if policy.is_fsdp else model, "π_t")
+        with engines.scoring_policy(accelerator, model, policy.wrapped, policy.is_fsdp) as scored:  # ZeRO-3: gathered
+            scores_t = run(scored, "π_t")
     previous = None
     if policy.use_peft:
         with model.disable_adapter():

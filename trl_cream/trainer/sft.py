@@ -140,5 +140,6 @@ def run_sft(
     """Train ``model`` in place on ``dataset`` (a PEFT model trains its active adapter). Returns the train metrics."""
     trainer = build_sft_trainer(model, tokenizer, dataset, args, callbacks, report_to)
     output = trainer.train()
+    trainer.accelerator.free_memory()  # DeepSpeed: destroy the SFT engine (its optimizer state, ZeRO-3 hooks)
     logger.info("SFT stage done: loss %.4f over %d steps", output.training_loss, output.global_step)
     return {"sft_loss": output.training_loss, "sft_steps": output.global_step, **output.metrics}

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
-from .. import distributed, hub
+from .. import distributed, engines, hub
 from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
 from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
@@ -111,6 +111,8 @@ class CreamTrainer(TrlOnlineDPOBase):
         check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config, sft_dataset)
         reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
         identity = run_identity(model, ref_model, processing_class, is_peft_model(model) or peft_config is not None)
+        if sft_dataset is not None:  # ZeRO-3: π_0 built partitioned from M0 (TRL's create_reference_model refuses)
+            ref_model = engines.initial_reference(model, is_peft_model(model) or peft_config is not None)
         super().__init__(
             model, ref_model, args, train_dataset, processing_class, peft_config, callbacks, optimizers
         )  # fmt: skip

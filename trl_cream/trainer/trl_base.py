@@ -35,6 +35,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+from .. import engines
 from ..modeling.perf import frozen_gc
 from . import run_log
 
@@ -218,6 +219,6 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
             self.state.log_history = history + self.state.log_history
             self.steps.finish_stage(self.state.global_step)
             self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-            self.accelerator.free_memory()
+            engines.release_engine(self)  # DeepSpeed: the next round builds a fresh engine (trl_cream.engines)
             gc.collect()
         return output

@@ -17,6 +17,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..engines import same_weights
 from ..modeling import adapters
 from ..modeling.sampling import tokenize_prompts
 from .config import CreamConfig
@@ -68,7 +69,8 @@ def _base_config(model: Any) -> Any:
 
 def _vocab_rows(model: Any) -> int | None:
     try:
-        return int(model.get_input_embeddings().weight.shape[0])
+        weight = model.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: the whole shape, not the local shard
     except (AttributeError, NotImplementedError, IndexError):
         return None
 
@@ -225,14 +227,8 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
         return
     if ref_model is model:
         raise ValueError(message + " (`ref_model` is the same object as `model`.)")
-    ref_params = dict(ref_model.named_parameters()) if ref_model is not None else {}
-    for name, param in model.named_parameters():
-        other = ref_params.get(name)
-        if other is None or other.shape != param.shape:
-            return
-        if not torch.equal(param.detach(), other.detach().to(param.device)):
-            return
-    raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+    if ref_model is not None and same_weights(model, ref_model):  # compared whole under ZeRO-3 / FSDP
+        raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
 
 
 # ---------------------------------------------------------------- during the run
