@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import perturbed, tiny_llama, tiny_tokenizer
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from trl_cream.loss import cream_dpo_loss
+from trl_cream.core.loss import cream_dpo_loss, pair_metrics
 from trl_cream.sampling import completion_logps, pad_pairs
 
 BETA = 0.1
@@ -96,3 +97,18 @@ def test_consistency_out_of_range_is_refused():
     pc, pr, rc, rr = _logps(3, 2)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         cream_dpo_loss(pc, pr, rc, rr, 1.5, BETA)
+
+
+def test_pair_metrics_are_the_implicit_rewards_of_each_candidate():
+    chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    ref_chosen, ref_rejected = torch.tensor([-3.5, -4.0]), torch.tensor([-4.0, -3.0])
+    metrics = pair_metrics(chosen, rejected, ref_chosen, ref_rejected, torch.tensor([0.9, 0.2]), 0.1)
+    torch.testing.assert_close(metrics["rewards/chosen"], torch.tensor([0.05, -0.1]))
+    torch.testing.assert_close(metrics["rewards/rejected"], torch.tensor([0.0, 0.1]))
+    torch.testing.assert_close(metrics["rewards/margins"], torch.tensor([0.05, -0.2]))
+    assert metrics["rewards/accuracies"].tolist() == [1.0, 0.0]
+    assert metrics["cream/batch_consistency"].tolist() == pytest.approx([0.9, 0.2])
+    assert metrics["beta"].tolist() == pytest.approx([0.1, 0.1])
+    # the margin is the DPO logit z, whose loss at C = 1 is -log σ(z)
+    z = metrics["rewards/margins"]
+    torch.testing.assert_close(cream_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 1.0, 0.1), -F.logsigmoid(z))

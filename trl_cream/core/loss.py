@@ -37,3 +37,33 @@ def cream_dpo_loss(
         raise ValueError(f"The consistency rate must lie in [0, 1], got {c.min().item()}..{c.max().item()}.")
     z = beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
     return -c * F.logsigmoid(z) - (1 - c) * F.logsigmoid(-z)
+
+
+def pair_metrics(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    consistency: torch.Tensor,
+    beta: float,
+) -> dict[str, torch.Tensor]:
+    """What a training step logs per pair, under TRL's DPO names: the implicit rewards ``β (log π − log π_ref)`` of
+    the chosen and rejected candidates, their margin and whether it is positive, the log-probs, and ``C``.
+
+    Args: as `cream_dpo_loss` (``consistency`` one value per pair).
+
+    Returns:
+        `dict[str, torch.Tensor]`: one ``[num_pairs]`` tensor per logged name.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": policy_chosen_logps,
+        "logps/rejected": policy_rejected_logps,
+        "cream/batch_consistency": consistency,
+        "beta": torch.full_like(policy_chosen_logps, beta),
+    }

@@ -25,7 +25,7 @@ from transformers.trainer_utils import TrainOutput
 
 from .. import distributed, engines, hub
 from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
-from ..core.loss import cream_dpo_loss
+from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps, tokenize_prompts
@@ -156,20 +156,10 @@ class CreamTrainer(TrlOnlineDPOBase):
         ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         losses = cream_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, inputs["consistency"], self.beta)
         with torch.no_grad():
-            chosen_rewards = self.beta * (chosen - ref_chosen)
-            rejected_rewards = self.beta * (rejected - ref_rejected)
-            gather = self.accelerator.gather_for_metrics
-            for key, value in {
-                "rewards/chosen": chosen_rewards,
-                "rewards/rejected": rejected_rewards,
-                "rewards/margins": chosen_rewards - rejected_rewards,
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                "logps/chosen": chosen,
-                "logps/rejected": rejected,
-                "cream/batch_consistency": inputs["consistency"],
-                "beta": torch.full_like(chosen, self.beta),
-            }.items():
-                self.stats.setdefault(key, []).append(gather(value.detach().float()).mean().item())
+            metrics = pair_metrics(chosen, rejected, ref_chosen, ref_rejected, inputs["consistency"], self.beta)
+            for key, value in metrics.items():
+                gathered = self.accelerator.gather_for_metrics(value.detach().float())
+                self.stats.setdefault(key, []).append(gathered.mean().item())
         return losses.mean()
 
     # ---------------------------------------------------------------- Algorithm 1
