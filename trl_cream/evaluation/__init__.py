@@ -10,12 +10,13 @@ from .harness import (
     load_checkpoint,
     run_evaluation,
 )
-from .loglikelihood import EVAL_MODES, binomial_stderr, evaluate_loglikelihood, score_options
+from .loglikelihood import EVAL_MODES, binomial_stderr, evaluate_loglikelihood, sample_stderr, score_options
 from .ranking import consistency_stats, ranking_consistency
 
 __all__ = [
     "EVAL_MODES",
     "binomial_stderr",
+    "sample_stderr",
     "evaluate_loglikelihood",
     "score_options",
     "EvaluationResults",

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from ..modeling import sampling
 from .answers import is_correct, predict
-from .loglikelihood import binomial_stderr, evaluate_loglikelihood, resolve_modes
+from .loglikelihood import evaluate_loglikelihood, resolve_modes, sample_stderr
 from .ranking import _as_messages, ranking_consistency
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
@@ -40,10 +40,11 @@ class TaskResult:
         predictions (`list[dict]`): One entry per row: ``prompt``, gold ``answer``, ``completion``, extracted
             ``prediction`` and ``correct`` (log-likelihood mode: ``logprobs`` per option instead of a completion).
         mode (`str`): ``"generate"`` (greedy answer, extracted) or ``"loglikelihood"`` (option scoring).
-        stderr (`float`): Binomial standard error of ``accuracy``, ``sqrt(p (1 - p) / n)``.
+        stderr (`float`): Standard error of ``accuracy`` as lm-evaluation-harness reports it, the sample standard
+            deviation of the 0/1 scores over ``√n``: ``sqrt(p (1 - p) / (n - 1))`` (`sample_stderr`).
         accuracy_norm (`float` or `None`): Log-likelihood mode only: ``acc_norm`` (log-prob per character).
         num_correct_norm (`int` or `None`): Rows right under ``acc_norm``.
-        stderr_norm (`float` or `None`): Binomial standard error of ``accuracy_norm``.
+        stderr_norm (`float` or `None`): The same standard error of ``accuracy_norm``.
     """
 
     task: str
@@ -59,9 +60,9 @@ class TaskResult:
 
     def __post_init__(self) -> None:
         if self.stderr is None:
-            self.stderr = binomial_stderr(self.accuracy, self.n)
+            self.stderr = sample_stderr(self.accuracy, self.n)
         if self.accuracy_norm is not None and self.stderr_norm is None:
-            self.stderr_norm = binomial_stderr(self.accuracy_norm, self.n)
+            self.stderr_norm = sample_stderr(self.accuracy_norm, self.n)
 
 
 @dataclass
@@ -259,7 +260,7 @@ def run_evaluation(
     settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens, "eval_modes": modes}
     settings.update(chat_template=chat_template, num_questions={t: len(rows) for t, rows in eval_sets.items()})
     pair_kwargs["round1_baseline"] = round1_baseline
-    settings.update(num_consistency_prompts=len(consistency_prompts or []))
+    settings.update(num_consistency_prompts=len(consistency_prompts or []), initial_policy=names[0])
     if generation_config is not None:
         settings["generation_config"] = generation_config.to_dict()
     results = EvaluationResults(iterations=names, settings=settings)
