@@ -111,6 +111,11 @@ def _initial_policy_note(data: Mapping[str, Any]) -> str:
     )
 
 
+def format_change(value: float | None) -> str:
+    """A relative weight change for a table: ``3.2e-03``, or "–" when it was not measured."""
+    return "–" if value is None or not math.isfinite(value) else f"{value:.1e}"
+
+
 def _arrow(value: float, previous: float | None) -> str:
     if previous is None or round(value, 2) == round(previous, 2):
         return ""
@@ -148,16 +153,19 @@ def render_markdown(results: Any) -> str:
     if not data["consistency"]:
         lines.append("_No pairs: Table 2 needs at least three checkpoints (M0, M1, M2) and consistency prompts._")
         return "\n".join(lines) + "\n"
-    headers = [header for _, header in CONSISTENCY_COLUMNS] + ["Prompts (undefined)"]
+    headers = [header for _, header in CONSISTENCY_COLUMNS] + ["Prompts (undefined)", "Weights moved ‖Δθ‖/‖θ‖"]
     lines += ["| Iterations | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for label, stats in data["consistency"].items():
         cells = [_mean_std(stats.get(key)) for key, _ in CONSISTENCY_COLUMNS]
         cells.append(f"{stats.get('num_prompts', 0)} ({stats.get('num_undefined', 0)})")
+        cells.append(format_change(stats.get("weight_change")))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "C = (τ + 1) / 2. Prompts whose candidates are all tied under either reward have no ranking; they are left "
-        "out of every column and counted as undefined.",
+        'out of every column and counted as undefined. "Weights moved" is the relative change of the trained '
+        "weights (the LoRA adapter, or all weights) from the older checkpoint to the newer: C near 1 with weights "
+        'that barely moved means "unchanged", not "consistent".',
     ]
     return "\n".join(lines) + "\n"
 
