@@ -53,6 +53,8 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
         for pair in ("M2 vs M1", "M3 vs M2"):
             c = results["summary"]["table2"][method][pair]["consistency"]
             assert 0 <= c["mean"] <= 1 and c["num_seeds"] == 2
+            moved = results["summary"]["table2"][method][pair]["weight_change"]
+            assert moved["num_seeds"] == 2 and moved["mean"] > 0  # every round trained the adapter
         for kind in ("mean_logp", "sum_logp"):
             round1 = results["summary"]["round1_baseline"][method][kind]
             assert 0 <= round1["consistency"]["mean"] <= 1 and -1 <= round1["kendall_tau"]["mean"] <= 1

@@ -124,6 +124,7 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
 
     from ..evaluation import evaluate_accuracy, evaluate_loglikelihood, load_checkpoint, ranking_consistency
     from ..modeling import adapters
+    from ..modeling.movement import weight_change
     from ..trainer.sft import run_sft
     from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
@@ -245,6 +246,8 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
                 round1_baseline=args.round1_baseline,
             )  # fmt: skip
             stats.pop("per_prompt", None)
+            folders = {"M1": m1_dir, "M2": run_dir / "M2", "M3": run_dir / "M3"}
+            stats["weight_change"] = weight_change(folders[old], folders[new])  # beside C: moved, or unchanged?
             consistency[method][str(seed)][f"{new} vs {old}"] = stats
             bar.update()
         spent["consistency_s"] += time.perf_counter() - clock

@@ -66,8 +66,11 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
     table2 = {
         method: {
             pair: {
-                key: _mean_std([s[pair][key]["mean"] for s in seeds.values() if pair in s and s[pair].get(key)])
-                for key, _ in TABLE2_METRICS
+                **{
+                    key: _mean_std([s[pair][key]["mean"] for s in seeds.values() if pair in s and s[pair].get(key)])
+                    for key, _ in TABLE2_METRICS
+                },
+                "weight_change": _mean_std([s[pair].get("weight_change") for s in seeds.values() if pair in s]),
             }
             for pair in PAIRS
         }
@@ -232,11 +235,19 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {iteration} | " + " | ".join(_fmt(row.get(t), 100, se=True) for t in tasks) + " |")
     lines += ["", "M0 and M1 are shared by every run (evaluated once: no seed spread).", ""]
     lines += ["## Table 2: ranking consistency on held-out prompts, mean ± std over seeds", ""]
-    lines += ["| Iterations | Method | " + " | ".join(h for _, h in TABLE2_METRICS) + " |", "|---" * 6 + "|"]
+    headers = [h for _, h in TABLE2_METRICS] + ["weights moved ‖Δθ‖/‖θ‖"]
+    lines += ["| Iterations | Method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for pair in PAIRS:
         for method, pairs in summary["table2"].items():
             cells = [_fmt(pairs.get(pair, {}).get(key)) for key, _ in TABLE2_METRICS]
+            moved = pairs.get(pair, {}).get("weight_change") or {}
+            cells.append(f"{_num(moved.get('mean'), '.1e')} ± {_num(moved.get('std'), '.1e')}")
             lines.append(f"| {pair} | {method.upper()} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Weights moved: relative change of the LoRA adapter from the older checkpoint to the newer. C near 1 with "
+        "weights that barely moved means the round changed nothing, not that it was consistent.",
+    ]
     lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |"]
     lines += ["|---" * 6 + "|"]
     for row in summary["comparison"]:
