@@ -1,4 +1,5 @@
 # One-command set-up and run. Every target creates .venv on first use.
+#   make lint   - ruff, and lint-imports (the layers of docs/architecture.md, contracts in pyproject.toml)
 #   make test   - set up, then lint, build the docs (--strict) and run the whole test suite
 #   make demo   - set up, then run the embedded offline demo (SmolLM2-135M, M0 -> M1 -> M2 -> M3)
 # TORCH_SPEC picks the torch build installed first (the default is the CPU wheel this project is tested with;
@@ -28,6 +29,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check trl_cream tests examples benchmarks
 	$(PY) -m ruff format --check trl_cream tests examples benchmarks
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml ([tool.importlinter])
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir build/site

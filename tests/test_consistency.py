@@ -119,3 +119,29 @@ def test_shape_errors():
         kendall_tau(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least 2 candidates"):
         spearman(torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+def test_round_statistics_leave_fully_tied_prompts_out_everywhere() -> None:
+    """Training logs, the evaluation's Table 2 and the study's round-1 baselines share one definition: a prompt whose
+    ranking is entirely tied has no ranking, so it is out of every mean (TopOrder too) and counted as undefined."""
+    from trl_cream.core.consistency import round_statistics
+    from trl_cream.core.labelling import RoundScores, label_round
+    from trl_cream.evaluation import consistency_stats
+
+    initial = torch.zeros(3, 4)
+    policy = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])  # prompt 2: all tied
+    previous = torch.tensor([[4.0, 3.0, 1.0, 2.0], [4.0, 3.0, 2.0, 1.0], [2.0, 2.0, 2.0, 2.0]])  # prompt 2: tied
+    stats = round_statistics(policy, previous)
+    # Hand-worked: prompt 0 τ = (5 − 1) / 6, prompt 1 τ = −1; TopOrder 0 (worst differs) and 0; prompt 2 undefined.
+    assert stats["num_defined"] == 2 and stats["num_undefined"] == 1
+    assert stats["kendall_tau"]["mean"] == pytest.approx((4 / 6 - 1) / 2)
+    assert stats["top_order"]["mean"] == 0.0  # the tied prompt would have counted as 1 ("agreeing"): it is left out
+    assert stats["frac_tau_negative"] == 0.5  # of the 2 defined prompts, not of all 3
+    assert stats["per_prompt"]["top_order"][2] is None
+    assert consistency_stats(policy, previous) == stats
+    scores = RoundScores(policy=policy, initial=initial, previous=previous, lengths=torch.ones(3, 4, dtype=torch.long))
+    logged = label_round(scores, "kendall", "dataset").metrics
+    assert logged["toporder_mean"] == stats["top_order"]["mean"]
+    assert logged["kendall_tau_mean"] == pytest.approx(stats["kendall_tau"]["mean"])
+    assert logged["frac_tau_negative"] == stats["frac_tau_negative"]
+    assert logged["num_tau_undefined"] == 1

@@ -180,12 +180,9 @@ def test_replicas_log_at_their_trainer_level(monkeypatch):
 
 def test_full_model_is_saved_through_trainer_save_model_once_an_engine_exists(tmp_path):
     saved = []
-    trainer = SimpleNamespace(accelerator=_accelerator(), save_model=saved.append, deepspeed=None)
-    distributed.save_full_model(trainer, tmp_path / "M1")
+    distributed.save_full_model(_accelerator(), None, None, saved.append, tmp_path / "M1")
     assert saved == [str(tmp_path / "M1")]  # DDP / FSDP / ZeRO-1/2, and ZeRO-3 once the engine exists
-    trainer.accelerator = _accelerator(deepspeed=_zero(3))
-    trainer.deepspeed = object()
-    distributed.save_full_model(trainer, tmp_path / "M2")
+    distributed.save_full_model(_accelerator(deepspeed=_zero(3)), None, object(), saved.append, tmp_path / "M2")
     assert saved[-1] == str(tmp_path / "M2")
 
 

@@ -225,3 +225,26 @@ def test_paired_test_edge_cases():
     same = paired_test([0.5, 0.5, 0.5])  # no spread: t undefined, reported as NaN rather than ±inf
     assert same["std"] == 0.0 and same["t"] != same["t"] and same["p_ttest"] != same["p_ttest"]
     assert paired_test([0.0, 0.0])["p_wilcoxon"] != paired_test([0.0, 0.0])["p_wilcoxon"]  # all ties: NaN
+
+
+def test_round1_baselines_use_the_round_statistics(tmp_path) -> None:
+    """The study's round-1 τ is `round_statistics`' (fully tied prompts left out), from a round's saved candidates."""
+    from datasets import Dataset
+
+    from trl_cream.core.consistency import round_statistics
+    from trl_cream.core.rewards import baseline_rewards
+    from trl_cream.recipes.study import _round1_baselines
+
+    reward = torch.tensor([[3.0, 1.0, 2.0], [0.5, 0.5, 0.5], [1.0, 2.0, 3.0]])
+    initial = torch.tensor([[-3.0, -1.0, -2.0], [-1.0, -2.0, -3.0], [-2.0, -4.0, -1.0]])
+    lengths = torch.tensor([[1, 2, 1], [1, 1, 1], [2, 1, 1]])
+    Dataset.from_dict(
+        {"reward": reward.flatten().tolist(), "logp_initial": initial.flatten().tolist(),
+         "num_tokens": lengths.flatten().tolist()}
+    ).save_to_disk(str(tmp_path / "candidates"))  # fmt: skip
+    out = _round1_baselines(tmp_path, 3)
+    for kind, got in out.items():
+        stats = round_statistics(reward, baseline_rewards(None, initial, lengths, kind))
+        assert got["num_defined"] == stats["num_defined"] == 2
+        assert got["kendall_tau"] == pytest.approx(stats["kendall_tau"]["mean"])
+        assert got["consistency"] == pytest.approx(stats["consistency"]["mean"])

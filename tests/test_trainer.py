@@ -195,7 +195,7 @@ def _one_step_update(
     )  # fmt: skip
     trainer = CreamTrainer(model=model, ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer._train_on_pairs(pairs)
+    trainer.train_on_pairs(pairs)
     assert trainer.state.global_step == 1
     return {n: before[n] - p.detach() for n, p in model.named_parameters()}  # = lr * gradient
 

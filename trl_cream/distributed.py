@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,18 +248,19 @@ def check_generation_backend(accelerator: Any, backend: str, ds3_gather_for_gene
         )
 
 
-def save_full_model(trainer: Any, path: Path) -> None:
-    """Save a fully fine-tuned policy as a ``from_pretrained`` folder with ``Trainer.save_model`` (main process
-    writes; under ZeRO-3 it is `accelerator.get_state_dict` of the engine, 16-bit consolidated; under FSDP the full
-    state dict). Before round 1 no DeepSpeed engine exists yet and ZeRO-3 weights are ``zero.Init``-partitioned:
-    they are gathered here. All ranks must call it."""
-    if is_zero3(trainer.accelerator) and getattr(trainer, "deepspeed", None) is None:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        state = gathered_state_dict(model, trainer.accelerator.is_main_process)
-        if trainer.accelerator.is_main_process:
+def save_full_model(
+    accelerator: Any, model: torch.nn.Module, engine: Any | None, save_model: Callable[[str], None], path: Path
+) -> None:
+    """Save a fully fine-tuned policy as a ``from_pretrained`` folder with ``save_model`` (`Trainer.save_model`: the
+    main process writes; under ZeRO-3 it is `accelerator.get_state_dict` of the engine, 16-bit consolidated; under
+    FSDP the full state dict). Before round 1 no DeepSpeed ``engine`` exists yet and ZeRO-3 weights are
+    ``zero.Init``-partitioned: they are gathered here from the unwrapped ``model``. All ranks must call it."""
+    if is_zero3(accelerator) and engine is None:
+        state = gathered_state_dict(model, accelerator.is_main_process)
+        if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
     else:
-        trainer.save_model(str(path))
+        save_model(str(path))
 
 
 def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ official implementation's ordinal tie-breaking biases τ; Kendall's τ-b correct
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 
@@ -156,3 +157,50 @@ def consistency_rate(
     if not defined.any():
         return torch.tensor(0.5, dtype=torch.float64, device=c.device)
     return c[defined].mean()
+
+
+def _mean_std(values: torch.Tensor) -> dict[str, float | None]:
+    """Mean and population std (ddof = 0, as the paper's TopOrder column implies); `None` when there is no value."""
+    if values.numel() == 0:
+        return {"mean": None, "std": None}
+    values = values.double()
+    return {"mean": values.mean().item(), "std": values.std(correction=0).item()}
+
+
+def round_statistics(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
+    """How much two rankings of the same candidates agree, over prompts: the one definition used by the training
+    logs (`label_round`), the evaluation's Table 2 (`consistency_stats`) and the study's round-1 baselines.
+
+    A prompt whose ``r`` or ``r'`` is entirely tied has no ranking: τ and ρ are undefined there, and TopOrder,
+    which would call any two tied rankings "in agreement", says nothing either. Such prompts are left out of every
+    mean and std (TopOrder and the fraction of negative τ included), so that all columns describe the same prompts;
+    they are counted in ``num_undefined``. ``spearman`` is ρ in ``[-1, 1]``; ``spearman_normalized`` is
+    ``(ρ + 1) / 2``, the scale the paper's Table 2 uses (its SRLM row has τ = -0.22 but "Spearman" 0.36).
+
+    Args:
+        rewards (`torch.Tensor`): ``r``, ``[num_prompts, N]``.
+        baseline (`torch.Tensor`): ``r'``, ``[num_prompts, N]``.
+
+    Returns:
+        `dict`: ``{"consistency" | "kendall_tau" | "spearman" | "spearman_normalized" | "top_order": {"mean", "std"}
+        (`None` when no prompt is defined), "frac_tau_negative", "num_prompts", "num_defined", "num_undefined",
+        "per_prompt": {measure: list with None where undefined}}``.
+    """
+    tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
+    defined = ~(torch.isnan(tau) | torch.isnan(rho))
+    top = torch.where(defined, top, torch.full_like(top, float("nan")))
+    per_prompt = {
+        "consistency": (tau + 1) / 2,
+        "kendall_tau": tau,
+        "spearman": rho,
+        "spearman_normalized": (rho + 1) / 2,
+        "top_order": top,
+    }
+    stats: dict[str, Any] = {name: _mean_std(values[defined]) for name, values in per_prompt.items()}
+    num_defined = int(defined.sum())
+    stats["frac_tau_negative"] = float((tau[defined] < 0).double().mean()) if num_defined else None
+    stats.update(num_prompts=int(tau.numel()), num_defined=num_defined, num_undefined=int(tau.numel()) - num_defined)
+    stats["per_prompt"] = {
+        name: [None if math.isnan(v) else v for v in values.tolist()] for name, values in per_prompt.items()
+    }
+    return stats

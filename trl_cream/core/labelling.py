@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .consistency import consistency_rate, kendall_tau, spearman, top_order
+from .consistency import consistency_rate, round_statistics
 from .rewards import PairSelection, baseline_rewards, implicit_rewards, rank_descending, select_pairs
 
 TokenIds = list[int]
@@ -66,6 +66,10 @@ def _mean_std(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), values.std(unbiased=False).item()
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def label_round(
     scores: RoundScores, measure: str, granularity: str, round1_baseline: str = "mean_logp"
 ) -> RoundLabels:
@@ -82,9 +86,7 @@ def label_round(
         baseline = baseline_rewards(scores.previous, scores.initial, scores.lengths, round1_baseline)
     c = consistency_rate(rewards, baseline, measure=measure, granularity=granularity)
     pairs = select_pairs(rewards, c)
-    tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
-    tau_mean, tau_std = _mean_std(tau)
-    rho_mean, rho_std = _mean_std(rho)
+    stats = round_statistics(rewards, baseline)  # fully tied prompts are left out (see round_statistics)
     c_pairs = pairs.consistency
     lengths = scores.lengths.double()
     idx = pairs.prompt_index
@@ -99,13 +101,13 @@ def label_round(
     metrics = {
         "consistency": c_pairs.mean().item() if pairs.num_pairs else float(c.mean()),
         "consistency_dataset": float(consistency_rate(rewards, baseline, measure=measure, granularity="dataset")),
-        "kendall_tau_mean": tau_mean,
-        "kendall_tau_std": tau_std,
-        "spearman_mean": rho_mean,
-        "spearman_std": rho_std,
-        "toporder_mean": top.mean().item(),
-        "frac_tau_negative": float((tau < 0).double().mean()),
-        "num_tau_undefined": int(torch.isnan(tau).sum()),
+        "kendall_tau_mean": _or_nan(stats["kendall_tau"]["mean"]),
+        "kendall_tau_std": _or_nan(stats["kendall_tau"]["std"]),
+        "spearman_mean": _or_nan(stats["spearman"]["mean"]),
+        "spearman_std": _or_nan(stats["spearman"]["std"]),
+        "toporder_mean": _or_nan(stats["top_order"]["mean"]),
+        "frac_tau_negative": _or_nan(stats["frac_tau_negative"]),
+        "num_tau_undefined": stats["num_undefined"],
         "num_prompts": num_prompts,
         "num_candidates": int(rewards.numel()),
         "num_pairs": pairs.num_pairs,

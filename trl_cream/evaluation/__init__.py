@@ -10,8 +10,9 @@ from .harness import (
     load_checkpoint,
     run_evaluation,
 )
-from .loglikelihood import EVAL_MODES, binomial_stderr, evaluate_loglikelihood, sample_stderr, score_options
+from .loglikelihood import EVAL_MODES, evaluate_loglikelihood, score_options
 from .ranking import consistency_stats, ranking_consistency
+from .results import binomial_stderr, sample_stderr
 
 __all__ = [
     "EVAL_MODES",

@@ -23,47 +23,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from ..modeling import sampling
 from ..modeling.movement import weight_change
 from .answers import is_correct, predict
-from .loglikelihood import evaluate_loglikelihood, resolve_modes, sample_stderr
+from .loglikelihood import evaluate_loglikelihood, resolve_modes
 from .ranking import _as_messages, ranking_consistency
+from .results import TaskResult
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
-
-
-@dataclass
-class TaskResult:
-    """Accuracy of one checkpoint on one task.
-
-    Attributes:
-        task (`str`): Task name, e.g. ``"arc_easy"``.
-        accuracy (`float`): Fraction of rows answered correctly, in ``[0, 1]`` (0 for an empty task).
-        n (`int`): Number of rows evaluated.
-        num_correct (`int`): Number of rows answered correctly.
-        predictions (`list[dict]`): One entry per row: ``prompt``, gold ``answer``, ``completion``, extracted
-            ``prediction`` and ``correct`` (log-likelihood mode: ``logprobs`` per option instead of a completion).
-        mode (`str`): ``"generate"`` (greedy answer, extracted) or ``"loglikelihood"`` (option scoring).
-        stderr (`float`): Standard error of ``accuracy`` as lm-evaluation-harness reports it, the sample standard
-            deviation of the 0/1 scores over ``√n``: ``sqrt(p (1 - p) / (n - 1))`` (`sample_stderr`).
-        accuracy_norm (`float` or `None`): Log-likelihood mode only: ``acc_norm`` (log-prob per character).
-        num_correct_norm (`int` or `None`): Rows right under ``acc_norm``.
-        stderr_norm (`float` or `None`): The same standard error of ``accuracy_norm``.
-    """
-
-    task: str
-    accuracy: float
-    n: int
-    num_correct: int
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-    mode: str = "generate"
-    stderr: float | None = None
-    accuracy_norm: float | None = None
-    num_correct_norm: int | None = None
-    stderr_norm: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.stderr is None:
-            self.stderr = sample_stderr(self.accuracy, self.n)
-        if self.accuracy_norm is not None and self.stderr_norm is None:
-            self.stderr_norm = sample_stderr(self.accuracy_norm, self.n)
 
 
 @dataclass

@@ -39,29 +39,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import sampling
+from .results import TaskResult, binomial_stderr, sample_stderr  # noqa: F401  (were defined here before 0.2)
 
 EVAL_MODES: tuple[str, ...] = ("generate", "loglikelihood")
 MC_CONTEXT = "Question: {question}\nAnswer:"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def sample_stderr(accuracy: float, n: int) -> float:
-    """lm-evaluation-harness's standard error of an accuracy over ``n`` questions: ``sqrt(p (1 - p) / (n - 1))``.
-
-    This is the harness's ``mean_stderr`` of the 0/1 scores: their sample standard deviation (``n − 1`` in the
-    denominator) divided by ``√n``. It is what `TaskResult.stderr` reports. Undefined for ``n < 2``; 0 is returned.
-    """
-    if n < 2:
-        return 0.0
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / (n - 1))
-
-
-def binomial_stderr(accuracy: float, n: int) -> float:
-    """The binomial (population) standard error ``sqrt(p (1 - p) / n)`` (0 if n = 0); `sample_stderr` is the one
-    reported. The two differ by the factor ``sqrt(n / (n - 1))``: 0.25 % at 200 questions."""
-    if n <= 0:
-        return 0.0
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
 
 
 def resolve_modes(
@@ -261,8 +243,6 @@ def evaluate_loglikelihood(
         `dict[str, TaskResult]`: Task name -> result with ``mode="loglikelihood"`` and per-row predictions
         (``logprobs`` per option, ``prediction`` and ``prediction_norm`` letters).
     """
-    from .harness import TaskResult
-
     results: dict[str, TaskResult] = {}
     for task, dataset in datasets.items():
         rows = [dict(row) for row in dataset]

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..core.consistency import kendall_tau, spearman, top_order
+from ..core.consistency import round_statistics
 from ..core.rewards import baseline_rewards, implicit_rewards
 from ..modeling import sampling
 
@@ -23,43 +22,14 @@ def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTraine
     return list(prompt)
 
 
-def _mean_std(values: torch.Tensor) -> dict[str, float | None]:
-    """Mean and population std (ddof = 0, as the paper's TopOrder column implies); `None` when there is no value."""
-    if values.numel() == 0:
-        return {"mean": None, "std": None}
-    return {"mean": values.mean().item(), "std": values.std(correction=0).item()}
-
-
-def _nan_to_none(values: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(v) else v for v in values.tolist()]
-
-
 def consistency_stats(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, Any]:
     """Table 2 from two ``[num_prompts, N]`` reward tensors: ``r`` of the newer model and ``r'`` of the older one.
 
-    A prompt whose ``r`` or ``r'`` is entirely tied has no ranking (τ and ρ are undefined). Such prompts are left out
-    of every mean and std, TopOrder included, so all columns describe the same prompts; they are counted in
-    ``num_undefined``. ``spearman`` is ρ in ``[-1, 1]``; ``spearman_normalized`` is ``(ρ + 1) / 2``, the scale the
-    paper's Table 2 uses (its SRLM row has τ = -0.22 but "Spearman" 0.36).
-
-    Args:
-        rewards (`torch.Tensor`): ``r``, ``[num_prompts, N]``, e.g. saved by the trainer for a round.
-        baseline (`torch.Tensor`): ``r'``, ``[num_prompts, N]``.
-
-    Returns:
-        `dict`: ``{"consistency" | "kendall_tau" | "spearman" | "spearman_normalized" | "top_order": {"mean", "std"},
-        "num_prompts", "num_defined", "num_undefined", "per_prompt": {metric: list with None where undefined}}``.
+    The same statistics as the training logs (`trl_cream.core.consistency.round_statistics`): a prompt whose ``r``
+    or ``r'`` is entirely tied has no ranking and is left out of every mean and std, TopOrder included; it is
+    counted in ``num_undefined``.
     """
-    tau, rho, top = kendall_tau(rewards, baseline), spearman(rewards, baseline), top_order(rewards, baseline)
-    defined = ~(torch.isnan(tau) | torch.isnan(rho))
-    top = torch.where(defined, top, torch.full_like(top, float("nan")))
-    metrics = {"consistency": (tau + 1) / 2, "kendall_tau": tau, "spearman": rho, "spearman_normalized": (rho + 1) / 2}
-    metrics["top_order"] = top
-    stats: dict[str, Any] = {name: _mean_std(values[defined]) for name, values in metrics.items()}
-    num_defined = int(defined.sum())
-    stats.update(num_prompts=int(tau.numel()), num_defined=num_defined, num_undefined=int(tau.numel()) - num_defined)
-    stats["per_prompt"] = {name: _nan_to_none(values) for name, values in metrics.items()}
-    return stats
+    return round_statistics(rewards, baseline)
 
 
 def ranking_consistency(

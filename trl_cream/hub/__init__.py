@@ -8,6 +8,7 @@ from .publisher import (
     HubPushError,
     HubSettings,
     RetryPolicy,
+    base_model_path,
     is_pushed,
     iteration_target,
     latest_local_iteration,
@@ -15,7 +16,6 @@ from .publisher import (
     publish_iteration,
     start,
     validate_settings,
-    wait,
 )
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "HubPushError",
     "HubSettings",
     "RetryPolicy",
+    "base_model_path",
     "is_pushed",
     "iteration_target",
     "latest_local_iteration",
@@ -33,5 +34,4 @@ __all__ = [
     "publish_iteration",
     "start",
     "validate_settings",
-    "wait",
 ]

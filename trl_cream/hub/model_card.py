@@ -12,7 +12,8 @@ from typing import Any
 from huggingface_hub import ModelCard
 from trl.trainer.utils import generate_model_card
 
-from .publisher import MERGED_SUBFOLDER, iteration_target
+from ..runs.layout import RunLayout, round_of_iteration
+from .utils import MERGED_SUBFOLDER, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
 CARD_CONFIG_FIELDS: tuple[str, ...] = (
@@ -79,7 +80,7 @@ def load_round_metrics(output_dir: str | Path, rounds: list[dict[str, Any]], up_
     out = []
     for t in range(1, up_to + 1):
         if t not in by_round:
-            path = Path(output_dir) / "rounds" / f"round_{t}" / "metrics.json"
+            path = RunLayout(output_dir).round_metrics_path(t)
             if path.is_file():
                 by_round[t] = json.loads(path.read_text())
         if t in by_round:
@@ -130,7 +131,7 @@ def build_model_card(
     strategy = getattr(args, "hub_iteration_strategy", "branch")
     repo_id, revision = iteration_target(hub_model_id, strategy, index)
     if not args.hub_model_id:  # a local run: load from the folder
-        repo_id, revision = (Path(args.output_dir) / f"M{index}").as_posix(), "main"
+        repo_id, revision = RunLayout(args.output_dir).iteration_dir(index).as_posix(), "main"
     paper = getattr(trainer_cls, "_paper", {}) or {}
     name = getattr(trainer_cls, "_name", "CREAM")
     base_hub_id = base_model if base_model and not Path(base_model).exists() else None
@@ -151,7 +152,7 @@ def build_model_card(
     sections = [
         _lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics),
         "## CREAM configuration\n\n" + _config_table(args),
-        _rounds_section(index - first_index, rounds),
+        _rounds_section(round_of_iteration(index, first_index), rounds),
     ]
     if evaluation:
         sections.append(_evaluation_section(evaluation))
@@ -178,7 +179,7 @@ def _lineage(
         how = "the SFT stage on the seed data" if sft_metrics else "the starting policy given to the trainer"
         lines.append(f"- This is M{index}, {how}; the CREAM rounds start from it.")
     else:
-        previous = f"trained by CREAM round {index - first_index} from"
+        previous = f"trained by CREAM round {round_of_iteration(index, first_index)} from"
         if hub_model_id:
             prev_repo, prev_rev = iteration_target(hub_model_id, strategy, index - 1)
             link = f"https://huggingface.co/{prev_repo}" + (f"/tree/{prev_rev}" if prev_rev != "main" else "")

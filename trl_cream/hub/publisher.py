@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import warnings
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..runs.layout import RunLayout, round_of_iteration
+from .model_card import build_model_card, load_round_metrics, write_card
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -42,6 +43,7 @@ from .utils import (
     describe,
     is_retryable,
     iteration_files,
+    iteration_target,
     redact,
     round_files,
     validate_settings,
@@ -65,8 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PUSHED_DIR = Path("cream_state") / "pushed"
-
 T = TypeVar("T")
 
 
@@ -77,7 +77,7 @@ class HubPushError(RuntimeError):
 # ---------------------------------------------------------------- markers (shared interface with resume)
 def marker_path(output_dir: str | Path, index: int) -> Path:
     """``output_dir/cream_state/pushed/M<index>.json``."""
-    return Path(output_dir) / PUSHED_DIR / f"M{index}.json"
+    return RunLayout(output_dir).push_marker_path(index)
 
 
 def is_pushed(output_dir: str | Path, index: int) -> bool:
@@ -89,7 +89,7 @@ def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Pa
     """Write the push marker of ``M<index>`` atomically (temp file + rename)."""
     path = marker_path(output_dir, index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".M{index}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -98,15 +98,6 @@ def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Pa
 
 
 # ---------------------------------------------------------------- names
-def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
-    """``(repo_id, revision)`` holding ``M<index>``."""
-    if strategy == "branch":
-        return hub_model_id, f"M{index}"
-    if strategy == "repo":
-        return f"{hub_model_id}-M{index}", "main"
-    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
-
-
 def rounds_repo_id(hub_model_id: str) -> str:
     """The dataset repo of the round artifacts."""
     return f"{hub_model_id}-rounds"
@@ -114,8 +105,7 @@ def rounds_repo_id(hub_model_id: str) -> str:
 
 def latest_local_iteration(output_dir: str | Path) -> int:
     """The highest ``k`` of the ``output_dir/M<k>`` folders (``-1`` when there is none)."""
-    indices = [int(m.group(1)) for p in Path(output_dir).glob("M*") if (m := re.fullmatch(r"M(\d+)", p.name))]
-    return max(indices, default=-1)
+    return max(RunLayout(output_dir).iterations(), default=-1)
 
 
 # ---------------------------------------------------------------- the publisher
@@ -307,27 +297,36 @@ def _content(content: bytes | Path) -> bytes | str:
 
 
 # ---------------------------------------------------------------- glue for CreamTrainer
-def start(trainer: Any) -> HubPublisher | None:
+def start(
+    args: Any, *, use_peft: bool, base_model: str | None, is_main: bool, num_processes: int
+) -> HubPublisher | None:
     """Called from `CreamTrainer.__init__`: with `push_to_hub`, build the publisher on the main process and check,
     before any training, that the Hub answers and the token is accepted. With several processes, the main process's
-    verdict is broadcast, so that every rank raises the same error instead of waiting for the main one."""
-    args = trainer.args
+    verdict is broadcast, so that every rank raises the same error instead of waiting for the main one.
+
+    Args:
+        args: the `CreamConfig`.
+        use_peft: whether the policy is a LoRA adapter.
+        base_model: the base model's path or Hub id ([`base_model_path`]).
+        is_main: whether this is the main process (the one that pushes).
+        num_processes: the world size.
+    """
     if not args.push_to_hub:
         return None
-    if args.push_merged_weights and trainer.use_peft and not _base_model_path(trainer):
+    if args.push_merged_weights and use_peft and not base_model:
         raise ValueError(
             "push_merged_weights=True needs the base model's path or Hub id to merge the adapter into, but the "
             "adapter's base_model_name_or_path is empty. Load the base model with from_pretrained(path) or set "
             "push_merged_weights=False."
         )
     publisher, error = None, None
-    if trainer.accelerator.is_main_process:
+    if is_main:
         publisher = HubPublisher(HubSettings.from_args(args))
         try:
             publisher.check_access()
         except HubPushError as failure:
             error = str(failure)
-    if trainer.accelerator.num_processes > 1:
+    if num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         error = broadcast_object_list([error], from_process=0)[0]
@@ -336,46 +335,58 @@ def start(trainer: Any) -> HubPublisher | None:
     return publisher
 
 
-def publish_iteration(trainer: Any, index: int) -> None:
-    """Write ``M<index>/README.md`` (always) and schedule its push (with `push_to_hub`), on the main process."""
-    from .model_card import build_model_card, load_round_metrics, write_card
+def publish_iteration(
+    publisher: HubPublisher | None,
+    args: Any,
+    index: int,
+    *,
+    first_index: int,
+    trainer_cls: type,
+    round_metrics: list[dict[str, Any]],
+    sft_metrics: dict[str, Any],
+    use_peft: bool,
+    base_model: str | None,
+) -> None:
+    """Write ``M<index>/README.md`` and, with a publisher (`push_to_hub`), schedule its push. Main process only.
 
-    if not trainer.accelerator.is_main_process:
-        return
-    args, first = trainer.args, trainer.first_iteration
-    folder = trainer.iteration_dir(index)
+    Args:
+        publisher: from [`start`]; `None` writes the card only.
+        args: the `CreamConfig` (output_dir, hub settings, the fields shown on the card).
+        index: the iteration ``k`` of ``M<k>``.
+        first_index: ``k`` of the starting policy.
+        trainer_cls: the trainer class (TRL's card reads its `_tag_names`, `_name`, `_paper`).
+        round_metrics: the finished rounds' metrics kept in memory (older ones are read from disk).
+        sft_metrics: the SFT stage's metrics (empty without one).
+        use_peft: whether ``M<k>`` is a LoRA adapter.
+        base_model: the base model's path or Hub id ([`base_model_path`]).
+    """
+    layout = RunLayout(args.output_dir)
+    folder = layout.iteration_dir(index)
     evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
     card = build_model_card(
-        trainer_cls=type(trainer),
+        trainer_cls=trainer_cls,
         index=index,
-        first_index=first,
+        first_index=first_index,
         args=args,
-        rounds=load_round_metrics(args.output_dir, trainer.round_metrics, index - first),
-        peft=trainer.use_peft,
-        base_model=args.hub_base_model_id or _base_model_path(trainer),
-        sft_metrics=trainer.sft_metrics,
+        rounds=load_round_metrics(args.output_dir, round_metrics, round_of_iteration(index, first_index)),
+        peft=use_peft,
+        base_model=args.hub_base_model_id or base_model,
+        sft_metrics=sft_metrics,
         evaluation=evaluation,
     )
     write_card(card, folder)
-    publisher: HubPublisher | None = getattr(trainer, "_hub", None)
     if publisher is not None:
-        round_dir = trainer.round_dir(index - first) if index > first else None
-        publisher.submit(index, folder, round_dir)
+        t = round_of_iteration(index, first_index)
+        publisher.submit(index, folder, layout.round_dir(t) if t > 0 else None)
 
 
-def wait(trainer: Any) -> None:
-    """Called at the end of `CreamTrainer.train`: wait for the background pushes (and raise a failure)."""
-    publisher: HubPublisher | None = getattr(trainer, "_hub", None)
-    if publisher is not None:
-        publisher.wait()
-
-
-def _base_model_path(trainer: Any) -> str | None:
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.use_peft:
+def base_model_path(model: Any, ref_model: Any | None, use_peft: bool) -> str | None:
+    """The base model's path or Hub id: the adapter's ``base_model_name_or_path`` (LoRA), else the name π_0 (or the
+    policy) was loaded from."""
+    if use_peft:
         for config in model.peft_config.values():
             if config.base_model_name_or_path:
                 return config.base_model_name_or_path
         return None
-    reference = trainer.ref_model if trainer.ref_model is not None else model
+    reference = ref_model if ref_model is not None else model
     return getattr(reference.config, "_name_or_path", None) or None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..runs.layout import iteration_name
+
 logger = logging.getLogger("trl_cream.hub")
 
 STRATEGIES: tuple[str, ...] = ("branch", "repo")
@@ -117,6 +119,16 @@ def validate_settings(args: Any) -> None:
             "push_round_datasets=True pushes the saved round artifacts, but save_round_artifacts=False; set "
             "save_round_artifacts=True or push_round_datasets=False."
         )
+
+
+# ---------------------------------------------------------------- names
+def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str, str]:
+    """``(repo_id, revision)`` holding ``M<index>``."""
+    if strategy == "branch":
+        return hub_model_id, iteration_name(index)
+    if strategy == "repo":
+        return f"{hub_model_id}-{iteration_name(index)}", "main"
+    raise ValueError(f"hub_iteration_strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
 
 
 # ---------------------------------------------------------------- what goes up

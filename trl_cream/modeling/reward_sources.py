@@ -12,22 +12,23 @@ previous checkpoint's. The paper's comparisons swap either reward:
   against (Table 3's "Oracle" BRM), instead of ``π_{t−1}``.
 
 Pairs always come from the chosen ``r``; the DPO reference log-probs stay those of the configured reference.
-The functions here are free of trainer state except `add_external_rewards`, the trainer's one call-out from
-``score_round``: it decodes the round's candidates and calls `external_rewards`.
+The functions here take explicit values; `add_external_rewards` is the scoring phase's call-out: it decodes the
+round's candidates and calls `external_rewards` with the round's prompts.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from ..core.labelling import RoundScores
 from . import sampling
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,6 @@ def prompt_text(prompt: Any) -> str:
         return prompt
     users = [m["content"] for m in prompt if m.get("role") == "user"]
     return users[-1] if users else str(prompt[-1]["content"])
-
-
-def prompt_lookup(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> dict[tuple[int, ...], Any]:
-    """Map the token ids of each prompt (as `sampling.tokenize_prompts` makes them) back to the prompt itself."""
-    return {tuple(ids): p for p, ids in zip(prompts, sampling.tokenize_prompts(tokenizer, prompts), strict=True)}
 
 
 @torch.no_grad()
@@ -269,13 +265,6 @@ def external_rewards(
     return reward, baseline, metrics
 
 
-def recover_prompts(
-    lookup: Mapping[tuple[int, ...], Any], prompt_ids: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase
-) -> list[Any]:
-    """The prompts behind ``prompt_ids`` (via `prompt_lookup`), or their decoded text when one is not found."""
-    return [lookup.get(tuple(ids), tokenizer.decode(ids, skip_special_tokens=True)) for ids in prompt_ids]
-
-
 @dataclass
 class ExternalRewards:
     """The reward model and judge handed to the trainer, put on ``device`` in eval mode (models only)."""
@@ -285,7 +274,6 @@ class ExternalRewards:
     judge_model: torch.nn.Module | None = None
     judge_tokenizer: PreTrainedTokenizerBase | None = None
     device: torch.device | str | None = None
-    prompt_lookup: dict[tuple[int, ...], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for model in (self.reward_model, self.judge_model):
@@ -294,23 +282,38 @@ class ExternalRewards:
 
 
 def add_external_rewards(
-    trainer: Any, scores: Any, prompt_ids: list[list[int]], candidates: list[list[list[int]]]
-) -> Any:
-    """Fill ``scores.reward`` / ``scores.baseline`` of a `CreamTrainer` round from its reward model or judge.
+    scores: RoundScores,
+    sources: ExternalRewards,
+    args: Any,
+    prompts: Sequence[Any],
+    candidates: Sequence[Sequence[Sequence[int]]],
+    policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    show_progress: bool = True,
+) -> RoundScores:
+    """``scores`` with ``reward`` / ``baseline`` filled from the reward model or the judge (`external_rewards`).
 
-    A no-op for the implicit reward with the previous-checkpoint baseline. The prompts are recovered from their
-    token ids through the trainer's prompt dataset (the reward model and the judge see the original text).
+    A no-op for the implicit reward with the previous-checkpoint baseline. The reward model and the judge see the
+    round's prompts as given (``prompts``, strings or chat messages) and the decoded candidates.
+
+    Args:
+        scores: the round's log-probs.
+        sources: the reward model / judge handed to the trainer.
+        args: the `CreamConfig` (``reward_source``, ``baseline_source``, ``judge_max_new_tokens``,
+            ``scoring_batch_size``, ``max_length``).
+        prompts: the round's prompts, in the order of ``candidates``.
+        candidates: the round's candidate token ids, ``[num_prompts][N]``.
+        policy: the (unwrapped) policy, the judge when no ``judge_model`` was given.
+        tokenizer: the policy's tokenizer.
+        show_progress: show progress bars.
     """
-    args, setup, tokenizer = trainer.args, trainer.reward_models, trainer._tokenizer
     if args.reward_source == "implicit" and args.baseline_source == "previous":
         return scores
-    if setup.prompt_lookup is None:
-        setup.prompt_lookup = prompt_lookup(tokenizer, trainer.prompts["prompt"])
     scores.reward, scores.baseline, scores.reward_metrics = external_rewards(
-        args.reward_source, args.baseline_source, recover_prompts(setup.prompt_lookup, prompt_ids, tokenizer),
+        args.reward_source, args.baseline_source, list(prompts),
         [tokenizer.batch_decode(c, skip_special_tokens=True) for c in candidates],
-        trainer.accelerator.unwrap_model(trainer.model), tokenizer, setup.reward_model, setup.reward_tokenizer,
-        setup.judge_model, setup.judge_tokenizer, args.judge_max_new_tokens, args.scoring_batch_size, args.max_length,
-        show_progress=trainer.accelerator.is_local_main_process,
+        policy, tokenizer, sources.reward_model, sources.reward_tokenizer,
+        sources.judge_model, sources.judge_tokenizer, args.judge_max_new_tokens, args.scoring_batch_size,
+        args.max_length, show_progress=show_progress,
     )  # fmt: skip
     return scores

@@ -10,21 +10,33 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import maybe_apply_chat_template
 
-if TYPE_CHECKING:
-    from ..trainer.config import CreamConfig
-
 TokenIds = list[int]
+
+
+class SamplingSettings(Protocol):
+    """The decoding fields [`sampling_generation_config`] reads (a `CreamConfig` has them all)."""
+
+    temperature: float
+    top_p: float
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float
+    max_new_tokens: int
+    generation_kwargs: dict[str, Any] | None
+
 
 # How candidates are sampled: `model.generate` on left-padded batches, or transformers' continuous batching
 # (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding.
 GENERATION_BACKENDS: tuple[str, ...] = ("generate", "paged")
+# What happens to a prompt too long for max_length − max_new_tokens: left-truncated, or an error.
+LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Any]) -> list[TokenIds]:
@@ -87,7 +99,10 @@ def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int], pad_id: int) -> Tok
 
 
 def sampling_generation_config(
-    args: CreamConfig, eos_token_ids: int | Sequence[int] | None, pad_token_id: int, bos_token_id: int | None = None
+    args: SamplingSettings,
+    eos_token_ids: int | Sequence[int] | None,
+    pad_token_id: int,
+    bos_token_id: int | None = None,
 ) -> GenerationConfig:
     """The candidates' sampling settings, built from the CREAM config alone.
 

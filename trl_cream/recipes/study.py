@@ -101,7 +101,7 @@ def _round1_baselines(round_dir: Path, num_generations: int) -> dict[str, dict[s
     """τ and C of round 1's ranking against π_0's mean and summed log-likelihood, from its saved candidates."""
     from datasets import load_from_disk
 
-    from ..core.consistency import kendall_tau
+    from ..core.consistency import round_statistics
     from ..core.rewards import ROUND1_BASELINES, baseline_rewards
 
     table = load_from_disk(str(round_dir / "candidates"))
@@ -110,10 +110,10 @@ def _round1_baselines(round_dir: Path, num_generations: int) -> dict[str, dict[s
     )
     out = {}
     for kind in ROUND1_BASELINES:
-        tau = kendall_tau(reward, baseline_rewards(None, initial, lengths, kind))
-        tau = tau[~torch.isnan(tau)]
-        mean = tau.double().mean().item() if tau.numel() else math.nan
-        out[kind] = {"kendall_tau": mean, "consistency": (mean + 1) / 2, "num_defined": int(tau.numel())}
+        stats = round_statistics(reward, baseline_rewards(None, initial, lengths, kind))
+        mean = stats["kendall_tau"]["mean"]
+        mean = math.nan if mean is None else mean
+        out[kind] = {"kendall_tau": mean, "consistency": (mean + 1) / 2, "num_defined": stats["num_defined"]}
     return out
 
 

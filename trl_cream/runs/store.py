@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -34,13 +33,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..core.labelling import RoundScores
+from .layout import (
+    FIRST_ITERATION,
+    PARTIAL_SUFFIX,
+    RunLayout,
+    is_iteration_leftover,
+    iteration_index,
+    parse_trainer_checkpoint,
+)
 from .manifest import manifest_differences
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "cream_state"
-MANIFEST_NAME = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -181,40 +187,68 @@ def load_adapter_weights(model: Any, adapter_name: str, path: Path) -> None:
 
 # ---------------------------------------------------------------- the phase store
 class PhaseStore:
-    """Where a run's phases are saved and found again.
+    """Where a run's phases are saved and found again (paths: `trl_cream.runs.layout.RunLayout`).
 
     Args:
         output_dir: the run's folder.
         first_iteration: index of the starting policy in the ``M<k>`` naming.
         is_main: whether this process writes (the others only read).
+        barrier: called between a phase's look-up and its write, so that no process reads a result the main
+            process is replacing (``accelerator.wait_for_everyone``; nothing with one process).
     """
 
-    def __init__(self, output_dir: str | Path, first_iteration: int = 1, is_main: bool = True) -> None:
-        self.output_dir = Path(output_dir)
+    def __init__(
+        self,
+        output_dir: str | Path,
+        first_iteration: int = FIRST_ITERATION,
+        is_main: bool = True,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        self.layout = RunLayout(output_dir)
+        self.output_dir = self.layout.output_dir
         self.first_iteration = first_iteration
         self.is_main = is_main
+        self.barrier = barrier or (lambda: None)
 
     # ------------------------------------------------------------ layout
     @property
     def state_dir(self) -> Path:
-        return self.output_dir / STATE_DIR
+        return self.layout.state_dir
 
     @property
     def manifest_path(self) -> Path:
-        return self.state_dir / MANIFEST_NAME
+        return self.layout.manifest_path
 
     def iteration_dir(self, index: int) -> Path:
-        return self.output_dir / f"M{index}"
+        return self.layout.iteration_dir(index)
 
     def round_dir(self, t: int) -> Path:
-        return self.output_dir / "rounds" / f"round_{t}"
+        return self.layout.round_dir(t)
 
     def trainer_checkpoint_dir(self, t: int) -> Path:
-        return self.round_dir(t) / "trainer_checkpoints"
+        return self.layout.trainer_checkpoint_dir(t)
+
+    def iteration(self, t: int) -> int:
+        """``k`` of ``π_t = M<k>`` in this run (`trl_cream.runs.layout.iteration_index`)."""
+        return iteration_index(t, self.first_iteration)
+
+    # ------------------------------------------------------------ one phase
+    def load_or_compute(self, load: Callable[[], T | None], compute: Callable[[], T], save: Callable[[T], None]) -> T:
+        """A phase's result: ``load()`` it when an earlier attempt saved it, else ``compute()`` and ``save`` it.
+
+        Every process looks before the main process may write (``barrier``), so a process never reads a result that
+        is being replaced; ``save`` writes on the main process only (the others return the computed value)."""
+        loaded = load()
+        self.barrier()
+        if loaded is not None:
+            return loaded
+        result = compute()
+        save(result)
+        return result
 
     # ------------------------------------------------------------ the run as a whole
     def holds_a_run(self) -> bool:
-        return self.manifest_path.exists() or (self.output_dir / "rounds").exists()
+        return self.manifest_path.exists() or self.layout.rounds_dir.exists()
 
     def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
         """Check ``manifest`` against the folder's run, then record it (one process)."""
@@ -277,18 +311,18 @@ class PhaseStore:
 
     def clear(self) -> None:
         """Remove what a previous run wrote: its state, rounds and ``M<k>`` folders (nothing else)."""
-        for child in (self.state_dir, self.output_dir / "rounds"):
+        for child in (self.state_dir, self.layout.rounds_dir):
             _remove(child)
         if self.output_dir.is_dir():
             for child in self.output_dir.iterdir():
-                if re.fullmatch(r"\.?M\d+(\.partial|\.old)?", child.name) and child.is_dir():
+                if is_iteration_leftover(child.name) and child.is_dir():
                     _remove(child)
 
     def last_complete_round(self, num_rounds: int) -> int:
         """The last round ``t`` with ``M<first+t>`` saved such that every earlier one is saved too (0: none)."""
         done = 0
         for t in range(1, num_rounds + 1):
-            if not self.iteration_dir(self.first_iteration + t).is_dir():
+            if not self.iteration_dir(self.iteration(t + 1)).is_dir():
                 break
             done = t
         return done
@@ -298,7 +332,7 @@ class PhaseStore:
 
     def is_pushed(self, index: int) -> bool:
         """Whether ``M<index>`` is fully on the Hub: its marker ``cream_state/pushed/M<index>.json`` exists."""
-        return (self.state_dir / "pushed" / f"M{index}.json").is_file()
+        return self.layout.push_marker_path(index).is_file()
 
     @contextmanager
     def writing_iteration(self, index: int) -> Iterator[Path]:
@@ -309,10 +343,10 @@ class PhaseStore:
     # ------------------------------------------------------------ SFT
     def save_sft_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
-            atomic_write_json(self.state_dir / "sft.json", metrics)
+            atomic_write_json(self.layout.sft_metrics_path, metrics)
 
     def load_sft_metrics(self) -> dict[str, Any]:
-        path = self.state_dir / "sft.json"
+        path = self.layout.sft_metrics_path
         return read_json(path) if path.exists() else {}
 
     # ------------------------------------------------------------ phases of a round
@@ -368,14 +402,14 @@ class PhaseStore:
             return
         if candidates is not None:
             save_dataset(candidates, self.round_dir(t) / "candidates")
-        atomic_write_json(self.round_dir(t) / "pairing.json", metrics)
+        atomic_write_json(self.layout.pairing_path(t), metrics)
         save_dataset(pairs, self.round_dir(t) / "pairs")
 
     def load_pairs(self, t: int) -> tuple[Dataset, dict[str, Any]] | None:
         path = self.round_dir(t) / "pairs"
-        if not path.is_dir() or not (self.round_dir(t) / "pairing.json").exists():
+        if not path.is_dir() or not self.layout.pairing_path(t).exists():
             return None
-        return load_from_disk(str(path)), read_json(self.round_dir(t) / "pairing.json")
+        return load_from_disk(str(path)), read_json(self.layout.pairing_path(t))
 
     def last_trainer_checkpoint(self, t: int) -> Path | None:
         """The latest complete intra-round Trainer checkpoint of round ``t`` (one with ``trainer_state.json``)."""
@@ -383,9 +417,9 @@ class PhaseStore:
         if not folder.is_dir():
             return None
         found = [
-            (int(m.group(1)), p)
+            (step, p)
             for p in folder.iterdir()
-            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()
+            if (step := parse_trainer_checkpoint(p.name)) is not None and (p / "trainer_state.json").exists()
         ]
         return max(found)[1] if found else None
 
@@ -396,11 +430,11 @@ class PhaseStore:
 
     def save_round_metrics(self, t: int, metrics: dict[str, Any]) -> None:
         if self.is_main:
-            atomic_write_json(self.round_dir(t) / "metrics.json", metrics)
+            atomic_write_json(self.layout.round_metrics_path(t), metrics)
 
     def load_round_metrics(self, t: int) -> dict[str, Any]:
-        path = self.round_dir(t) / "metrics.json"
+        path = self.layout.round_metrics_path(t)
         if path.exists():
             return read_json(path)
-        pairing = self.round_dir(t) / "pairing.json"
+        pairing = self.layout.pairing_path(t)
         return read_json(pairing) if pairing.exists() else {"round": t}

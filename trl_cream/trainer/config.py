@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
-from .. import hub
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
-from ..modeling.sampling import GENERATION_BACKENDS
-from .validation import LONG_PROMPT_MODES
+from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
+from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -284,14 +283,14 @@ class CreamConfig(OnlineDPOConfig):
         default="branch",
         metadata={
             "help": "One branch per iteration in hub_model_id ('branch') or one repo each ('repo').",
-            "choices": list(hub.STRATEGIES),
+            "choices": list(STRATEGIES),
         },
     )
     hub_push_failure: str = field(
         default="raise",
         metadata={
             "help": "After the retries of a failed push: 'raise' or 'warn' and go on.",
-            "choices": list(hub.FAILURE_MODES),
+            "choices": list(FAILURE_MODES),
         },
     )
     hub_push_retries: int = field(
@@ -405,7 +404,7 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
-        hub.validate_settings(self)
+        validate_settings(self)
 
     def __getstate__(self) -> dict:
         """Pickle (``training_args.bin``) without `hub_token`: a token never lands in an artifact."""

@@ -1,128 +1,212 @@
-"""The model-facing phases of a CREAM round, mixed into `CreamTrainer`: sample candidates from the policy, score them
-under ``π_t``, ``π_0`` and ``π_{t−1}``, and save the policy. A vLLM or other backend replaces these methods; the
-round's orchestration (`CreamTrainer._run_round`, `trl_cream.resume`) stays as it is.
+"""The model-facing steps of a CREAM round, as functions of explicit values: sample candidates from the policy,
+score them under ``π_t``, ``π_0`` and ``π_{t−1}``, advance ``π_{t−1}``, save the policy.
+
+`CreamTrainer` calls them through its hook methods (``generate_candidates``, ``score_round``, ``save_policy``),
+which a vLLM or other backend overrides; the round's order (`CreamTrainer._run_round`) stays as it is.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import distributed
 from ..core.labelling import RoundScores
 from ..modeling import adapters, sampling
 from ..modeling.perf import sampled_policy_scores
-from ..modeling.sampling import generate_candidates
+from ..runs.store import load_adapter_weights
+
+TokenIds = list[int]
 
 
-class RoundPhasesMixin:
-    """Sampling, scoring and saving for `CreamTrainer` (expects its attributes: ``args``, ``accelerator``, ``model``,
-    ``model_wrapped``, ``ref_model``, ``use_peft``, ``_tokenizer``, ``eos_token_ids``, ``iteration_dir``)."""
+@dataclass
+class RoundSamples:
+    """What the sampling phase hands to the next ones.
 
-    def generate_candidates(self, prompt_ids: list[list[int]], desc: str = "sampling") -> list[list[list[int]]]:
-        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on)."""
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-        ) as unwrapped:
-            self._sampled_logps: list[list[float]] | None = [] if self.args.policy_logps_from_sampling else None
-            return generate_candidates(
-                unwrapped,
-                self._tokenizer,
-                prompt_ids,
-                self.args.num_generations,
-                sampling.sampling_generation_config(
-                    self.args, self.eos_token_ids, self._tokenizer.pad_token_id, self._tokenizer.bos_token_id
-                ),
-                batch_size=self.args.generation_batch_size,
-                show_progress=self.accelerator.is_local_main_process,
-                desc=desc,
-                backend=self.args.generation_backend,
-                logps_out=self._sampled_logps,
-            )
+    Attributes:
+        prompts (`list`): the round's prompts as given (strings or chat messages), for the reward model or judge.
+        prompt_ids (`list[list[int]]`): their token ids, as sampled from (long prompts left-truncated).
+        candidates (`list[list[list[int]]]`): ``num_generations`` completions per prompt.
+        policy_logps (`list[list[float]]` or `None`): π_t's summed log-probs recorded while sampling
+            (`policy_logps_from_sampling`); `None` when the scoring forward must compute them.
+    """
 
-    def score_round(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> RoundScores:
-        """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank."""
-        model = self.accelerator.unwrap_model(self.model)
+    prompts: list[Any]
+    prompt_ids: list[TokenIds]
+    candidates: list[list[TokenIds]]
+    policy_logps: list[list[float]] | None = None
 
-        def score(m: nn.Module, who: str) -> torch.Tensor:
-            return distributed.score_shard(
-                self.accelerator, m, prompt_ids, candidates, self._tokenizer.pad_token_id, self.args.max_length,
-                batch_size=self.args.scoring_batch_size, show_progress=self.accelerator.is_local_main_process,
-                desc=f"round {t}: scoring {who}",
-            )  # fmt: skip
 
-        sampled, self._sampled_logps = getattr(self, "_sampled_logps", None), None
-        if distributed.needs_lockstep(self.accelerator):  # ZeRO-3/FSDP: every rank must run the π_t forwards, or a
-            sampled = None  # rank falling back (prompt + candidate > max_length) would wait for the others forever
-        policy = sampled_policy_scores(sampled, prompt_ids, candidates, self.args.max_length)
-        if policy is None:
-            policy = score(self.model_wrapped if self.is_fsdp_enabled else model, "π_t")
-        if self.use_peft:
-            with model.disable_adapter():
-                initial = score(model, "π_0")
-            previous = None
-            if t > 1:
-                with adapters.using_adapter(model, adapters.PREVIOUS_ADAPTER):
-                    previous = score(model, "π_t-1")
-            adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
-        else:
-            with self._on_device(self.ref_model) as ref:
-                initial = score(ref, "π_0")
-            previous = None
-            if t > 1:
-                with self._loaded_previous(t) as prev:
-                    previous = score(prev, "π_t-1")
-        lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
-        return RoundScores(policy=policy, initial=initial, previous=previous, lengths=lengths)
+@dataclass
+class Policy:
+    """The models of a round and where they run, as the trainer holds them at the moment of the call.
 
-    @contextmanager
-    def _on_device(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Keep π_0 off the accelerator except while it scores, so that at most one extra model (π_0, then
-        π_{t−1}) sits next to the policy on the GPU. No-op on CPU and under DeepSpeed/FSDP, which place it."""
-        offload = self.accelerator.device.type != "cpu" and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    Attributes:
+        accelerator: the run's `Accelerator`.
+        model: the unwrapped policy (a `PeftModel` with LoRA).
+        wrapped: the policy as the Trainer runs it (DDP / DeepSpeed engine / FSDP module, or the model itself).
+        ref_model: π_0 for full fine-tuning; `None` with LoRA (π_0 is the adapter-free base).
+        tokenizer: the policy's tokenizer.
+        eos_ids: every token id that ends a completion.
+        use_peft: whether the policy is a LoRA adapter.
+        is_fsdp, is_deepspeed: the Trainer's ``is_fsdp_enabled`` / ``is_deepspeed_enabled``.
+    """
+
+    accelerator: Accelerator
+    model: nn.Module
+    wrapped: nn.Module
+    ref_model: nn.Module | None
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: Sequence[int]
+    use_peft: bool
+    is_fsdp: bool = False
+    is_deepspeed: bool = False
+
+
+def generate(
+    policy: Policy, args: Any, prompt_ids: list[TokenIds], desc: str, logps_out: list[list[float]] | None = None
+) -> list[list[TokenIds]]:
+    """Sample ``args.num_generations`` candidates per prompt from the policy (KV cache on); with ``logps_out``, also
+    append each candidate's summed log-prob under the sampling pass to it (one row per prompt)."""
+    tokenizer = policy.tokenizer
+    with unwrap_model_for_generation(
+        policy.wrapped, policy.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+    ) as unwrapped:
+        return sampling.generate_candidates(
+            unwrapped,
+            tokenizer,
+            prompt_ids,
+            args.num_generations,
+            sampling.sampling_generation_config(args, policy.eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id),
+            batch_size=args.generation_batch_size,
+            show_progress=policy.accelerator.is_local_main_process,
+            desc=desc,
+            backend=args.generation_backend,
+            logps_out=logps_out,
+        )
+
+
+def score(
+    policy: Policy,
+    args: Any,
+    t: int,
+    prompt_ids: list[TokenIds],
+    candidates: list[list[TokenIds]],
+    previous_dir: Path | None,
+    policy_logps: list[list[float]] | None = None,
+) -> RoundScores:
+    """Σ log-probs of these candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank calls it.
+
+    Args:
+        policy: the models.
+        args: the `CreamConfig` (``max_length``, ``scoring_batch_size``).
+        t: the round (π_{t−1} is scored from round 2 on).
+        prompt_ids, candidates: this rank's share of the round.
+        previous_dir: ``M<t−1>`` for full fine-tuning (loaded, scored, freed); LoRA scores its ``previous`` adapter.
+        policy_logps: π_t's scores recorded while sampling, used instead of the π_t forward when they fit.
+    """
+    model, accelerator = policy.model, policy.accelerator
+
+    def run(m: nn.Module, who: str) -> torch.Tensor:
+        return distributed.score_shard(
+            accelerator, m, prompt_ids, candidates, policy.tokenizer.pad_token_id, args.max_length,
+            batch_size=args.scoring_batch_size, show_progress=accelerator.is_local_main_process,
+            desc=f"round {t}: scoring {who}",
+        )  # fmt: skip
+
+    if distributed.needs_lockstep(accelerator):  # ZeRO-3/FSDP: every rank must run the π_t forwards, or a rank
+        policy_logps = None  # falling back (prompt + candidate > max_length) would wait for the others forever
+    scores_t = sampled_policy_scores(policy_logps, prompt_ids, candidates, args.max_length)
+    if scores_t is None:
+        scores_t = run(policy.wrapped if policy.is_fsdp else model, "π_t")
+    previous = None
+    if policy.use_peft:
+        with model.disable_adapter():
+            initial = run(model, "π_0")
+        if t > 1:
+            with adapters.using_adapter(model, adapters.PREVIOUS_ADAPTER):
+                previous = run(model, "π_t-1")
+    else:
+        with _on_device(policy.ref_model, policy) as ref:
+            initial = run(ref, "π_0")
+        if t > 1:
+            with _loaded_previous(previous_dir, policy, t) as prev:
+                previous = run(prev, "π_t-1")
+    lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
+    return RoundScores(policy=scores_t, initial=initial, previous=previous, lengths=lengths)
+
+
+def advance_previous(policy: Policy) -> None:
+    """LoRA: copy the policy adapter π_t into the frozen ``previous`` adapter, π_{t−1} of the next round (Algorithm 1
+    line 8 of round t + 1). Full fine-tuning loads ``M<t>`` from disk instead: nothing to do."""
+    if policy.use_peft:
+        adapters.copy_adapter(policy.model, adapters.policy_adapter_name(policy.model), adapters.PREVIOUS_ADAPTER)
+
+
+def restore_previous(policy: Policy, path: Path) -> None:
+    """LoRA after a resume: the frozen ``previous`` adapter (π_{t−1}) is reloaded from ``path`` (``M<t−1>``)."""
+    if not policy.use_peft:
+        return
+    model = policy.model
+    adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
+    load_adapter_weights(model, adapters.PREVIOUS_ADAPTER, path)
+    adapters.freeze_adapter(model, adapters.PREVIOUS_ADAPTER)
+
+
+def save_policy(policy: Policy, path: Path, save_full_model: Callable[[Path], None]) -> None:
+    """Save the current policy (full model through ``save_full_model``, or only the policy adapter) and the tokenizer
+    to ``path``, once (main process)."""
+    model, accelerator = policy.model, policy.accelerator
+    if policy.use_peft:
+        if accelerator.is_main_process:
+            adapters.save_adapter(model, adapters.policy_adapter_name(model), path)
+            policy.tokenizer.save_pretrained(path)
+    else:
+        save_full_model(path)  # ZeRO-3: consolidated 16-bit weights
+        if accelerator.is_main_process:
+            policy.tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _on_device(model: nn.Module, policy: Policy) -> Iterator[nn.Module]:
+    """Keep π_0 off the accelerator except while it scores, so that at most one extra model (π_0, then
+    π_{t−1}) sits next to the policy on the GPU. No-op on CPU and under DeepSpeed/FSDP, which place it."""
+    device = policy.accelerator.device
+    offload = device.type != "cpu" and not (policy.is_deepspeed or policy.is_fsdp)
+    if offload:
+        model.to(device)
+    try:
+        yield model
+    finally:
         if offload:
-            model.to(self.accelerator.device)
-        try:
-            yield model
-        finally:
-            if offload:
-                model.to("cpu")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
-    @contextmanager
-    def _loaded_previous(self, t: int) -> Iterator[nn.Module]:
-        """Load M_{t−1} (π_{t−1}) from its saved folder, placed like TRL reference models, to score; then free it."""
-        path = self.iteration_dir(self.first_iteration + t - 2)
-        if not path.exists():
-            raise FileNotFoundError(f"π_(t-1) for round {t} should have been saved at {path}, but it is missing.")
-        dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
-        previous = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # ZeRO-3: partitioned at load (zero.Init)
-        previous = distributed.prepare_frozen(previous, self.accelerator)
-        try:
-            yield previous
-        finally:
-            del previous
-            gc.collect()
+            model.to("cpu")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def save_policy(self, path: Path) -> None:
-        """Save the current policy (full model, or only the policy adapter) and the tokenizer to ``path``, once."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.use_peft:
-            if self.accelerator.is_main_process:
-                adapters.save_adapter(model, adapters.policy_adapter_name(model), path)
-                self._tokenizer.save_pretrained(path)
-        else:
-            distributed.save_full_model(self, path)  # ZeRO-3: consolidated 16-bit weights
-            if self.accelerator.is_main_process:
-                self._tokenizer.save_pretrained(path)
-        self.accelerator.wait_for_everyone()
+
+@contextmanager
+def _loaded_previous(path: Path | None, policy: Policy, t: int) -> Iterator[nn.Module]:
+    """Load M_{t−1} (π_{t−1}) from its saved folder, placed like TRL reference models, to score; then free it."""
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"π_(t-1) for round {t} should have been saved at {path}, but it is missing.")
+    dtype = next(policy.model.parameters()).dtype
+    previous = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # ZeRO-3: partitioned at load (zero.Init)
+    previous = distributed.prepare_frozen(previous, policy.accelerator)
+    try:
+        yield previous
+    finally:
+        del previous
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,205 +1,133 @@
-"""The phases of a CREAM round as resumable steps, mixed into `CreamTrainer`.
+"""Opening a CREAM run: check (or record) its manifest and, on resume, find what an earlier attempt finished.
 
-Each ``_*_phase`` method loads the phase's result from ``output_dir/rounds/round_<t>`` when an earlier attempt of
-the run saved it, and otherwise computes it and saves it atomically right away (`trl_cream.checkpointing`). Sampling
-is seeded with ``seed + t`` and training with ``seed + t`` again, so a phase redone after a crash gives the same
-result as in an uninterrupted run.
+Every phase of a round is saved as soon as it is computed (`trl_cream.runs.store`) and loaded instead of recomputed
+when an earlier attempt finished it (`PhaseStore.load_or_compute`). Sampling is seeded with ``seed + t`` and training
+with ``seed + t`` again, so a phase redone after a crash gives the same result as in an uninterrupted run. What is
+decided once, when the run opens, is returned as a [`RunStart`].
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from accelerate import Accelerator
+from torch import nn
 
-from .. import distributed
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
-from ..modeling import adapters, reward_sources
-from ..modeling.sampling import tokenize_prompts
-from ..runs.manifest import build_manifest
-from ..runs.store import load_adapter_weights, load_full_weights
-from .validation import check_finite_scores, fit_prompts
+from ..modeling import adapters
+from ..runs.store import PhaseStore, load_adapter_weights, load_full_weights
 
 logger = logging.getLogger(__name__)
 
-TokenIds = list[int]
+
+@dataclass
+class RunStart:
+    """Where a run starts.
+
+    Attributes:
+        done (`int`): rounds finished by an earlier attempt (``M<iteration_index(done + 1)>`` is saved).
+        resumed (`bool`): whether an earlier attempt's policy was found (the policy must be reloaded from it).
+        chosen_checkpoint (`tuple[int, Path]` or `None`): an intra-round Trainer checkpoint named explicitly by
+            ``resume_from_checkpoint``, with its round.
+        round_metrics (`list[dict]`): the finished rounds' metrics.
+        sft_metrics (`dict`): the SFT stage's metrics, if it ran.
+    """
+
+    done: int = 0
+    resumed: bool = False
+    chosen_checkpoint: tuple[int, Path] | None = None
+    round_metrics: list[dict[str, Any]] = field(default_factory=list)
+    sft_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resumed_round(self) -> int:
+        """The round a resume continues in (0 for a fresh run)."""
+        return self.done + 1 if self.resumed else 0
+
+    @property
+    def train_steps(self) -> int:
+        """Optimizer steps of the finished rounds."""
+        return sum(int(m.get("train_steps", 0)) for m in self.round_metrics)
+
+    def trainer_checkpoint(self, t: int, store: PhaseStore) -> Path | None:
+        """The intra-round Trainer checkpoint round ``t`` continues from: the one named explicitly, else the latest
+        one of the round a resume starts in; `None` for every other round."""
+        if self.chosen_checkpoint is not None and self.chosen_checkpoint[0] == t:
+            return self.chosen_checkpoint[1]
+        return store.last_trainer_checkpoint(t) if t == self.resumed_round else None
+
+    def restores_previous(self, t: int) -> bool:
+        """Whether round ``t`` must reload π_{t−1} from disk first (LoRA's ``previous`` adapter is in memory only
+        when this process ran round ``t − 1``)."""
+        return t > 1 and t == self.resumed_round
 
 
-class ResumableRoundsMixin:
-    """Resume support and the saved phases of a round; expects the attributes of `CreamTrainer`."""
+def open_run(
+    store: PhaseStore,
+    manifest: dict[str, Any],
+    accelerator: Accelerator,
+    resume_from_checkpoint: str | bool | None,
+    num_rounds: int,
+    overwrite: bool,
+) -> RunStart:
+    """Check/record the manifest; on resume, find the finished rounds and load their metrics.
 
-    # ---------------------------------------------------------------- the run
-    def _open_run(self, resume_from_checkpoint: str | bool | None) -> tuple[int, tuple[int, Path] | None]:
-        """Check/record the manifest; on resume reload the policy and the finished rounds' metrics.
+    Every process checks the manifest; only the main one writes it, after all have read the old one.
+    """
+    resume = bool(resume_from_checkpoint)
+    chosen = chosen_checkpoint(store, num_rounds, resume_from_checkpoint)
+    clear = store.check(manifest, resume=resume, overwrite=overwrite)  # every process
+    accelerator.wait_for_everyone()  # all have read the old manifest before the main process replaces it
+    if not resume:
+        store.record(manifest, clear)
+        accelerator.wait_for_everyone()
+    if not (resume and store.has_iteration(store.iteration(1))):
+        return RunStart(chosen_checkpoint=chosen)
+    done = store.last_complete_round(num_rounds)
+    for t in range(1, done + 1):
+        store.drop_trainer_checkpoints(t)  # left over when a crash came right after M<t+1> was saved
+    logger.info("Resuming the CREAM run in %s after %d finished round(s).", store.output_dir, done)
+    return RunStart(
+        done=done,
+        resumed=True,
+        chosen_checkpoint=chosen,
+        round_metrics=[store.load_round_metrics(t) for t in range(1, done + 1)],
+        sft_metrics=store.load_sft_metrics(),
+    )
 
-        Returns:
-            The number of finished rounds and an explicitly chosen intra-round checkpoint ``(round, folder)``.
-        """
-        store, resume = self.store, bool(resume_from_checkpoint)
-        chosen = self._chosen_checkpoint(resume_from_checkpoint)
-        manifest = build_manifest(self.args, self.prompts, self.sft_dataset, self.use_peft, self.first_iteration)
-        clear = store.check(manifest, resume=resume, overwrite=self.args.overwrite_output_dir)  # every process
-        self.accelerator.wait_for_everyone()  # all have read the old manifest before the main process replaces it
-        if not resume:
-            store.record(manifest, clear)
-            self.accelerator.wait_for_everyone()
-        if not (resume and store.has_iteration(self.first_iteration)):
-            return 0, chosen
-        done = store.last_complete_round(self.args.num_iterations)
-        self.sft_metrics = store.load_sft_metrics()
-        self._restore_policy(self.first_iteration + done)
-        self._resumed_round = done + 1
-        for t in range(1, done + 1):
-            store.drop_trainer_checkpoints(t)  # left over when a crash came right after M<first+t> was saved
-            self.round_metrics.append(store.load_round_metrics(t))
-            self._step_offset += int(self.round_metrics[-1].get("train_steps", 0))
-        self._push_saved_iterations(done)
-        logger.info("Resuming the CREAM run in %s after %d finished round(s).", self.args.output_dir, done)
-        return done, chosen
 
-    def _chosen_checkpoint(self, resume_from_checkpoint: str | bool | None) -> tuple[int, Path] | None:
-        """(round, folder) of an explicitly given intra-round Trainer checkpoint; None for `True` or output_dir."""
-        if not isinstance(resume_from_checkpoint, (str, Path)):
-            return None
-        path, out = Path(resume_from_checkpoint).resolve(), Path(self.args.output_dir).resolve()
-        if path == out:
-            return None
-        for t in range(1, self.args.num_iterations + 1):
-            folder = self.store.trainer_checkpoint_dir(t).resolve()
-            if path.parent == folder and (path / "trainer_state.json").exists():
-                return t, path
-        raise ValueError(
-            f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: a CREAM run resumes from its output_dir "
-            f"({out}) or from a checkpoint under {out}/rounds/round_<t>/trainer_checkpoints/; pass True to resume "
-            "from the latest state found there."
-        )
+def chosen_checkpoint(
+    store: PhaseStore, num_rounds: int, resume_from_checkpoint: str | bool | None
+) -> tuple[int, Path] | None:
+    """(round, folder) of an explicitly given intra-round Trainer checkpoint; None for `True` or output_dir."""
+    if not isinstance(resume_from_checkpoint, (str, Path)):
+        return None
+    path, out = Path(resume_from_checkpoint).resolve(), store.output_dir.resolve()
+    if path == out:
+        return None
+    for t in range(1, num_rounds + 1):
+        folder = store.trainer_checkpoint_dir(t).resolve()
+        if path.parent == folder and (path / "trainer_state.json").exists():
+            return t, path
+    raise ValueError(
+        f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: a CREAM run resumes from its output_dir "
+        f"({out}) or from a checkpoint under {out}/rounds/round_<t>/trainer_checkpoints/; pass True to resume "
+        "from the latest state found there."
+    )
 
-    def _restore_policy(self, index: int) -> None:
-        """Load ``M<index>`` into the policy: the full weights, or the policy adapter."""
-        path = self.store.iteration_dir(index)
-        logger.info("Resuming: the policy is reloaded from %s", path)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.use_peft:
-            load_adapter_weights(model, adapters.policy_adapter_name(model), path)
-        else:
-            load_full_weights(model, path)
 
-    def _restore_previous_adapter(self, t: int) -> None:
-        """LoRA after a resume: the frozen ``cream_previous`` adapter (π_{t−1}) is reloaded from ``M<t−1>``."""
-        if not (self.use_peft and t > 1 and t == self._resumed_round):
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
-        load_adapter_weights(model, adapters.PREVIOUS_ADAPTER, self.store.iteration_dir(self.first_iteration + t - 2))
-        adapters.freeze_adapter(model, adapters.PREVIOUS_ADAPTER)
+def restore_policy(model: nn.Module, use_peft: bool, path: Path) -> None:
+    """Load ``M<k>`` saved in ``path`` into the (unwrapped) policy: the full weights, or the policy adapter."""
+    logger.info("Resuming: the policy is reloaded from %s", path)
+    if use_peft:
+        load_adapter_weights(model, adapters.policy_adapter_name(model), path)
+    else:
+        load_full_weights(model, path)
 
-    def _push_saved_iterations(self, done: int) -> None:
-        """On resume, push the saved iterations whose push marker is missing (``cream_state/pushed/M<k>.json``)."""
-        if not self._pushes_to_hub():
-            return
-        for index in range(self.first_iteration, self.first_iteration + done + 1):
-            if self.store.has_iteration(index) and not self.store.is_pushed(index):
-                logger.info("Resuming: M%d was saved but its push did not finish; pushing it now.", index)
-                self.push_iteration(index)
 
-    def _pushes_to_hub(self) -> bool:
-        """Whether saved iterations are published (``push_to_hub``)."""
-        return bool(getattr(self.args, "push_to_hub", False))
-
-    def push_iteration(self, index: int) -> None:
-        """Called right after ``M<index>`` is saved (and on resume for an iteration whose push did not finish).
-
-        The Hub support (`trl_cream.hub`) defines the real one in `CreamTrainer`; this default publishes nothing."""
-
-    def _round_checkpoint(self, t: int) -> Path | None:
-        """The intra-round Trainer checkpoint to continue round ``t`` from (only the round a resume starts in)."""
-        return self.store.last_trainer_checkpoint(t) if t == self._resumed_round else None
-
-    def save_iteration(self, index: int) -> None:
-        """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place.
-
-        The Trainer's pickled ``training_args.bin`` is left out (the run's config is in the manifest, as JSON), so an
-        iteration holds only safetensors and JSON."""
-        with self.store.writing_iteration(index) as tmp:
-            self.save_policy(tmp)
-            if self.accelerator.is_main_process:
-                (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """An intra-round Trainer checkpoint, without the pickled ``training_args.bin`` (a resume never reads it).
-
-        What is left is safetensors, JSON and the optimizer/scheduler/RNG states, which transformers loads with
-        ``torch.load(weights_only=True)``."""
-        super()._save_checkpoint(model, trial)
-        if self.accelerator.is_main_process:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-
-    def _get_output_dir(self, trial: Any) -> str:
-        """Intra-round Trainer checkpoints go to ``rounds/round_<t>/trainer_checkpoints``."""
-        return self._round_output_dir or super()._get_output_dir(trial)
-
-    # ---------------------------------------------------------------- the phases
-    def _sample_phase(self, t: int, prompts: list[Any]) -> tuple[list[TokenIds], list[list[TokenIds]]]:
-        args = self.args
-        prompt_ids = fit_prompts(
-            tokenize_prompts(self.processing_class, prompts), args.max_length, args.max_new_tokens,
-            args.long_prompts, f"round {t}'s prompts",
-        )  # fmt: skip
-        self._sampled_logps = None  # π_t's scores from sampling exist only if this process samples the round
-        candidates = self.store.load_samples(t, prompt_ids)
-        self.accelerator.wait_for_everyone()  # every rank has looked before the main process can write
-        if candidates is None:  # each rank samples its share (seed from seed, t and rank); all get the whole round
-            shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)
-            local = self.generate_candidates(shard.select(prompt_ids), desc=f"round {t}: sampling")
-            candidates = distributed.gather_candidates(shard, local)
-            self.store.save_samples(t, prompt_ids, candidates)
-        return prompt_ids, candidates
-
-    def _score_phase(self, t: int, prompt_ids: list[TokenIds], candidates: list[list[TokenIds]]) -> RoundScores:
-        scores = self.store.load_scores(t)
-        self.accelerator.wait_for_everyone()
-        model = self.accelerator.unwrap_model(self.model)
-        if scores is not None:
-            if self.use_peft:  # what score_round does after scoring: π_t becomes the next round's π_{t−1}
-                adapters.copy_adapter(model, adapters.policy_adapter_name(model), adapters.PREVIOUS_ADAPTER)
-            return scores
-        self._restore_previous_adapter(t)
-        shard = distributed.round_shard(self.accelerator, len(prompt_ids))  # the same split as sampling
-        local = shard.select(candidates)  # each rank scores its share; the scores of the whole round are gathered
-        scores = distributed.gather_scores(shard, self.score_round(t, shard.select(prompt_ids), local), candidates)
-        scores = reward_sources.add_external_rewards(self, scores, prompt_ids, candidates)  # on the whole round
-        k = self.first_iteration + t - 1
-        named = {f"π_t (M{k})": scores.policy, "π_0": scores.initial, f"π_t-1 (M{k - 1})": scores.previous}
-        check_finite_scores(named, t, next(model.parameters()).dtype)
-        self.store.save_scores(t, scores)
-        return scores
-
-    def _pair_phase(
-        self,
-        t: int,
-        prompts: list[Any],
-        prompt_ids: list[TokenIds],
-        candidates: list[list[TokenIds]],
-        scores: RoundScores,
-    ) -> tuple[Dataset, dict[str, Any]]:
-        loaded = self.store.load_pairs(t)
-        self.accelerator.wait_for_everyone()
-        if loaded is not None:
-            return loaded
-        args = self.args
-        self.store.drop_trainer_checkpoints(t)  # they would belong to pairs that are no longer on disk
-        labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
-        pairs = pairs_dataset(t, prompt_ids, candidates, scores, labels, args.ref_policy)
-        metrics = {"round": t, "beta": self.beta, **labels.metrics}
-        table = None
-        if args.save_round_artifacts and self.accelerator.is_main_process:
-            completions = [self.processing_class.batch_decode(c, skip_special_tokens=True) for c in candidates]
-            table = candidates_dataset(prompts, candidates, completions, scores, labels)
-        self.store.save_pairs(t, pairs, metrics, table)
-        return pairs, metrics
+def unpushed_iterations(store: PhaseStore, done: int) -> list[int]:
+    """The saved iterations up to ``M<iteration_index(done + 1)>`` whose push marker is missing."""
+    indices = range(store.iteration(1), store.iteration(done + 1) + 1)
+    return [k for k in indices if store.has_iteration(k) and not store.is_pushed(k)]

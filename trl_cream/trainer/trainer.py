@@ -1,8 +1,13 @@
-"""CreamTrainer: TRL's online DPO trainer, run as CREAM rounds (Algorithm 1)."""
+"""CreamTrainer: TRL's online DPO trainer, run as CREAM rounds (Algorithm 1).
+
+One round is a chain of phases that take and return values: sample → score → (advance π_{t−1}) → label → train →
+save → publish. Each saved phase goes through `PhaseStore.load_or_compute`, so a resumed run loads what an earlier
+attempt finished. The model-facing work is in `trl_cream.trainer.phases`, the TRL coupling in
+`trl_cream.trainer.trl_base`, the on-disk layout in `trl_cream.runs`.
+"""
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -11,32 +16,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model, set_seed
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
-from trl.experimental.online_dpo import OnlineDPOTrainer
 
 from .. import distributed, hub
+from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
 from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps, tokenize_prompts
+from ..runs.manifest import build_manifest
 from ..runs.store import PhaseStore
+from . import phases, resume
 from .config import CreamConfig
-from .data import PairCollator, split_equally, validate_prompts, validate_sft_dataset
-from .phases import RoundPhasesMixin
-from .resume import ResumableRoundsMixin
+from .data import PairCollator, split_equally
+from .phases import RoundSamples
 from .sft import run_sft
+from .trl_base import TrlOnlineDPOBase
 from .validation import (
     check_distinct_from_initial,
-    check_model_inputs,
-    check_tokenizer,
+    check_finite_scores,
+    check_inputs,
     fit_prompts,
 )
 
 logger = logging.getLogger(__name__)
+
+TokenIds = list[int]
 
 _CITATION = """\
 @inproceedings{wang2025cream,
@@ -48,12 +58,7 @@ _CITATION = """\
 }"""
 
 
-class _AdapterReference(nn.Module):
-    """Placeholder reference handed to the parent so that it does not deep-copy a PEFT model: π_0 is the base model
-    with adapters disabled. Removed right after the parent's ``__init__``."""
-
-
-class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
+class CreamTrainer(TrlOnlineDPOBase):
     """Consistency Regularized sElf-rewarding lAnguage Models (CREAM), on top of TRL's online DPO trainer.
 
     ``train()`` runs ``args.num_iterations`` rounds ``M_t → M_{t+1}``; each round samples, scores, pairs, trains and
@@ -84,7 +89,6 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         "id": "2410.12735",
         "citation": _CITATION,
     }
-    loss_is_scaled_for_ga = False  # Trainer.training_step divides our per-batch mean loss by the GA steps
 
     def __init__(
         self,
@@ -102,100 +106,29 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         judge_model: PreTrainedModel | nn.Module | None = None,
         judge_processing_class: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        if not isinstance(args, CreamConfig):
-            raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
+        check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config, sft_dataset)
         reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
-        validate_prompts(train_dataset, args.num_iterations)
-        check_model_inputs(model, peft_config)
-        check_tokenizer(processing_class, train_dataset["prompt"])
-        if processing_class is not None:
-            fit_prompts(
-                tokenize_prompts(processing_class, train_dataset["prompt"]), args.max_length, args.max_new_tokens,
-                args.long_prompts, "the prompts of train_dataset",
-            )  # fmt: skip
-        if sft_dataset is not None:
-            validate_sft_dataset(sft_dataset)
-            if ref_model is not None:
-                raise ValueError(
-                    "With `sft_dataset`, `model` is M0 and π_0 is taken from it before the SFT stage: leave "
-                    "`ref_model=None`."
-                )
-        else:
-            use_peft = is_peft_model(model) or peft_config is not None
-            if not use_peft and ref_model is None:
-                raise ValueError(
-                    "Full fine-tuning needs the initial model π_0 (M0) as `ref_model`: CREAM's rewards are "
-                    "log π_t − log π_0. Pass ref_model=M0, pass `sft_dataset` to run the SFT stage from M0, or "
-                    "train LoRA adapters (π_0 is then the adapter-free base)."
-                )
-            check_distinct_from_initial(model, ref_model, peft_config)
-        self._peft_placeholder = is_peft_model(model) and ref_model is None
         super().__init__(
-            model=model,
-            ref_model=_AdapterReference() if self._peft_placeholder else ref_model,
-            reward_funcs=[],
-            args=args,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            peft_config=peft_config,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        if self._peft_placeholder:
-            self.ref_model = None
-        distributed.setup(self.accelerator, args, is_peft_model(self.model))
+            model, ref_model, args, train_dataset, processing_class, peft_config, callbacks, optimizers
+        )  # fmt: skip
         self.args: CreamConfig
         self.use_peft = is_peft_model(self.model)
-        self.data_collator = PairCollator(self._tokenizer.pad_token_id, args.max_length)
-        self.stats: dict[str, list[float]] = {}
+        distributed.setup(self.accelerator, args, self.use_peft)
+        self.data_collator = PairCollator(self.tokenizer.pad_token_id, args.max_length)
         self.prompts = train_dataset
-        self.round = 0
-        self.round_metrics: list[dict[str, Any]] = []
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
-        self._step_offset = 0
-        self._round_output_dir: str | None = None
-        self._resumed_round = 0
-        self.store = PhaseStore(args.output_dir, self.first_iteration, self.accelerator.is_main_process)
-        self._hub = hub.start(self)  # with push_to_hub: check the Hub before any training
+        self.round_metrics: list[dict[str, Any]] = []
+        self.store = PhaseStore(
+            args.output_dir, is_main=self.accelerator.is_main_process, barrier=self.accelerator.wait_for_everyone
+        )
+        self._hub = hub.start(  # with push_to_hub: check the Hub before any training
+            args, use_peft=self.use_peft, base_model=self._base_model(), is_main=self.accelerator.is_main_process,
+            num_processes=self.accelerator.num_processes,
+        )  # fmt: skip
         self.reward_models = reward_sources.ExternalRewards(
             reward_model, reward_processing_class, judge_model, judge_processing_class, self.accelerator.device
         )
-
-    # ---------------------------------------------------------------- parent fixes
-    @property
-    def beta(self) -> float:
-        """β of the current round (the parent indexes a β list by a float epoch, which crashes)."""
-        return self.args.beta_for_round(max(self.round, 1))
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
-    ) -> torch.Tensor:
-        """Transformers' standard step (loss / GA steps, then backward) around our `compute_loss`, instead of the
-        parent's step, which samples 2 completions inline and back-propagates an unscaled loss."""
-        return Trainer.training_step(self, model, inputs, num_items_in_batch)
-
-    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
-        self.stats = {k: v for k, v in self.stats.items() if v}  # an empty list would divide by zero
-        super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Log with steps counted across rounds, so report_to integrations see one monotonic run."""
-        self.state.global_step += self._step_offset
-        try:
-            super().log({**logs, "cream/round": self.round}, start_time)
-        finally:
-            self.state.global_step -= self._step_offset
-
-    # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """No repo at init: `push_iteration` creates the iteration repos/branches."""
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=True)  # save, never push
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Intra-round checkpoints are not pushed."""
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -229,7 +162,7 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                 self.stats.setdefault(key, []).append(gather(value.detach().float()).mean().item())
         return losses.mean()
 
-    # ---------------------------------------------------------------- the rounds
+    # ---------------------------------------------------------------- Algorithm 1
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
         """Run all CREAM rounds: M_t → M_{t+1} for t = 1..num_iterations. Returns the last round's TrainOutput,
         with every round's metrics under ``metrics["rounds"]``.
@@ -240,24 +173,207 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
                 last intra-round Trainer checkpoint if `save_strategy` made one; a path to one of those
                 checkpoints (``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>``) picks it explicitly.
         """
-        done, chosen = self._open_run(resume_from_checkpoint)  # checks the manifest; reloads M<k> on resume
+        start = self._open_run(resume_from_checkpoint)
         shards = self.split_prompts()
-        if not done and not self.store.has_iteration(self.first_iteration):
+        first = self.store.iteration(1)
+        if not start.resumed and not self.store.has_iteration(first):
             if self.sft_dataset is not None and not self.sft_metrics:
-                self.run_sft_stage()
+                self.run_sft_stage()  # line 2: M1 = SFT(M0)
                 self.store.save_sft_metrics(self.sft_metrics)
-            self.save_iteration(self.first_iteration)
-            self.push_iteration(self.first_iteration)
+            self.save_iteration(first)
+            self.push_iteration(first)
         output = TrainOutput(self._step_offset, 0.0, {})
-        for t, shard in enumerate(shards, start=1):
-            if t > done:
+        for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
+            if t > start.done:
                 self.round = t
-                output = self._run_round(t, shard, chosen[1] if chosen and chosen[0] == t else None)
-        hub.wait(self)
+                output = self._run_round(t, prompts, start)
+        if self._hub is not None:
+            self._hub.wait()
         output.metrics["rounds"] = self.round_metrics
         if self.sft_metrics:
             output.metrics["sft"] = self.sft_metrics
         return output
+
+    def _run_round(self, t: int, prompts: list[Any], start: resume.RunStart | None = None) -> TrainOutput:
+        """Round ``t``: M_t → M_{t+1}. Each phase's result is saved as soon as it is computed, and loaded instead of
+        recomputed when an earlier attempt of the run finished it."""
+        start = start or resume.RunStart()
+        args, timings = self.args, {}
+        logger.info(
+            "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
+        )
+        with _timed(timings, "generate"):
+            samples = self.sample_phase(t, prompts)  # line 5: N responses per prompt from π_t
+        with _timed(timings, "score"), frozen_gc(args.freeze_gc):
+            scores = self.score_phase(t, samples, start)  # lines 6, 8: log π_t, log π_0, log π_{t−1}
+        phases.advance_previous(self._policy())  # π_t becomes round t + 1's π_{t−1}
+        with _timed(timings, "pair"):
+            pairs, metrics = self.label_phase(t, samples, scores)  # lines 9-12: rankings, C, pairs
+        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
+        with _timed(timings, "train"):
+            output = self.train_phase(t, pairs, start.trainer_checkpoint(t, self.store))  # lines 13-14
+        metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
+        with _timed(timings, "save"):
+            self.save_iteration(self.store.iteration(t + 1))  # M_{t+1}
+        self.store.drop_trainer_checkpoints(t)
+        metrics.update({f"time_{k}_s": v for k, v in timings.items()})
+        self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
+        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
+        self.round_metrics.append(metrics)
+        self.push_iteration(self.store.iteration(t + 1))
+        return output
+
+    # ---------------------------------------------------------------- the phases
+    def sample_phase(self, t: int, prompts: list[Any]) -> RoundSamples:
+        """The round's prompts as token ids and ``num_generations`` candidates each. Every rank samples its share
+        (seed from ``seed``, ``t`` and its rank); all get the whole round."""
+        args = self.args
+        prompt_ids = fit_prompts(
+            tokenize_prompts(self.processing_class, prompts), args.max_length, args.max_new_tokens,
+            args.long_prompts, f"round {t}'s prompts",
+        )  # fmt: skip
+        sampled: dict[str, Any] = {"logps": None}  # π_t's scores from sampling exist only if this process samples
+
+        def sample() -> list[list[TokenIds]]:
+            shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)
+            sink: list[list[float]] | None = [] if args.policy_logps_from_sampling else None
+            extra = {"logps_out": sink} if sink is not None else {}
+            local = self.generate_candidates(shard.select(prompt_ids), desc=f"round {t}: sampling", **extra)
+            sampled["logps"] = sink
+            return distributed.gather_candidates(shard, local)
+
+        candidates = self.store.load_or_compute(
+            lambda: self.store.load_samples(t, prompt_ids),
+            sample,
+            lambda c: self.store.save_samples(t, prompt_ids, c),
+        )
+        return RoundSamples(list(prompts), prompt_ids, candidates, sampled["logps"])
+
+    def score_phase(self, t: int, samples: RoundSamples, start: resume.RunStart) -> RoundScores:
+        """Every candidate's Σ log-prob under π_t, π_0 and π_{t−1} (each rank its share, then gathered), plus the
+        external reward/baseline when configured; refused if not finite."""
+
+        def compute() -> RoundScores:
+            policy = self._policy()
+            if start.restores_previous(t):
+                phases.restore_previous(policy, self.store.iteration_dir(self.store.iteration(t - 1)))
+            shard = distributed.round_shard(self.accelerator, len(samples.prompt_ids))  # the split of sampling
+            local = shard.select(samples.candidates)
+            kwargs = {"policy_logps": samples.policy_logps} if samples.policy_logps is not None else {}
+            scores = self.score_round(t, shard.select(samples.prompt_ids), local, **kwargs)
+            scores = distributed.gather_scores(shard, scores, samples.candidates)
+            scores = reward_sources.add_external_rewards(
+                scores, self.reward_models, self.args, samples.prompts, samples.candidates, policy.model,
+                policy.tokenizer, show_progress=self.accelerator.is_local_main_process,
+            )  # fmt: skip
+            k = self.store.iteration(t)
+            named = {f"π_t (M{k})": scores.policy, "π_0": scores.initial, f"π_t-1 (M{k - 1})": scores.previous}
+            check_finite_scores(named, t, next(policy.model.parameters()).dtype)
+            return scores
+
+        return self.store.load_or_compute(
+            lambda: self.store.load_scores(t), compute, lambda s: self.store.save_scores(t, s)
+        )
+
+    def label_phase(self, t: int, samples: RoundSamples, scores: RoundScores) -> tuple[Dataset, dict[str, Any]]:
+        """Rewards, both rankings, C and the best/worst pairs (Algorithm 1 lines 9-12), with the round's metrics."""
+        args = self.args
+
+        def label() -> tuple[Dataset, dict[str, Any], Dataset | None]:
+            self.store.drop_trainer_checkpoints(t)  # they would belong to pairs that are no longer on disk
+            labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
+            pairs = pairs_dataset(t, samples.prompt_ids, samples.candidates, scores, labels, args.ref_policy)
+            metrics = {"round": t, "beta": self.beta, **labels.metrics}
+            table = None
+            if args.save_round_artifacts and self.accelerator.is_main_process:
+                decode = self.processing_class.batch_decode
+                completions = [decode(c, skip_special_tokens=True) for c in samples.candidates]
+                table = candidates_dataset(samples.prompts, samples.candidates, completions, scores, labels)
+            return pairs, metrics, table
+
+        def load() -> tuple[Dataset, dict[str, Any], None] | None:
+            loaded = self.store.load_pairs(t)
+            return None if loaded is None else (*loaded, None)
+
+        pairs, metrics, _ = self.store.load_or_compute(load, label, lambda r: self.store.save_pairs(t, *r))
+        return pairs, metrics
+
+    def train_phase(self, t: int, pairs: Dataset, checkpoint: Path | None = None) -> TrainOutput:
+        """Train π_t on the round's pairs with the CREAM loss (reference: the scoring pass's log-probs)."""
+        if len(pairs) == 0:
+            logger.warning(
+                "Round %d produced no preference pair: every prompt's candidates are tied (equal implicit rewards). "
+                "Nothing is learnt this round and the policy is kept as is.",
+                t,
+            )
+            return TrainOutput(0, 0.0, {})
+        return self.train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=self.args.seed + t)
+
+    # ---------------------------------------------------------------- hooks (a generation backend overrides these)
+    def generate_candidates(
+        self, prompt_ids: list[TokenIds], desc: str = "sampling", logps_out: list[list[float]] | None = None
+    ) -> list[list[TokenIds]]:
+        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on)."""
+        return phases.generate(self._policy(), self.args, prompt_ids, desc, logps_out)
+
+    def score_round(
+        self,
+        t: int,
+        prompt_ids: list[TokenIds],
+        candidates: list[list[TokenIds]],
+        policy_logps: list[list[float]] | None = None,
+    ) -> RoundScores:
+        """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank."""
+        previous_dir = self.store.iteration_dir(self.store.iteration(t - 1))
+        return phases.score(self._policy(), self.args, t, prompt_ids, candidates, previous_dir, policy_logps)
+
+    def save_policy(self, path: Path) -> None:
+        """Save the current policy (full model, or only the policy adapter) and the tokenizer to ``path``, once."""
+        policy = self._policy()
+        engine = getattr(self, "deepspeed", None)
+        phases.save_policy(
+            policy,
+            path,
+            lambda p: distributed.save_full_model(self.accelerator, policy.model, engine, self.save_model, p),
+        )
+
+    def push_iteration(self, index: int) -> None:
+        """Write the model card of ``output_dir/M<index>`` and, with ``push_to_hub``, push it in the background (main
+        process only); the marker ``cream_state/pushed/M<index>.json`` is written once it is on the Hub."""
+        if not self.accelerator.is_main_process:
+            return
+        hub.publish_iteration(
+            self._hub, self.args, index, first_index=self.store.iteration(1), trainer_cls=type(self),
+            round_metrics=self.round_metrics, sft_metrics=self.sft_metrics, use_peft=self.use_peft,
+            base_model=self._base_model(),
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- the run
+    def _open_run(self, resume_from_checkpoint: str | bool | None) -> resume.RunStart:
+        """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
+        iterations whose push did not finish."""
+        args = self.args
+        manifest = build_manifest(args, self.prompts, self.sft_dataset, self.use_peft, self.store.iteration(1))
+        start = resume.open_run(
+            self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
+            args.overwrite_output_dir,
+        )  # fmt: skip
+        if start.resumed:
+            self.sft_metrics = start.sft_metrics
+            resume.restore_policy(
+                self._policy().model, self.use_peft, self.store.iteration_dir(self.store.iteration(start.done + 1))
+            )
+            self.round_metrics.extend(start.round_metrics)
+            self._step_offset += start.train_steps
+            if self._pushes_to_hub():
+                for index in resume.unpushed_iterations(self.store, start.done):
+                    logger.info("Resuming: M%d was saved but its push did not finish; pushing it now.", index)
+                    self.push_iteration(index)
+        return start
+
+    def _pushes_to_hub(self) -> bool:
+        """Whether saved iterations are published (``push_to_hub``)."""
+        return bool(getattr(self.args, "push_to_hub", False))
 
     def run_sft_stage(self) -> dict[str, float]:
         """Algorithm 1 line 2: train M0 → M1 on `sft_dataset` with TRL's SFTTrainer, in place."""
@@ -269,13 +385,27 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         self.log({f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
         return self.sft_metrics
 
+    def save_iteration(self, index: int) -> None:
+        """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place.
+
+        The Trainer's pickled ``training_args.bin`` is left out (the run's config is in the manifest, as JSON), so an
+        iteration holds only safetensors and JSON."""
+        with self.store.writing_iteration(index) as tmp:
+            self.save_policy(tmp)
+            if self.accelerator.is_main_process:
+                (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
     @property
     def first_iteration(self) -> int:
         """Index of the starting policy in the M0, M1, ... naming (1: the model after SFT)."""
-        return 1
+        return self.store.iteration(1)
 
     def iteration_dir(self, index: int) -> Path:
         return self.store.iteration_dir(index)
+
+    def round_dir(self, t: int) -> Path:
+        return self.store.round_dir(t)
 
     def split_prompts(self) -> list[list[Any]]:
         """Shuffle the prompts with ``args.seed`` and split them equally across the rounds."""
@@ -283,70 +413,22 @@ class CreamTrainer(ResumableRoundsMixin, RoundPhasesMixin, OnlineDPOTrainer):
         prompts = [self.prompts[i]["prompt"] for i in order]
         return [list(chunk) for chunk in split_equally(prompts, self.args.num_iterations)]
 
-    def _run_round(self, t: int, prompts: list[Any], checkpoint: Path | None = None) -> TrainOutput:
-        """One round. Each phase's result is saved as soon as it is computed, and loaded instead of recomputed
-        when an earlier attempt of the run finished it (see `trl_cream.checkpointing`)."""
-        args, timings = self.args, {}
-        logger.info(
-            "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
+    def _policy(self) -> phases.Policy:
+        """The models as they are now (the Trainer re-wraps the policy when training starts)."""
+        return phases.Policy(
+            accelerator=self.accelerator,
+            model=self.accelerator.unwrap_model(self.model),
+            wrapped=self.model_wrapped,
+            ref_model=self.ref_model,
+            tokenizer=self.tokenizer,
+            eos_ids=self.eos_ids,
+            use_peft=self.use_peft,
+            is_fsdp=self.is_fsdp_enabled,
+            is_deepspeed=self.is_deepspeed_enabled,
         )
-        with _timed(timings, "generate"):
-            prompt_ids, candidates = self._sample_phase(t, prompts)
-        with _timed(timings, "score"), frozen_gc(args.freeze_gc):
-            scores = self._score_phase(t, prompt_ids, candidates)
-        with _timed(timings, "pair"):
-            pairs, metrics = self._pair_phase(t, prompts, prompt_ids, candidates, scores)
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
-        with _timed(timings, "train"):
-            checkpoint = checkpoint or self._round_checkpoint(t)
-            output = self._train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=args.seed + t)
-        metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
-        with _timed(timings, "save"):
-            self.save_iteration(self.first_iteration + t)
-        self.store.drop_trainer_checkpoints(t)
-        metrics.update({f"time_{k}_s": v for k, v in timings.items()})
-        self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
-        self.round_metrics.append(metrics)
-        self.push_iteration(self.first_iteration + t)
-        return output
 
-    def push_iteration(self, index: int) -> None:
-        """Write the model card of ``output_dir/M<index>`` and, with ``push_to_hub``, push it in the background (main
-        process only); the marker ``cream_state/pushed/M<index>.json`` is written once it is on the Hub."""
-        hub.publish_iteration(self, index)
-
-    def round_dir(self, t: int) -> Path:
-        return self.store.round_dir(t)
-
-    def _train_on_pairs(
-        self, pairs: Dataset, output_dir: Path | None = None, resume_from: Path | None = None, seed: int | None = None
-    ) -> TrainOutput:
-        if len(pairs) == 0:
-            logger.warning(
-                "Round %d produced no preference pair: every prompt's candidates are tied (equal implicit rewards). "
-                "Nothing is learnt this round and the policy is kept as is.",
-                self.round,
-            )
-            return TrainOutput(0, 0.0, {})
-        if seed is not None:
-            set_seed(seed)  # the same data order and dropout whether or not sampling ran in this process
-        self.train_dataset = pairs
-        self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
-        self.stats = {}
-        history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
-        self._round_output_dir = str(output_dir) if output_dir is not None else None
-        with frozen_gc(self.args.freeze_gc):
-            try:
-                output = super().train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            finally:
-                self._round_output_dir = None
-            self.state.log_history = history + self.state.log_history
-            self._step_offset += self.state.global_step
-            self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-            self.accelerator.free_memory()
-            gc.collect()
-        return output
+    def _base_model(self) -> str | None:
+        return hub.base_model_path(self.accelerator.unwrap_model(self.model), self.ref_model, self.use_peft)
 
 
 @contextmanager

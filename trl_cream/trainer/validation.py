@@ -12,14 +12,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import adapters
+from ..modeling.sampling import tokenize_prompts
+from .config import CreamConfig
+from .data import validate_prompts, validate_sft_dataset
 
 logger = logging.getLogger(__name__)
-
-LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
 
 
 def check_model_inputs(model: Any, peft_config: Any | None) -> None:
@@ -133,3 +135,41 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
         if not torch.equal(param.detach(), other.detach().to(param.device)):
             return
     raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+
+
+def check_inputs(
+    model: Any,
+    ref_model: Any | None,
+    args: Any,
+    train_dataset: Dataset | None,
+    processing_class: PreTrainedTokenizerBase | None,
+    peft_config: Any | None,
+    sft_dataset: Dataset | None,
+) -> None:
+    """Everything about the trainer's inputs that can be refused before the parent builds anything."""
+    if not isinstance(args, CreamConfig):
+        raise TypeError(f"`args` must be a CreamConfig, got {type(args).__name__}.")
+    validate_prompts(train_dataset, args.num_iterations)
+    check_model_inputs(model, peft_config)
+    check_tokenizer(processing_class, train_dataset["prompt"])
+    if processing_class is not None:
+        fit_prompts(
+            tokenize_prompts(processing_class, train_dataset["prompt"]), args.max_length, args.max_new_tokens,
+            args.long_prompts, "the prompts of train_dataset",
+        )  # fmt: skip
+    if sft_dataset is not None:
+        validate_sft_dataset(sft_dataset)
+        if ref_model is not None:
+            raise ValueError(
+                "With `sft_dataset`, `model` is M0 and π_0 is taken from it before the SFT stage: leave "
+                "`ref_model=None`."
+            )
+        return
+    use_peft = is_peft_model(model) or peft_config is not None
+    if not use_peft and ref_model is None:
+        raise ValueError(
+            "Full fine-tuning needs the initial model π_0 (M0) as `ref_model`: CREAM's rewards are "
+            "log π_t − log π_0. Pass ref_model=M0, pass `sft_dataset` to run the SFT stage from M0, or "
+            "train LoRA adapters (π_0 is then the adapter-free base)."
+        )
+    check_distinct_from_initial(model, ref_model, peft_config)

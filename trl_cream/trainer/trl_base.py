@@ -1,0 +1,218 @@
+"""Everything trl-cream takes from TRL's experimental `OnlineDPOTrainer`, in one place.
+
+`OnlineDPOTrainer` lives in `trl.experimental`, which carries no stability guarantee. CREAM runs its own rounds
+(sampling N candidates, scoring, pairing) and uses the parent only for what a TRL trainer gives every subclass:
+the constructor (model/PEFT/reference set-up, accelerator, callbacks), `Trainer.train` on a pairs dataset, logging
+and model cards. What it relies on, and nothing else:
+
+- ``__init__(model, ref_model, reward_funcs, args, train_dataset, processing_class, peft_config, callbacks,
+  optimizers)``: building the trainer, with ``reward_funcs=[]``;
+- ``self.ref_model``: π_0 for full fine-tuning (`None` with PEFT: π_0 is the adapter-free base);
+- ``self._tokenizer``: the tokenizer behind ``processing_class`` ([`TrlOnlineDPOBase.tokenizer`]);
+- ``self.eos_token_ids``: every id that ends a completion ([`TrlOnlineDPOBase.eos_ids`]);
+- ``self.stats`` and ``_maybe_log_save_evaluate``: per-step metrics, averaged into each log;
+- ``_save_checkpoint``: intra-round checkpoints (model card + Trainer checkpoint);
+- ``beta``, a property: replaced, since the parent indexes a β list by a float epoch;
+- ``training_step``: replaced by `transformers.Trainer.training_step`.
+
+`tests/test_trl_contract.py` names each of them, so that a TRL release that changes one fails there with a clear
+message; moving to another TRL base (e.g. `trl.DPOTrainer`) means changing this module only.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model, set_seed
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+from ..modeling.perf import frozen_gc
+
+# The parent's constructor parameters CreamTrainer passes (the contract test checks they still exist).
+PARENT_INIT_PARAMETERS: tuple[str, ...] = (
+    "model",
+    "ref_model",
+    "reward_funcs",
+    "args",
+    "train_dataset",
+    "processing_class",
+    "peft_config",
+    "callbacks",
+    "optimizers",
+)
+# Attributes the parent's constructor sets and CREAM reads.
+PARENT_ATTRIBUTES: tuple[str, ...] = ("ref_model", "_tokenizer", "eos_token_ids", "stats")
+# Methods of the parent (and of transformers' Trainer below it) that CREAM calls through super() or replaces, with
+# the parameters it passes or receives.
+PARENT_METHODS: dict[str, tuple[str, ...]] = {
+    "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval"),
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "_push_from_checkpoint": ("checkpoint_folder",),
+    "training_step": ("model", "inputs", "num_items_in_batch"),
+    "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
+    "log": ("logs", "start_time"),
+    "init_hf_repo": ("token", "private"),
+    "save_model": ("output_dir", "_internal_call"),
+    "train": ("resume_from_checkpoint",),
+}
+# Fields of the parent's config that CREAM reads (the others are refused when set, see CreamConfig).
+PARENT_CONFIG_FIELDS: tuple[str, ...] = (
+    "beta",
+    "loss_type",
+    "max_new_tokens",
+    "max_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_kwargs",
+    "ds3_gather_for_generation",
+    "use_vllm",
+)
+
+__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "TrlOnlineDPOBase"]
+
+
+class _AdapterReference(nn.Module):
+    """Placeholder reference handed to the parent so that it does not deep-copy a PEFT model: π_0 is the base model
+    with adapters disabled. Removed right after the parent's ``__init__``."""
+
+
+class TrlOnlineDPOBase(OnlineDPOTrainer):
+    """`OnlineDPOTrainer` as CREAM uses it: built without reward functions, trained on a fixed pairs dataset per
+    round (`train_on_pairs`), with steps counted across rounds in the logs. Holds every override of the parent."""
+
+    loss_is_scaled_for_ga = False  # Trainer.training_step divides our per-batch mean loss by the GA steps
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module,
+        ref_model: PreTrainedModel | nn.Module | None,
+        args: OnlineDPOConfig,
+        train_dataset: Dataset,
+        processing_class: PreTrainedTokenizerBase | None,
+        peft_config: Any | None,
+        callbacks: list[TrainerCallback] | None,
+        optimizers: tuple[Any, Any],
+    ) -> None:
+        placeholder = is_peft_model(model) and ref_model is None
+        super().__init__(
+            model=model,
+            ref_model=_AdapterReference() if placeholder else ref_model,
+            reward_funcs=[],
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if placeholder:
+            self.ref_model = None
+        self.stats: dict[str, list[float]] = {}  # CREAM's own keys; the parent's fixed ones would stay empty
+        self.round = 0  # the round being run (0 before the first), shown as cream/round in every log
+        self._step_offset = 0  # optimizer steps of the finished rounds, so logged steps grow across rounds
+        self._round_output_dir: str | None = None  # where the current round's Trainer checkpoints go
+
+    # ---------------------------------------------------------------- what CREAM reads from the parent
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer behind ``processing_class`` (the parent's ``_tokenizer``)."""
+        return self._tokenizer
+
+    @property
+    def eos_ids(self) -> Sequence[int]:
+        """Every token id that ends a completion: the tokenizer's eos and the model's own (the parent's
+        ``eos_token_ids``)."""
+        return self.eos_token_ids
+
+    @property
+    def beta(self) -> float:
+        """β of the current round (the parent indexes a β list by a float epoch, which crashes)."""
+        return self.args.beta_for_round(max(self.round, 1))
+
+    # ---------------------------------------------------------------- parent fixes
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Transformers' standard step (loss / GA steps, then backward) around our `compute_loss`, instead of the
+        parent's step, which samples 2 completions inline and back-propagates an unscaled loss."""
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        self.stats = {k: v for k, v in self.stats.items() if v}  # an empty list would divide by zero
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Log with steps counted across rounds, so report_to integrations see one monotonic run."""
+        self.state.global_step += self._step_offset
+        try:
+            super().log({**logs, "cream/round": self.round}, start_time)
+        finally:
+            self.state.global_step -= self._step_offset
+
+    # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No repo at init: CREAM creates the iteration repos/branches when it pushes."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=True)  # save, never push
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Intra-round checkpoints are not pushed."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """An intra-round Trainer checkpoint, without the pickled ``training_args.bin`` (a resume never reads it).
+
+        What is left is safetensors, JSON and the optimizer/scheduler/RNG states, which transformers loads with
+        ``torch.load(weights_only=True)``."""
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.is_main_process:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        """Intra-round Trainer checkpoints go to ``rounds/round_<t>/trainer_checkpoints``."""
+        return self._round_output_dir or super()._get_output_dir(trial)
+
+    # ---------------------------------------------------------------- one round of DPO training
+    def train_on_pairs(
+        self, pairs: Dataset, output_dir: Path | None = None, resume_from: Path | None = None, seed: int | None = None
+    ) -> TrainOutput:
+        """`Trainer.train` on a round's pairs, with a fresh optimizer and warm-up; the run's log history is kept.
+
+        Args:
+            pairs: the round's preference pairs (non-empty).
+            output_dir: where intra-round Trainer checkpoints go (``save_strategy``).
+            resume_from: an intra-round checkpoint to continue from.
+            seed: set before training, so that data order and dropout do not depend on what ran before.
+        """
+        if seed is not None:
+            set_seed(seed)  # the same data order and dropout whether or not sampling ran in this process
+        self.train_dataset = pairs
+        self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
+        self.stats = {}
+        history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
+        self._round_output_dir = str(output_dir) if output_dir is not None else None
+        with frozen_gc(self.args.freeze_gc):
+            try:
+                output = super().train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            finally:
+                self._round_output_dir = None
+            self.state.log_history = history + self.state.log_history
+            self._step_offset += self.state.global_step
+            self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
+            self.accelerator.free_memory()
+            gc.collect()
+        return output
