@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def run_setting(setting: dict[str, Any], m1: Path, model_path: str, out: Path, e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_cream import CreamConfig, CreamTrainer
-    from trl_cream.evaluation import evaluate_loglikelihood, load_checkpoint
+    from trl_cream.evaluation import TaskResult, evaluate_loglikelihood, load_checkpoint
     from trl_cream.modeling.movement import weight_change
     from trl_cream.recipes import demo_data
     from trl_cream.recipes.study import METHODS, study_defaults
@@ -80,11 +81,16 @@ def run_setting(setting: dict[str, Any], m1: Path, model_path: str, out: Path, e
         start = time.perf_counter()
         sets = {task: data.eval[task] for task in ("arc_easy", "siqa")}
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        scored = {}
+        scored, cache = {}, out / f"M1_eval_{eval_n}.json"  # M1 is the same for every setting: scored once
+        if cache.exists():
+            scored["M1"] = {t: TaskResult(**r) for t, r in json.loads(cache.read_text()).items()}
         for name, path in (("M1", m1), ("M2", run_dir / "M2"), ("M3", run_dir / "M3")):
+            if name in scored:
+                continue
             model = load_checkpoint(path, base=base).merge_and_unload()
             scored[name] = evaluate_loglikelihood(model, tokenizer, sets, 16, args.max_length, show_progress=False)
             del model
+        cache.write_text(json.dumps({t: asdict(r) for t, r in scored["M1"].items()}, default=float))
         result["accuracy"] = {
             name: {t: {"acc": r.accuracy, "stderr": r.stderr, "acc_norm": r.accuracy_norm} for t, r in res.items()}
             for name, res in scored.items()

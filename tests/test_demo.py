@@ -36,6 +36,8 @@ def test_demo_pipeline_minimal(tmp_path, capsys):
     assert {"sft", "round1_generate", "round2_train", "evaluation"} <= set(timings)
     assert [r["round"] for r in out["rounds"]] == [1, 2]
     assert all(0 <= r["consistency"] <= 1 for r in out["rounds"])
+    assert all(r["weight_change"] > 0 for r in out["rounds"]) and "weights moved" in printed
+    assert all(stats["weight_change"] > 0 for stats in results["consistency"].values())
 
 
 def test_report_says_how_far_each_round_moved_the_weights(tmp_path):
@@ -98,3 +100,17 @@ def test_relative_change_is_the_norm_of_the_difference_over_the_norm():
     assert relative_change({"a": torch.zeros(2)}, {"a": torch.ones(2)}) == math.inf
     with pytest.raises(ValueError, match="different tensors"):
         relative_change(old, {"a": old["a"]})
+
+
+def test_round_lines_put_the_weight_movement_beside_c():
+    from trl_cream.recipes.demo import round_lines
+
+    rounds = [
+        {"round": 1, "consistency": 0.31, "kendall_tau_mean": -0.38, "num_pairs": 9, "train_steps": 9,
+         "weight_change": 0.0123},
+        {"round": 2, "consistency": 1.0, "kendall_tau_mean": 1.0, "num_pairs": 10, "train_steps": 3,
+         "weight_change": 0.0},
+    ]  # fmt: skip
+    lines = round_lines(rounds)
+    assert lines[1] == "  round 1: M1 -> M2, C = 0.31, τ = -0.38, 9 pairs, 9 steps, weights moved 1.2e-02"
+    assert lines[2].endswith("C = 1.00, τ = 1.00, 10 pairs, 3 steps, weights moved 0.0e+00")

@@ -97,6 +97,21 @@ def _timed(timings: dict[str, float], name: str, start: float) -> None:
     timings[name] = round(time.perf_counter() - start, 1)
 
 
+def round_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """One line per training round: the C it trained with and how far it moved the weights (C near 1 with weights
+    that barely moved is "unchanged", not "consistent")."""
+    from ..evaluation.report import format_change
+
+    lines = ["Training rounds (C and τ on the round's own prompts; weights moved = ‖θ_(t+1) − θ_t‖ / ‖θ_t‖):"]
+    for r in rounds:
+        lines.append(
+            f"  round {r['round']}: M{r['round']} -> M{r['round'] + 1}, C = {r['consistency']:.2f}, "
+            f"τ = {r.get('kendall_tau_mean', float('nan')):.2f}, {r.get('num_pairs', '?')} pairs, "
+            f"{r.get('train_steps', '?')} steps, weights moved {format_change(r.get('weight_change'))}"
+        )
+    return lines
+
+
 def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     """Run the whole pipeline and write ``<output_dir>/report``; returns the results with the phase timings."""
     from peft import LoraConfig
@@ -104,6 +119,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
 
     from ..evaluation import run_evaluation
     from ..evaluation.report import render_markdown, write_report
+    from ..modeling.movement import weight_change
     from ..trainer.trainer import CreamTrainer
     from . import assets, demo_data
 
@@ -140,6 +156,8 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         for phase in ("generate", "score", "pair", "train", "save"):
             timings[f"round{r['round']}_{phase}"] = r[f"time_{phase}_s"]
     round_metrics = output.metrics["rounds"]
+    for r in round_metrics:  # how far each round moved the weights, M_t -> M_{t+1}
+        r["weight_change"] = weight_change(out / f"M{r['round']}", out / f"M{r['round'] + 1}")
     del trainer, model
     gc.collect()
 
@@ -180,6 +198,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     (out / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     (out / "report" / "rounds.json").write_text(json.dumps(round_metrics, indent=2, default=float) + "\n")
     print("\n" + render_markdown(results))
+    print("\n".join(round_lines(round_metrics)) + "\n")
     print("Wall time per phase (s): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
     print(f"Report: {', '.join(str(p) for p in files.values())}")
     return {"results": results, "timings": timings, "rounds": round_metrics}
