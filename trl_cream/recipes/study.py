@@ -45,7 +45,10 @@ STUDY_SIZES: dict[str, dict[str, int]] = {
 }
 # CreamConfig values of the study that differ from the library's defaults: the demo's (a 135M model, a few pairs a
 # round, LoRA), with its own output folder.
-STUDY_DEFAULTS: dict[str, Any] = {**DEMO_DEFAULTS, "output_dir": "cream_study", "num_iterations": 2}
+# 3 epochs of the study's 2 steps (8 prompts per round, batch 4): the sweep's measured 6 steps per round at lr 1e-3.
+STUDY_DEFAULTS: dict[str, Any] = {
+    **DEMO_DEFAULTS, "output_dir": "cream_study", "num_iterations": 2, "num_train_epochs": 3.0,
+}  # fmt: skip
 
 
 def study_defaults(size: str) -> dict[str, Any]:
