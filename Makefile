@@ -2,6 +2,7 @@
 #   make lint   - ruff, and lint-imports (the layers of docs/architecture.md, contracts in pyproject.toml)
 #   make test   - set up, then lint, build the docs (--strict) and run the whole test suite
 #   make demo   - set up, then run the embedded offline demo (SmolLM2-135M, M0 -> M1 -> M2 -> M3)
+#   make dist   - build the sdist and the wheel into dist/ and check them (twine check, LICENSE inside)
 # TORCH_SPEC picks the torch build installed first (the default is the CPU wheel this project is tested with;
 # elsewhere e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu").
 
@@ -15,7 +16,7 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 export TRL_EXPERIMENTAL_SILENCE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint docs demo clean
+.PHONY: install test lint docs dist demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +35,22 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
 
-test: lint docs
+# --no-isolation: build with the venv's setuptools, so that no build environment (and no torch) is downloaded.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PY) -c "import sys, tarfile, zipfile, glob; \
+	w = zipfile.ZipFile(glob.glob('dist/*.whl')[0]).namelist(); \
+	s = tarfile.open(glob.glob('dist/*.tar.gz')[0]).getnames(); \
+	ok = any(n.endswith('.dist-info/licenses/LICENSE') for n in w) and any(n.endswith('/LICENSE') for n in s); \
+	sys.exit(0 if ok else 'dist: LICENSE is missing from the wheel or the sdist')"
+
+test: lint docs dist
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(VENV)/bin/trl-cream demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) build site .pytest_cache
+	rm -rf $(VENV) build dist site .pytest_cache *.egg-info

@@ -33,12 +33,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(FIXTURES / "tiny_tokenizer")
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
+    """A 2-layer random Llama; ``hidden_size`` ≥ 64 for bitsandbytes NF4 (32 is below its quantization block)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -5,6 +5,9 @@ run does not depend on any sampling RNG and a 1-process and a 2-process run see 
 prompts it was asked to sample to ``<output_dir>/sampled/rank<r>.jsonl``.
 
     python tests/dist_worker.py OUTPUT_DIR full,lora PER_DEVICE_BATCH    # one run per mode, in OUTPUT_DIR/<mode>
+
+Modes: ``full`` (M1, π_0 built in memory), ``full_loaded`` (the same weights, saved and loaded back with
+``from_pretrained`` after the config, so that ZeRO-3 partitions them at load), ``lora``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,33 @@ class InjectedCandidates(CreamTrainer):
         return [injected(ids, self.args.num_generations, len(self._tokenizer), low) for ids in prompt_ids]
 
 
+def _saved_and_loaded(model, path: Path, args):
+    """``model`` written by the main process and loaded back by every rank with ``from_pretrained``."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+
+    state = PartialState()
+    if state.is_main_process:
+        model.save_pretrained(path)
+    state.wait_for_everyone()
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _record_identical_refused(initial, output_dir: Path, args, prompts, tokenizer) -> None:
+    """Build the trainer with M1 = a second load of π_0 (equal weights, partitioned alike under ZeRO-3) and record in
+    ``identical_refused.json`` whether the identity check refused it, as it must."""
+    from transformers import AutoModelForCausalLM
+
+    same = AutoModelForCausalLM.from_pretrained(output_dir / "init" / "m0")
+    try:
+        InjectedCandidates(model=same, ref_model=initial, args=args, train_dataset=prompts, processing_class=tokenizer)
+        refused = False
+    except ValueError as error:
+        refused = "identical to the initial model" in str(error)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (output_dir / "identical_refused.json").write_text(json.dumps({"refused": refused}))
+
+
 def run(output_dir: Path, mode: str, batch: int) -> None:
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)
@@ -51,6 +81,16 @@ def run(output_dir: Path, mode: str, batch: int) -> None:
     if mode == "full":
         trainer = InjectedCandidates(
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
+        )
+    elif mode == "full_loaded":  # M1 and π_0 loaded after the config: under ZeRO-3 (zero3_init_flag) partitioned
+        initial = _saved_and_loaded(m0, output_dir / "init" / "m0", args)
+        _record_identical_refused(initial, output_dir, args, prompts, tokenizer)
+        trainer = InjectedCandidates(
+            model=_saved_and_loaded(perturbed(m0), output_dir / "init" / "m1", args),
+            ref_model=initial,
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
         )
     else:
         model = get_peft_model(m0, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -4,7 +4,9 @@ what to do, before any sampling, scoring or training, and without writing anythi
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -34,12 +36,72 @@ def chat_prompts(rows: list | None = None) -> Dataset:
         ("consistency_granularity", "token", r"consistency_granularity='token' is unknown; choose one of dataset"),
         ("ref_policy", "latest", r"ref_policy='latest' is unknown; choose one of round_start, initial"),
         ("long_prompts", "drop", r"long_prompts='drop' is unknown; choose one of truncate, error"),
+        ("temperature", 0.0, r"temperature=0.0 must be > 0 to sample candidates"),
+        ("temperature", -1.0, r"temperature=-1.0 must be > 0"),
+        ("top_p", 0.0, r"top_p=0.0 must lie in \(0, 1\]"),
+        ("top_p", 1.5, r"top_p=1.5 must lie in \(0, 1\].*1.0 turns nucleus sampling off"),
+        ("top_k", -1, r"top_k=-1 must be >= 0 \(0 turns top-k filtering off\)"),
+        ("generation_kwargs", {"do_sample": False}, r"'do_sample': False.*identical candidates.*Drop do_sample"),
+        ("generation_kwargs", {"temprature": 0.7}, r"'temprature' \(did you mean 'temperature'\?\).*ignored"),
+        ("generation_kwargs", {"top_p": 1.5}, r"^generation_kwargs: top_p=1.5 must lie in"),
+        ("learning_rate", -1e-5, r"learning_rate=-1e-05 must be > 0 \(the paper uses 1e-6"),
+        ("per_device_train_batch_size", 0, r"per_device_train_batch_size=0 must be at least 1"),
+        ("gradient_accumulation_steps", 0, r"gradient_accumulation_steps=0 must be at least 1"),
+        ("num_train_epochs", 0, r"num_train_epochs=0: .*M<t\+1> would equal M<t>.*num_train_epochs > 0"),
+        ("hub_model_id", "bad repo id!!", r"hub_model_id='bad repo id!!' is not a valid Hub repo id.*'<user or org>/"),
     ],
 )
 def test_bad_config_values_are_refused_when_the_config_is_built(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         cream_args(tmp_path / "out", **{field: value})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "instead"),
+    [
+        ("missing_eos_penalty", 1.0, "max_new_tokens"),
+        ("cache_implementation", "static", "generation_kwargs"),
+        ("reward_model_path", "org/rm", "reward_source='reward_model'"),
+        ("reward_weights", [1.0], "reward_source"),
+        ("model_init_kwargs", {"dtype": "float32"}, "from_pretrained"),
+        ("vllm_mode", "server", "generation_backend"),
+        ("vllm_gpu_memory_utilization", 0.9, "generation_backend"),
+    ],
+)
+def test_inherited_fields_cream_ignores_are_refused_when_set(tmp_path, field, value, instead):
+    with pytest.raises(ValueError, match=rf"{field}=.*CREAM does not use.*{instead}.*Leave {field} at its default"):
+        cream_args(tmp_path / "out", **{field: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
+    args = cream_args(tmp_path, missing_eos_penalty=None, vllm_mode="colocate", reward_weights=None)
+    assert args.missing_eos_penalty is None and args.vllm_mode == "colocate"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top_p", "1.5"], r"top_p=1.5 must lie in"),
+        (["--learning_rate", "-1"], r"learning_rate=-1.0 must be > 0"),
+        (["--push_to_hub", "--hub_model_id", "bad repo id!!"], r"not a valid Hub repo id"),
+    ],
+)
+def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
+    from trl_cream.cli import train_parser
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's `prog: error: <the config's message>`, status 2
+        train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_repo_ids_derived_from_hub_model_id_are_checked_too(tmp_path):
+    long_name = "org/" + "n" * 94  # a valid name of 94 characters; "-M3" makes it 97, past the Hub's limit of 96
+    cream_args(tmp_path / "a", hub_model_id=long_name)
+    with pytest.raises(ValueError, match=r"not a valid Hub repo id \('org/n+-M3'"):
+        cream_args(tmp_path / "b", hub_model_id=long_name, hub_iteration_strategy="repo")
 
 
 # ---------------------------------------------------------------- the trainer: refused at construction
@@ -168,10 +230,11 @@ def test_nan_log_probs_are_refused_before_scores_or_pairs_are_saved(tmp_path, m0
 
 def test_a_round_where_every_candidate_is_tied_warns_and_keeps_the_policy(tmp_path, m0, tokenizer, caplog):
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="trl_cream.cream_trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_cream"):
         output = _override_trainer(out, m0, tokenizer, "tied").train()
-    assert "Round 1 produced no preference pair: every prompt's candidates are tied" in caplog.text
-    assert output.metrics["rounds"][0]["num_pairs"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "learnt nothing" in r.getMessage()]
+    assert len(warnings) == 1 and "round 1" in warnings[0] and "candidates are tied" in warnings[0], caplog.text
+    assert output.metrics["rounds"][0]["num_pairs"] == 0 and "tied" in output.metrics["rounds"][0]["no_op"]
     m1, m2 = load_file(str(out / "M1" / "model.safetensors")), load_file(str(out / "M2" / "model.safetensors"))
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
 
@@ -213,3 +276,144 @@ def test_the_cli_runs_no_remote_code_unless_asked(tmp_path, monkeypatch, flag, e
     with pytest.raises(_Loaded):
         cli.main([*argv, "--use_cpu", "--bf16", "false", *flag])
     assert seen == {"model": expected, "tokenizer": expected}
+
+
+# ---------------------------------------------------------------- models, tokenizer and prompt rows (issue 17)
+def tree(folder: Path) -> dict[str, str]:
+    """``relative path → SHA-256`` of every file under ``folder``: byte-identical before and after, or not."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def user_folder(out: Path) -> dict[str, str]:
+    """An output_dir that already holds the user's own files (an M0/ of theirs, notes)."""
+    (out / "M0").mkdir(parents=True)
+    (out / "M0" / "weights.bin").write_bytes(b"the user's own M0")
+    (out / "notes.txt").write_text("keep me")
+    return tree(out)
+
+
+def _gpt2(m0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=m0.config.vocab_size, n_embd=32, n_layer=1, n_head=2))
+
+
+def _smaller_vocab(model):
+    model.resize_token_embeddings(300)
+    return model
+
+
+def _short_context(model):
+    model.config.max_position_embeddings = 20
+    return model
+
+
+def _pad_but_no_eos(tokenizer):
+    tokenizer.eos_token = None
+    assert tokenizer.pad_token is not None
+    return tokenizer
+
+
+def _rows(rows: list) -> Dataset:
+    return Dataset.from_dict({"prompt": rows})
+
+
+MODEL_AND_DATA_CASES = {
+    "whitespace-only prompt": (
+        dict(dataset=lambda: _rows(["  \n ", *QUESTIONS[1:]])),
+        r"row 0: .* is only whitespace",
+    ),
+    "non-string prompt": (dict(dataset=lambda: _rows(list(range(8)))), r"row 0: the prompt 0 is a int.*strings"),
+    "prompt as a list of strings": (
+        dict(dataset=lambda: _rows([q.split() for q in QUESTIONS])),
+        r"row 0: .* is a list of strings, which would be tokenized as pre-split words; join it",
+    ),
+    "messages without role": (
+        dict(dataset=lambda: _rows([[{"content": q}] for q in QUESTIONS])),
+        r"row 0: .*message 0 without a string 'role'.*needs 'role'",
+    ),
+    "content None": (
+        dict(dataset=lambda: _rows([*CHAT[:2], [{"role": "user", "content": None}], *CHAT[3:]])),
+        r"row 2: .*message 0 with content=None; every message needs a string 'content'",
+    ),
+    "content parts": (
+        dict(dataset=lambda: _rows([[{"role": "user", "content": [{"type": "text", "text": q}]}] for q in QUESTIONS])),
+        r"row 0: .*content is a list of parts; give the text as one string",
+    ),
+    "a DatasetDict": (
+        dict(dataset=lambda: __import__("datasets").DatasetDict({"train": chat_prompts()})),
+        r"is a DatasetDict with splits \['train'\]; pass one split, e.g. train_dataset=dataset\['train'\]",
+    ),
+    "an IterableDataset": (
+        dict(dataset=lambda: chat_prompts().to_iterable_dataset()),
+        r"is an IterableDataset \(streaming\).*Dataset.from_list\(list\(iterable_dataset\)\)",
+    ),
+    "pad token but no eos": (
+        dict(tokenizer=_pad_but_no_eos),
+        r"pad token \('<\|im_end\|>'\) but no eos token.*eos_token =",
+    ),
+    "GPT-2 ref_model against a Llama policy": (
+        dict(ref=_gpt2),
+        r"`ref_model` \(π_0\) is a 'gpt2' model but `model` is a 'llama' model.*Pass M0 as ref_model",
+    ),
+    "ref_model with a smaller vocabulary": (
+        dict(ref=_smaller_vocab),
+        r"`ref_model` \(π_0\) embeds 300 tokens but `model` embeds 384",
+    ),
+    "model vocabulary smaller than the tokenizer's": (
+        dict(model=_smaller_vocab, ref=_smaller_vocab),
+        r"tokenizer has 384 tokens but `model` embeds only 300.*resize_token_embeddings",
+    ),
+    "prompts past max_position_embeddings": (
+        dict(model=_short_context),
+        r"max_new_tokens=8 its candidates reach \d+ positions, past the model's max_position_embeddings=20.*"
+        r"max_length <= 20",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_AND_DATA_CASES))
+def test_bad_models_tokenizers_and_prompt_rows_are_refused_before_any_write(tmp_path, m0, tokenizer, case):
+    spec, message = MODEL_AND_DATA_CASES[case]
+    out = tmp_path / "out"
+    before = user_folder(out)
+    model = spec.get("model", lambda m: m)(perturbed(m0))
+    ref = spec.get("ref", lambda m: m)(copy.deepcopy(m0))
+    with pytest.raises((ValueError, TypeError), match=message):
+        CreamTrainer(
+            model=model,
+            ref_model=ref,
+            args=cream_args(out),
+            train_dataset=spec.get("dataset", chat_prompts)(),
+            processing_class=spec.get("tokenizer", lambda t: t)(tokenizer),
+        )
+    assert tree(out) == before  # nothing written, nothing removed
+
+
+def test_a_4bit_model_whose_width_bitsandbytes_cannot_block_is_refused(tmp_path, m0, tokenizer):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trl_cream.trainer.validation import check_quantized_blocks
+
+    m0.save_pretrained(tmp_path / "m0")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m0", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    )
+    with pytest.raises(ValueError, match=r"4-bit layer with 32 input features.*block \(64\).*without 4-bit"):
+        check_quantized_blocks(quantized)
+    from conftest import tiny_llama
+
+    wide = tiny_llama(tokenizer)
+    wide.config.hidden_size, wide.config.head_dim = 64, 16
+    wide = type(wide)(wide.config)  # hidden 64: a multiple of the block, so 4-bit on the CPU is allowed
+    wide.save_pretrained(tmp_path / "wide")
+    check_quantized_blocks(
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "wide", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+        )
+    )

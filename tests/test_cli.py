@@ -28,11 +28,20 @@ def test_yaml_config_plus_command_line_overrides(tmp_path):
     assert model_args.use_peft and model_args.lora_r == 8
 
 
-def test_bad_values_are_rejected_by_the_parser(tmp_path):
+def test_bad_values_are_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.train_parser().parse_args_and_config(["--consistency_measure", "pearson", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="num_generations=1"):
-        cli.train_parser().parse_args_and_config(["--num_generations", "1", "--output_dir", str(tmp_path)])
+    # A value CreamConfig refuses, or a missing companion option: a parser error (exit 2), not a traceback.
+    for argv, message in (
+        (["--num_generations", "1"], "num_generations=1"),
+        (["--push_to_hub"], "push_to_hub=True needs hub_model_id"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.train_parser().parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "trl-cream train: error: " + message in err, err
+        assert "Traceback" not in err
 
 
 def test_help_lists_commands_and_fields(capsys):
@@ -99,3 +108,63 @@ def test_llama3_example_parses_its_recipe():
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--num_generations" in result.stdout and "--prepare_only" in result.stdout
+
+
+def test_package_import_and_cli_help_load_no_torch():
+    """`import trl_cream` and `trl-cream --help` must not import torch/transformers/trl (they cost 7-16 s on the
+    2-core machine); `from trl_cream import CreamConfig, CreamTrainer` still works, and loads them."""
+    code = (
+        "import sys\n"
+        "import trl_cream\n"
+        "from trl_cream.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from trl_cream import CreamConfig, CreamTrainer\n"
+        "import trl_cream.cream_trainer as old\n"
+        "assert old.CreamTrainer is CreamTrainer and 'torch' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_train_help_shows_cream_groups_before_the_inherited_fields(capsys):
+    from trl_cream.cli_parsing import CREAM_GROUPS, RESUME_HELP, cream_own_fields
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    cream = [title for title, _ in CREAM_GROUPS]
+    assert titles[1 : 1 + len(cream)] == cream, titles  # after "general"
+    assert titles[-1].startswith("inherited") and "CREAM: other" not in titles  # every CREAM field is grouped
+    inherited = text.index("\n" + titles[-1])
+    for name in cream_own_fields():
+        assert text.index(f"  --{name} ") < inherited, name
+    assert text.index("  --per_device_train_batch_size ") > inherited
+    assert " ".join(RESUME_HELP.split()[:8]) in " ".join(text.split())
+    assert text.startswith("usage: trl-cream train [--config FILE.yaml]")
+
+
+def test_cli_logging_handler_is_info_unless_log_level_says_otherwise():
+    import logging
+
+    from trl_cream.cli_parsing import _StderrHandler, setup_logging
+    from trl_cream.trainer.config import CreamConfig
+
+    package = logging.getLogger("trl_cream")
+    before = (package.level, list(package.handlers))
+    package.handlers[:] = [h for h in package.handlers if not isinstance(h, _StderrHandler)]  # an earlier CLI run's
+
+    def ours() -> int:
+        return sum(isinstance(h, _StderrHandler) for h in package.handlers)
+
+    try:
+        setup_logging(CreamConfig(output_dir="x", use_cpu=True, report_to="none"))
+        assert package.level == logging.INFO and ours() == 1
+        setup_logging(CreamConfig(output_dir="x", use_cpu=True, report_to="none", log_level="error"))
+        assert package.level == logging.ERROR and ours() == 1  # not added twice
+    finally:
+        package.setLevel(before[0])
+        package.handlers[:] = before[1]

@@ -23,6 +23,7 @@ def test_demo_pipeline_minimal(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "Table 2" in printed and "Wall time per phase" in printed
+    assert "CREAM round 2/2: C " in printed and "[demo] CREAM rounds\n| round | C |" in printed
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert list(results["accuracy"]) == ["M0", "M1", "M2", "M3"]
     for per_task in results["accuracy"].values():

@@ -1,9 +1,10 @@
 """examples/cream_llama3.py, unchanged, run end to end under torchrun with 2 CPU processes (gloo): SFT stage M0 → M1
 and 2 CREAM rounds, with command-line overrides that substitute a tiny local Llama and tiny local datasets.
 
-The recipe's default is QLoRA (NF4). 4-bit works on CPU with bitsandbytes but a QLoRA step takes seconds even on a
-tiny model, so the override turns quantization off (`--load_in_4bit false`); the LoRA adapters stay on. The QLoRA
-path itself (device_map per local rank) only runs on a GPU.
+The recipe's default is QLoRA (NF4); this run turns quantization off (`--load_in_4bit false`, the tiny hidden size
+32 is below bitsandbytes' quantization block) and keeps the LoRA adapters on. The NF4 default runs in
+tests/test_engines.py (hidden size 64, 1 process and DDP), the DeepSpeed and FSDP2 engines there too; the GPU path
+(device_map per local rank, `prepare_model_for_kbit_training`) only runs on a GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_llama3_recipe_runs_end_to_end_on_two_processes(tmp_path):
         "sft_data_path": sft_dir,
         "prompts_data_path": prompts_dir,
         "output_dir": out,
-        "load_in_4bit": "false",  # NF4 QLoRA is the default; far too slow to train on CPU, see the module docstring
+        "load_in_4bit": "false",  # NF4 QLoRA is the default (tests/test_engines.py); see the module docstring
         "dtype": "float32",
         "use_cpu": "true",
         "bf16": "false",
@@ -60,7 +61,7 @@ def test_llama3_recipe_runs_end_to_end_on_two_processes(tmp_path):
         "sft_num_train_epochs": 1,
         "sft_learning_rate": 1e-2,  # the paper's 1e-6 would leave a tiny random model's adapter near identity
         "learning_rate": 1e-2,
-        "warmup_steps": 0,  # one optimizer step a round: a 0.1 warm-up ratio makes it a 1-step warm-up at lr 0
+        "warmup_steps": 0,  # no warm-up in the SFT stage either (rounds of one step get none at 0.1 anyway)
         "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 1,
         "generation_batch_size": 4,

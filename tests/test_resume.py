@@ -194,7 +194,7 @@ def test_atomic_dir_leaves_nothing_behind_on_failure(tmp_path):
     shutil.rmtree(target)
 
 
-def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path):
+def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path, capsys):
     from test_cli import _save_tiny
 
     from trl_cream import cli
@@ -215,7 +215,18 @@ def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path):
     shutil.rmtree(out / "M3")
     (out / "rounds/round_2/metrics.json").unlink()
     samples = mtimes(out / "rounds/round_2/samples")
+    capsys.readouterr()
     assert cli.main([*argv, "--resume_from_checkpoint"]) == 0
+    captured = capsys.readouterr()  # the CLI's `trl_cream` log handler (INFO) says what the resume did
+    for message in ("samples reused from", "scores reused from", "pairs reused from",
+                    "Resuming round 2: training runs from the round's start"):  # fmt: skip
+        assert message in captured.err, captured.err
+    line = next(x for x in captured.out.splitlines() if x.startswith("CREAM round 2/2: "))
+    assert "generate reused, score reused, pair reused, train " in line
+    assert "| round | C |" in captured.out  # the final table
+    metrics = json.loads((out / "rounds/round_2/metrics.json").read_text())
+    assert metrics["reused_phases"] == ["generate", "pair", "score"]
+    assert "reused / reused / reused /" in (out / "M3" / "README.md").read_text()
     assert mtimes(out / "rounds/round_1") == round_1 and mtimes(out / "rounds/round_2/samples") == samples
     again = weights(out / "M3")
     assert max((m3[k] - again[k]).abs().max().item() for k in m3) <= 1e-5

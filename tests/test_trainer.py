@@ -73,7 +73,9 @@ def check_run(out: Path, num_prompts: int, n: int, log_history: list[dict]) -> l
         assert 0 <= metrics["frac_tau_negative"] <= 1
         finite = [v for k, v in metrics.items() if isinstance(v, float)]
         assert all(math.isfinite(v) for v in finite)
-        assert set(metrics["timings_s"]) == {"generate", "score", "pair", "train", "save"}
+        timings = {k for k in metrics if k.startswith("time")}  # each phase's timing once, no nested copy
+        assert timings == {f"time_{p}_s" for p in ("generate", "score", "pair", "train", "save")}, sorted(metrics)
+        assert metrics["reused_phases"] == [] and "no_op" not in metrics
         assert all(r >= 1 for r in candidates["rank"]) and all(r <= n for r in candidates["rank"])
         prev = candidates["logp_previous"]
         assert (all(p is None for p in prev)) if t == 1 else all(p is not None for p in prev)
@@ -91,7 +93,9 @@ def test_two_rounds_full_finetuning(tmp_path, m0, tokenizer, prompts):
     assert [r["round"] for r in output.metrics["rounds"]] == [1, 2]
     logged = [e for e in trainer.state.log_history if "cream/kendall_tau_mean" in e]
     assert len(logged) == 2 and logged[0]["cream/kendall_tau_mean"] == pytest.approx(metrics[0]["kendall_tau_mean"])
-    assert any("loss" in e and "rewards/margins" in e and "cream/consistency" in e for e in trainer.state.log_history)
+    assert any(
+        "loss" in e and "rewards/margins" in e and "cream/batch_consistency" in e for e in trainer.state.log_history
+    )
 
     # Same seed, fresh models: identical pairs.
     again = CreamTrainer(

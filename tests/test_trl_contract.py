@@ -60,6 +60,23 @@ def test_config_fields_cream_reads_exist() -> None:
     assert not missing, f"{CHANGED}: OnlineDPOConfig has no {missing}."
 
 
+def test_every_field_of_the_parent_config_is_either_read_or_refused() -> None:
+    """A field TRL adds to OnlineDPOConfig must be classified: used by CREAM, or refused when set (CreamConfig)."""
+    from transformers import TrainingArguments
+
+    from trl_cream.trainer.config import IGNORED_PARENT_FIELDS
+
+    own = {f.name for f in dataclasses.fields(OnlineDPOConfig)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)
+    }
+    unclassified = own - set(PARENT_CONFIG_FIELDS) - set(IGNORED_PARENT_FIELDS)
+    assert not unclassified, (
+        f"{CHANGED}: new OnlineDPOConfig fields {sorted(unclassified)} are neither read nor refused."
+    )
+    gone = set(IGNORED_PARENT_FIELDS) - own
+    assert not gone, f"{CHANGED}: OnlineDPOConfig no longer has {sorted(gone)}; drop them from IGNORED_PARENT_FIELDS."
+
+
 def test_constructor_sets_the_attributes_cream_reads(tmp_path) -> None:
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)

@@ -124,21 +124,26 @@ def _load_dataset(spec: str, split: str, config: str | None = None) -> Any:
 
 def train_parser() -> Any:
     """The `trl-cream train` parser: script arguments, every CreamConfig field and TRL's ModelConfig."""
-    from trl import ModelConfig, TrlParser
+    from trl import ModelConfig
 
-    from . import CreamConfig
+    from .cli_parsing import build_parser
+    from .trainer.config import CreamConfig
 
-    return TrlParser((TrainScriptArguments, CreamConfig, ModelConfig), prog="trl-cream train")
+    titles = {TrainScriptArguments: "data (trl-cream train)", ModelConfig: "model (TRL's ModelConfig)"}
+    return build_parser((TrainScriptArguments, CreamConfig, ModelConfig), "trl-cream train", titles)
 
 
 def train_main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
-    from . import CreamTrainer
+    from .cli_parsing import setup_logging
+    from .hub.model_card import rounds_table
+    from .trainer.trainer import CreamTrainer
 
     parser = train_parser()
     script, args, model_args = parser.parse_args_and_config(_bare_resume_flag(argv))
+    setup_logging(args)
     if script.dataset_name is None:
         parser.error("--dataset_name (the prompts) is required.")
     if model_args.model_name_or_path is None:
@@ -181,7 +186,9 @@ def train_main(argv: list[str]) -> int:
         sft_dataset=sft,
     )
     output = trainer.train(resume_from_checkpoint=_resume_value(args.resume_from_checkpoint))
-    trainer.accelerator.print(f"CREAM done: {len(output.metrics['rounds'])} rounds, iterations in {args.output_dir}")
+    rounds = output.metrics["rounds"]
+    trainer.accelerator.print(f"\nCREAM done: {len(rounds)} rounds, iterations in {args.output_dir}\n")
+    trainer.accelerator.print(rounds_table(rounds))
     return 0
 
 
@@ -231,13 +238,13 @@ def parse_task_modes(default: str, overrides: list[str], tasks: list[str]) -> di
 def eval_main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
-    from trl import TrlParser
 
+    from .cli_parsing import build_parser
     from .evaluation import run_evaluation
     from .evaluation.report import render_markdown
     from .recipes.demo_data import build_demo_datasets
 
-    parser = TrlParser((EvalArguments,), prog="trl-cream eval")
+    parser = build_parser((EvalArguments,), "trl-cream eval")
     (args,) = parser.parse_args_and_config(argv)
     if len(args.checkpoints) < 1:
         parser.error("--checkpoints needs at least one NAME=PATH (e.g. --checkpoints M0=base M1=out/M1).")
@@ -245,6 +252,14 @@ def eval_main(argv: list[str]) -> int:
     for k, spec in enumerate(args.checkpoints):
         name, _, path = spec.rpartition("=") if "=" in spec else (f"M{k}", "", spec)
         checkpoints[name] = path
+    first = next(iter(checkpoints))
+    print(
+        f"trl-cream eval: the first checkpoint, {first} ({checkpoints[first]}), is taken as π_0 (the reference of "
+        f"every implicit reward log π − log π_0); Table 2 compares each later checkpoint with the one before it "
+        f"({len(checkpoints) - 1} pair(s)). If {first} is not the initial model M0, list M0 first "
+        "(--checkpoints M0=<base> M1=... M2=...).",
+        flush=True,
+    )
     unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
     if unknown:
         parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")
@@ -274,29 +289,31 @@ def eval_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     import torch
-    from trl import TrlParser
 
-    from . import CreamConfig
+    from .cli_parsing import build_parser, setup_logging
     from .recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
+    from .trainer.config import CreamConfig
 
-    parser = TrlParser((DemoArguments, CreamConfig), prog="trl-cream demo")
+    parser = build_parser((DemoArguments, CreamConfig), "trl-cream demo", {DemoArguments: "demo"})
     parser.set_defaults(**DEMO_DEFAULTS, use_cpu=not torch.cuda.is_available())
     demo, args = parser.parse_args_and_config(argv)
+    setup_logging(args)
     run_demo(demo, args)
     return 0
 
 
 def study_main(argv: list[str]) -> int:
     import torch
-    from trl import TrlParser
 
-    from . import CreamConfig
+    from .cli_parsing import build_parser, setup_logging
     from .recipes.study import StudyArguments, run_study, study_defaults
+    from .trainer.config import CreamConfig
 
-    parser = TrlParser((StudyArguments, CreamConfig), prog="trl-cream study")
+    parser = build_parser((StudyArguments, CreamConfig), "trl-cream study", {StudyArguments: "study"})
     size, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # the preset's N as a default
     parser.set_defaults(**study_defaults(size.size), use_cpu=not torch.cuda.is_available())
     study, args = parser.parse_args_and_config(argv)
+    setup_logging(args)
     run_study(study, args)
     return 0
 

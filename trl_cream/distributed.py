@@ -24,6 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
+from .engines import check_engine_requested, check_zero3_sampling, full_state_dict
 from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
@@ -177,6 +178,11 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     return model.to(accelerator.device)  # not accelerator.prepare_model: it would keep a reference every round
 
 
+def is_deepspeed(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed (any ZeRO stage)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
 def is_zero3(accelerator: Any) -> bool:
     """Whether the accelerator runs DeepSpeed ZeRO stage 3."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -193,9 +199,11 @@ def needs_lockstep(accelerator: Any) -> bool:
 def setup(accelerator: Any, args: Any, use_peft: bool) -> None:
     """Once, when the trainer is built: refuse unsupported sharded set-ups (`check_supported`) and log from the
     replicas at their Trainer level (``log_level_replica``, warnings by default), so round messages appear once."""
+    check_engine_requested(accelerator, args)
     check_supported(accelerator, use_peft)
-    backend = getattr(args, "generation_backend", "generate")
-    check_generation_backend(accelerator, backend, getattr(args, "ds3_gather_for_generation", True))
+    backend, gather = getattr(args, "generation_backend", "generate"), getattr(args, "ds3_gather_for_generation", True)
+    check_zero3_sampling(accelerator, gather)
+    check_generation_backend(accelerator, backend, gather)
     if not args.should_log:
         logging.getLogger(__package__).setLevel(args.get_process_log_level())
 
@@ -251,12 +259,19 @@ def check_generation_backend(accelerator: Any, backend: str, ds3_gather_for_gene
 def save_full_model(
     accelerator: Any, model: torch.nn.Module, engine: Any | None, save_model: Callable[[str], None], path: Path
 ) -> None:
-    """Save a fully fine-tuned policy as a ``from_pretrained`` folder with ``save_model`` (`Trainer.save_model`: the
-    main process writes; under ZeRO-3 it is `accelerator.get_state_dict` of the engine, 16-bit consolidated; under
-    FSDP the full state dict). Before round 1 no DeepSpeed ``engine`` exists yet and ZeRO-3 weights are
-    ``zero.Init``-partitioned: they are gathered here from the unwrapped ``model``. All ranks must call it."""
-    if is_zero3(accelerator) and engine is None:
-        state = gathered_state_dict(model, accelerator.is_main_process)
+    """Save a fully fine-tuned policy as a ``from_pretrained`` folder (the main process writes; all ranks must call
+    it).
+
+    Under DeepSpeed no ``engine`` exists when ``M<k>`` is saved (before round 1, and after each round's engine is
+    released, see `trl_cream.engines`), so the unwrapped ``model`` is saved: ZeRO-3 weights are gathered one parameter
+    at a time (`gathered_state_dict`), ZeRO-1/2 weights are whole on every rank. FSDP: the full state dict, gathered
+    one tensor at a time (`engines.full_state_dict`). Otherwise ``save_model`` (`Trainer.save_model`)."""
+    if is_deepspeed(accelerator) and engine is None:
+        state = gathered_state_dict(model, accelerator.is_main_process) if is_zero3(accelerator) else None
+        if accelerator.is_main_process:
+            model.save_pretrained(path, state_dict=state)
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        state = full_state_dict(model, accelerator.is_main_process)  # FSDP2: gathered one tensor at a time
         if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
     else:

@@ -1,8 +1,7 @@
-"""A round's scores, pairs and metrics, and their on-disk form (``datasets`` folders + ``metrics.json``).
-
-Layout of ``output_dir/rounds/round_<t>/``: ``candidates/`` (one row per candidate, with every log-prob, reward
-and rank), ``pairs/`` (the preference pairs trained on, with their ``C`` and reference log-probs) and
-``metrics.json``. The pairs folder is exactly the round's training set, so a resumed run can pick it up.
+"""A round's scores, labels and pairs: rewards, both rankings, ``C`` and the best/worst pairs (Algorithm 1 lines
+6-12), and the two tables a round keeps, ``candidates`` (one row per candidate, with every log-prob, reward and
+rank) and ``pairs`` (the preference pairs trained on, with their ``C`` and reference log-probs). Where they are
+written is `trl_cream.runs`.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -214,16 +212,3 @@ _CANDIDATE_COLUMNS = (
     "baseline_rank",
     "consistency",
 )
-
-
-def save_round(round_dir: Path, candidates: Dataset, pairs: Dataset) -> None:
-    """Write the ``candidates/`` and ``pairs/`` datasets of a round into ``round_dir``."""
-    round_dir.mkdir(parents=True, exist_ok=True)
-    candidates.save_to_disk(str(round_dir / "candidates"))
-    pairs.save_to_disk(str(round_dir / "pairs"))
-
-
-def save_metrics(round_dir: Path, metrics: dict[str, Any]) -> None:
-    """Write a round's ``metrics.json``."""
-    round_dir.mkdir(parents=True, exist_ok=True)
-    (round_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -223,12 +223,9 @@ def run_evaluation(
     pair_kwargs = {"num_generations": num_generations, "generation_config": generation_config, "seed": seed}
     pair_kwargs.update(max_length=max_length, batch_size=batch_size, show_progress=show_progress)
     modes = resolve_modes(eval_sets, eval_mode)
-    settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens, "eval_modes": modes}
-    settings.update(chat_template=chat_template, num_questions={t: len(rows) for t, rows in eval_sets.items()})
+    settings = _settings(pair_kwargs, eval_sets, modes, max_new_tokens, chat_template, consistency_prompts)
     pair_kwargs["round1_baseline"] = round1_baseline
-    settings.update(num_consistency_prompts=len(consistency_prompts or []), initial_policy=names[0])
-    if generation_config is not None:
-        settings["generation_config"] = generation_config.to_dict()
+    settings["initial_policy"] = names[0]  # π_0 of the implicit rewards: the report says which checkpoint it is
     results = EvaluationResults(iterations=names, settings=settings)
     loaded: dict[str, torch.nn.Module] = {}
 
@@ -239,17 +236,10 @@ def run_evaluation(
         return loaded[name]
 
     for k, name in enumerate(names):
-        generate = {t: rows for t, rows in eval_sets.items() if modes[t] == "generate"}
-        scored = {t: rows for t, rows in eval_sets.items() if modes[t] == "loglikelihood"}
-        per_task = evaluate_accuracy(
-            get(name), tokenizer, generate, max_new_tokens, batch_size, show_progress, desc=f"{name} accuracy"
-        )
-        per_task.update(
-            evaluate_loglikelihood(
-                get(name), tokenizer, scored, batch_size, max_length, chat_template, show_progress, f"{name} options"
-            )
-        )
-        results.accuracy[name] = {task: per_task[task] for task in eval_sets}
+        results.accuracy[name] = _accuracy(
+            get(name), name, tokenizer, eval_sets, modes, max_new_tokens, batch_size, max_length, chat_template,
+            show_progress,
+        )  # fmt: skip
         if k >= 2 and consistency_prompts:
             label = f"{name} vs {names[k - 1]}"
             old, initial = get(names[k - 1]), get(names[0])
@@ -268,3 +258,46 @@ def run_evaluation(
 
         write_report(results, output_dir)
     return results
+
+
+def _settings(
+    pair_kwargs: dict[str, Any],
+    eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    modes: dict[str, str],
+    max_new_tokens: int,
+    chat_template: bool,
+    consistency_prompts: Sequence[Any] | None,
+) -> dict[str, Any]:
+    """What an evaluation ran with, as stored in ``results.json``."""
+    settings = {**pair_kwargs, "tasks": list(eval_sets), "max_new_tokens": max_new_tokens, "eval_modes": modes}
+    settings.update(chat_template=chat_template, num_questions={t: len(rows) for t, rows in eval_sets.items()})
+    settings.update(num_consistency_prompts=len(consistency_prompts or []))
+    if pair_kwargs["generation_config"] is not None:
+        settings["generation_config"] = pair_kwargs["generation_config"].to_dict()
+    return settings
+
+
+def _accuracy(
+    model: torch.nn.Module,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_sets: Mapping[str, Sequence[Mapping[str, Any]]],
+    modes: dict[str, str],
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    chat_template: bool,
+    show_progress: bool,
+) -> dict[str, TaskResult]:
+    """One checkpoint's Table 1 row: every task, by greedy generation or option log-likelihood (``modes``)."""
+    generate = {t: rows for t, rows in eval_sets.items() if modes[t] == "generate"}
+    scored = {t: rows for t, rows in eval_sets.items() if modes[t] == "loglikelihood"}
+    per_task = evaluate_accuracy(
+        model, tokenizer, generate, max_new_tokens, batch_size, show_progress, desc=f"{name} accuracy"
+    )
+    per_task.update(
+        evaluate_loglikelihood(
+            model, tokenizer, scored, batch_size, max_length, chat_template, show_progress, f"{name} options"
+        )
+    )
+    return {task: per_task[task] for task in eval_sets}

@@ -82,18 +82,11 @@ def ranking_consistency(
     Returns:
         `dict`: `consistency_stats` output, with ``num_generations`` and ``round1_baseline`` added.
     """
-    if num_generations < 2:
-        raise ValueError(f"Ranking needs num_generations >= 2 candidates per prompt, got {num_generations}.")
-    if initial_model is None and not hasattr(new_model, "disable_adapter"):
-        raise ValueError(
-            f"initial_model=None means 'π_0 = new_model with adapters disabled', but new_model is a "
-            f"{type(new_model).__name__}, not a PeftModel. Pass the initial (M0) model explicitly."
-        )
+    _check_ranking_inputs(new_model, initial_model, num_generations)
     if hasattr(prompts, "column_names"):
         prompts = prompts["prompt"]
     if generation_config is None:
-        generation_config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128)
-        generation_config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=sampling.pad_token_id(tokenizer))
+        generation_config = _default_sampling_config(tokenizer)
     if seed is not None:
         torch.manual_seed(seed)
     prompt_ids = sampling.tokenize_prompts(tokenizer, [_as_messages(p, tokenizer) for p in prompts])
@@ -101,8 +94,48 @@ def ranking_consistency(
     candidates = sampling.generate_candidates(
         new_model, tokenizer, prompt_ids, num_generations, generation_config, **common, desc=f"{desc} sampling"
     )
+    new_logps, old_logps, initial_logps = _score_checkpoints(
+        new_model, old_model, initial_model, prompt_ids, candidates, sampling.pad_token_id(tokenizer), max_length,
+        common, desc,
+    )  # fmt: skip
+    lengths = torch.tensor([[len(c) for c in cands] for cands in candidates])
+    rewards = implicit_rewards(new_logps, initial_logps)
+    baseline = baseline_rewards(old_logps, initial_logps, lengths, round1_baseline)
+    stats = consistency_stats(rewards, baseline)
+    stats.update(num_generations=num_generations, round1_baseline=round1_baseline if old_logps is None else None)
+    return stats
 
-    pad_id = sampling.pad_token_id(tokenizer)
+
+def _check_ranking_inputs(new_model: torch.nn.Module, initial_model: torch.nn.Module | None, n: int) -> None:
+    if n < 2:
+        raise ValueError(f"Ranking needs num_generations >= 2 candidates per prompt, got {n}.")
+    if initial_model is None and not hasattr(new_model, "disable_adapter"):
+        raise ValueError(
+            f"initial_model=None means 'π_0 = new_model with adapters disabled', but new_model is a "
+            f"{type(new_model).__name__}, not a PeftModel. Pass the initial (M0) model explicitly."
+        )
+
+
+def _default_sampling_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """``do_sample=True``, temperature 1, no top-p/top-k, 128 new tokens, the tokenizer's eos/pad."""
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128)
+    config.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=sampling.pad_token_id(tokenizer))
+    return config
+
+
+def _score_checkpoints(
+    new_model: torch.nn.Module,
+    old_model: torch.nn.Module | None,
+    initial_model: torch.nn.Module | None,
+    prompt_ids: list[list[int]],
+    candidates: list[list[list[int]]],
+    pad_id: int,
+    max_length: int,
+    common: dict[str, Any],
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Σ log-probs of the candidates under the new, old and initial models (π_0 first, then new, then old); the old
+    model's are `None` in round 1 (old = π_0) and the new model's when old and new are the same object."""
 
     def score(model: torch.nn.Module, name: str, disable_adapter: bool = False) -> torch.Tensor:
         with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
@@ -115,13 +148,8 @@ def ranking_consistency(
     else:
         initial_logps = score(initial_model, "π_0")
     new_logps = score(new_model, "new")
-    rewards = implicit_rewards(new_logps, initial_logps)
-    lengths = torch.tensor([[len(c) for c in cands] for cands in candidates])
     if old_model is None or old_model is initial_model:
         old_logps = None  # round 1: rank by π_0's length-normalised likelihood
     else:
         old_logps = new_logps if old_model is new_model else score(old_model, "old")
-    baseline = baseline_rewards(old_logps, initial_logps, lengths, round1_baseline)
-    stats = consistency_stats(rewards, baseline)
-    stats.update(num_generations=num_generations, round1_baseline=round1_baseline if old_logps is None else None)
-    return stats
+    return new_logps, old_logps, initial_logps

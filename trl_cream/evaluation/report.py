@@ -142,12 +142,19 @@ def render_markdown(results: Any) -> str:
         lines += ["### Table 1b: log-likelihood tasks, acc_norm (log-prob per character of the option text) (%)", ""]
         lines += _accuracy_lines(data, "accuracy_norm")
         lines += [""]
-    lines += [
-        "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = highest "
-        "log-prob per character of the option's own text (Table 1b), as in lm-evaluation-harness. ± is the "
-        "harness's standard error, sqrt(p(1-p)/(n-1)) (the sample std of the 0/1 scores over √n): a difference "
-        "smaller than about twice it is noise.",
-    ]
+    loglikelihood = any(
+        result.get("mode") == "loglikelihood" for per_task in data["accuracy"].values() for result in per_task.values()
+    )
+    note = (
+        "± is lm-evaluation-harness's standard error, sqrt(p(1-p)/(n-1)) (the sample std of the 0/1 scores over √n): "
+        "a difference smaller than about twice it is noise."
+    )
+    if loglikelihood:  # only when some task was scored by log-likelihood
+        note = (
+            "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = "
+            "highest log-prob per character of the option's own text (Table 1b), as in lm-evaluation-harness. " + note
+        )
+    lines += [note]
     lines += ["", "## Table 2: ranking consistency between consecutive checkpoints (mean ± std over prompts)", ""]
     lines += [_initial_policy_note(data), ""]
     if not data["consistency"]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
-from trl.trainer.utils import generate_model_card
+from transformers.integrations import is_wandb_available
+from trl.trainer.utils import generate_model_card, get_trackio_space_url
 
 from ..runs.layout import RunLayout, round_of_iteration
 from .utils import MERGED_SUBFOLDER, iteration_target
@@ -66,12 +68,45 @@ def rounds_table(rounds: list[dict[str, Any]]) -> str:
                 mean, std = m.get("kendall_tau_mean"), m.get("kendall_tau_std")
                 cells.append("–" if mean is None else f"{_fmt(mean, '{:.3f}')} ± {_fmt(std, '{:.3f}')}")
             elif key == "times":
-                phases = ("generate", "score", "pair", "train", "save")
-                cells.append(" / ".join(_fmt(m.get(f"time_{p}_s"), "{:.1f}") for p in phases))
+                phases, reused = ("generate", "score", "pair", "train", "save"), set(m.get("reused_phases", []))
+                cells.append(
+                    " / ".join("reused" if p in reused else _fmt(m.get(f"time_{p}_s"), "{:.1f}") for p in phases)
+                )
             else:
                 cells.append(_fmt(m.get(key), spec))
         lines.append(f"| {m.get('round', '?')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [f"- Round {m.get('round', '?')} learnt nothing: {m['no_op']}." for m in rounds if m.get("no_op")]
+    if any(m.get("reused_phases") for m in rounds):
+        notes.append("- *reused*: a resumed run loaded that phase's saved result instead of running it again.")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def run_urls() -> tuple[str | None, str | None]:
+    """The W&B run and the Trackio Space of this process's run, as TRL's `create_model_card` finds them."""
+    wandb_url = None
+    if is_wandb_available():
+        import wandb
+
+        wandb_url = wandb.run.url if wandb.run is not None else None
+    return wandb_url, get_trackio_space_url()
+
+
+def card_model_name(hub_model_id: str | None, base_model: str | None, index: int) -> str:
+    """``<repo name>-M<k>`` for a Hub run; ``<base model name>-CREAM-M<k>`` for a local one (never the output
+    folder's name, which says nothing about the model)."""
+    if hub_model_id:
+        return f"{hub_model_id.rstrip('/').split('/')[-1]}-M{index}"
+    stem = Path(base_model).name if base_model else ""
+    return f"{stem}-CREAM-M{index}" if stem else f"CREAM-M{index}"
+
+
+def describe_base(base_model: str | None) -> str:
+    """π_0 for the card: a Hub id as is; a local folder by its name only (its path means nothing on the Hub)."""
+    if not base_model:
+        return "unknown"
+    if _is_local(base_model):
+        return f"a local model (folder `{Path(base_model).name}`; set `hub_base_model_id` to name its Hub id)"
+    return f"`{base_model}`"
 
 
 def load_round_metrics(output_dir: str | Path, rounds: list[dict[str, Any]], up_to: int) -> list[dict[str, Any]]:
@@ -124,9 +159,12 @@ def build_model_card(
     base_model: str | None,
     sft_metrics: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    wandb_url: str | None = None,
+    trackio_url: str | None = None,
 ) -> ModelCard:
-    """The card of ``M<index>``: TRL's language-model card (tags, trainer name, paper, citation) with CREAM's sections
-    inserted before "Training procedure"."""
+    """The card of ``M<index>``: TRL's language-model card (tags, trainer name, paper, citation, W&B / Trackio links)
+    with CREAM's lineage, evaluation and loading sections before "Training procedure", and the configuration and
+    every round inside it."""
     hub_model_id = args.hub_model_id or Path(args.output_dir).name
     strategy = getattr(args, "hub_iteration_strategy", "branch")
     repo_id, revision = iteration_target(hub_model_id, strategy, index)
@@ -134,35 +172,57 @@ def build_model_card(
         repo_id, revision = RunLayout(args.output_dir).iteration_dir(index).as_posix(), "main"
     paper = getattr(trainer_cls, "_paper", {}) or {}
     name = getattr(trainer_cls, "_name", "CREAM")
-    base_hub_id = base_model if base_model and not Path(base_model).exists() else None
+    base_hub_id = base_model if base_model and not _is_local(base_model) else None
     card = generate_model_card(
         base_model=base_hub_id,
-        model_name=f"{hub_model_id} (M{index})",
+        model_name=card_model_name(args.hub_model_id, base_model, index),
         hub_model_id=repo_id,
         dataset_name=None,
         tags=[*getattr(trainer_cls, "_tag_names", []), f"cream-iteration-{index}"],
-        wandb_url=None,
-        trackio_url=None,
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
         trainer_name=name,
         trainer_citation=paper.get("citation"),
         paper_title=paper.get("title"),
         paper_id=paper.get("id"),
     )
+    card.data.licence = None  # TRL's template writes `licence: license`; the licence is the base model's
+    if trackio_url:
+        card.data.tags = [*card.data.tags, f"trackio:{trackio_url}"]
     text = card.text.replace("[None](https://huggingface.co/None)", "a local base model")
-    sections = [
-        _lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics),
-        "## CREAM configuration\n\n" + _config_table(args),
-        _rounds_section(round_of_iteration(index, first_index), rounds),
-    ]
+    before = [_lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics)]
     if evaluation:
-        sections.append(_evaluation_section(evaluation))
-    sections.append(
+        before.append(_evaluation_section(evaluation))
+    before.append(
         load_instructions(repo_id, revision, peft, base_model, peft and getattr(args, "push_merged_weights", False))
     )
-    marker = "## Training procedure"
-    cream = "\n".join(sections) + "\n"
-    text = text.replace(marker, cream + marker, 1) if marker in text else text + "\n" + cream
+    inside = [
+        "### CREAM configuration\n\n" + _config_table(args),
+        _rounds_section(round_of_iteration(index, first_index), rounds),
+    ]
+    text = _insert(text, "## Training procedure", "\n".join(before) + "\n", before_marker=True)
+    text = _insert(_drop_blank_lines_after(text, "## Training procedure"), "### Framework versions",
+                   "\n".join(inside) + "\n", before_marker=True)  # fmt: skip
     return ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}")
+
+
+def _is_local(model: str) -> bool:
+    """A folder on this machine (or a path that looks like one), not a Hub id."""
+    return Path(model).exists() or Path(model).is_absolute() or model.startswith((".", "~"))
+
+
+def _insert(text: str, marker: str, block: str, before_marker: bool) -> str:
+    if marker not in text:
+        return text + "\n" + block
+    return text.replace(marker, block + marker if before_marker else marker + block, 1)
+
+
+def _drop_blank_lines_after(text: str, heading: str) -> str:
+    """TRL's template leaves empty badge lines under a heading when no W&B / Trackio / Comet run is linked."""
+    head, sep, tail = text.partition(heading + "\n")
+    if not sep:
+        return text
+    return head + sep + "\n" + re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", tail.lstrip(" \t\n"))
 
 
 def _lineage(
@@ -174,7 +234,7 @@ def _lineage(
     sft_metrics: dict[str, Any] | None,
 ) -> str:
     lines = ["## Lineage", ""]
-    lines.append(f"- Base model (π_0 = M0): `{base_model or 'unknown'}`")
+    lines.append(f"- Base model (π_0 = M0): {describe_base(base_model)}")
     if index == first_index:
         how = "the SFT stage on the seed data" if sft_metrics else "the starting policy given to the trainer"
         lines.append(f"- This is M{index}, {how}; the CREAM rounds start from it.")
@@ -203,9 +263,9 @@ def _config_table(args: Any) -> str:
 
 def _rounds_section(num_rounds: int, rounds: list[dict[str, Any]]) -> str:
     if num_rounds <= 0 or not rounds:
-        return "## CREAM rounds\n\nNo CREAM round yet: this is the starting policy.\n"
+        return "### CREAM rounds\n\nNo CREAM round yet: this is the starting policy.\n"
     return (
-        f"## CREAM rounds\n\nEvery round up to this iteration (C: consistency rate; τ: Kendall τ-b between the "
+        f"### CREAM rounds\n\nEvery round up to this iteration (C: consistency rate; τ: Kendall τ-b between the "
         f"current and the previous ranking; tied prompts are skipped).\n\n{rounds_table(rounds)}\n"
     )
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..runs.layout import RunLayout, round_of_iteration
-from .model_card import build_model_card, load_round_metrics, write_card
+from ..runs.layout import RunLayout, iteration_index, round_of_iteration
+from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -44,6 +44,7 @@ from .utils import (
     is_retryable,
     iteration_files,
     iteration_target,
+    local_cause,
     redact,
     round_files,
     validate_settings,
@@ -103,9 +104,10 @@ def rounds_repo_id(hub_model_id: str) -> str:
     return f"{hub_model_id}-rounds"
 
 
-def latest_local_iteration(output_dir: str | Path) -> int:
-    """The highest ``k`` of the ``output_dir/M<k>`` folders (``-1`` when there is none)."""
-    return max(RunLayout(output_dir).iterations(), default=-1)
+def latest_local_iteration(output_dir: str | Path, last: int | None = None) -> int:
+    """The highest ``k`` of the ``output_dir/M<k>`` folders, up to the run's ``last`` iteration when given (a
+    user's own ``M9/`` beside a 2-round run is not the run's latest); ``-1`` when there is none."""
+    return max((k for k in RunLayout(output_dir).iterations() if last is None or k <= last), default=-1)
 
 
 # ---------------------------------------------------------------- the publisher
@@ -123,6 +125,7 @@ class HubSettings:
     push_round_datasets: bool = False
     push_merged_weights: bool = False
     base_model_id: str | None = None
+    last_iteration: int | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> HubSettings:
@@ -137,6 +140,7 @@ class HubSettings:
             push_round_datasets=args.push_round_datasets,
             push_merged_weights=args.push_merged_weights,
             base_model_id=args.hub_base_model_id,
+            last_iteration=iteration_index(args.num_iterations + 1),
         )
 
 
@@ -159,12 +163,18 @@ class HubPublisher:
         `hub_push_failure`) when the Hub is unreachable or the token is refused."""
         s = self.settings
         try:
+            if local_cause() is not None:  # offline: fail at once, with no network call and no retry
+                from huggingface_hub.errors import OfflineModeIsEnabled
+
+                raise OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
             return with_retries(lambda: self.api.whoami(token=s.token), "start-up check (whoami)", s.policy, s.token)
         except Exception as error:
+            cause = local_cause(error) or redact(describe(error), s.token)
             message = (
-                f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: "
-                f"{redact(describe(error), s.token)}. Check the network, HF_HUB_OFFLINE and the token "
-                "(`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False."
+                f"push_to_hub=True but the Hub at {self.api.endpoint} cannot be used: {cause}. Check the network, "
+                "HF_HUB_OFFLINE and the token (`hub_token`, HF_TOKEN or `hf auth login`), or set push_to_hub=False "
+                "(CLI: drop --push_to_hub); a run already saved pushes what is missing when resumed with "
+                "--resume_from_checkpoint."
             )
             self._fail(message, error)
             return None
@@ -177,7 +187,8 @@ class HubPublisher:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cream-hub-push")
         # main follows the latest iteration: never move it back to an older one (e.g. a resumed run pushing a
         # missing M1 when M3 is saved already)
-        self._latest = max(self._latest, index, latest_local_iteration(self.settings.output_dir))
+        local = latest_local_iteration(self.settings.output_dir, self.settings.last_iteration)
+        self._latest = max(self._latest, index, local)
         future = self._executor.submit(self._push_safely, index, folder, round_dir, index >= self._latest)
         self._pending.append((index, future))
         return future
@@ -197,11 +208,6 @@ class HubPublisher:
             if error is not None:
                 raise error
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
     # ------------------------------------------------ the push (worker thread)
     def _push_safely(self, index: int, folder: Path, round_dir: Path | None, update_main: bool) -> dict | None:
         s = self.settings
@@ -209,11 +215,12 @@ class HubPublisher:
             info = self.push(index, folder, round_dir, update_main)
         except Exception as error:
             repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
+            cause = local_cause(error) or redact(describe(error), s.token)
             message = (
-                f"Pushing M{index} to {repo_id}@{revision} failed: {redact(describe(error), s.token)} "
+                f"Pushing M{index} to {repo_id}@{revision} failed: {cause} "
                 f"({f'still failing after {s.policy.retries} retries' if is_retryable(error) else 'not retried'}). "
-                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True)) "
-                "pushes the iterations that are missing."
+                f"The local checkpoint {folder} is intact; a resumed run (train(resume_from_checkpoint=True), CLI: "
+                "trl-cream train ... --resume_from_checkpoint) pushes the iterations that are missing."
             )
             self.failed[index] = message
             self._fail(message, error)
@@ -363,6 +370,7 @@ def publish_iteration(
     layout = RunLayout(args.output_dir)
     folder = layout.iteration_dir(index)
     evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
+    wandb_url, trackio_url = run_urls()  # the run's links, as on TRL's own cards
     card = build_model_card(
         trainer_cls=trainer_cls,
         index=index,
@@ -373,6 +381,8 @@ def publish_iteration(
         base_model=args.hub_base_model_id or base_model,
         sft_metrics=sft_metrics,
         evaluation=evaluation,
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
     )
     write_card(card, folder)
     if publisher is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..runs.layout import iteration_name
+from ..runs.layout import iteration_index, iteration_name
 
 logger = logging.getLogger("trl_cream.hub")
 
@@ -46,11 +46,23 @@ def describe(error: BaseException) -> str:
     return f"HTTP {status}, {text}" if status is not None else text
 
 
-def is_retryable(error: BaseException) -> bool:
-    """Network errors, timeouts, 408/429 and 5xx are retried; other HTTP errors and offline mode are not."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
+def local_cause(error: BaseException | None = None) -> str | None:
+    """Why the Hub cannot be used at all from this machine (offline mode, no token), or `None`: such a cause is
+    never retried and is named in the error message."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    if isinstance(error, OfflineModeIsEnabled):
+    if constants.HF_HUB_OFFLINE or isinstance(error, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE=1 is set: the Hub is not contacted (unset HF_HUB_OFFLINE to push)"
+    if isinstance(error, LocalTokenNotFoundError):
+        return "no token: run hf auth login or set HF_TOKEN (or pass hub_token)"
+    return None
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Network errors, timeouts, 408/429 and 5xx are retried; other HTTP errors, offline mode and a missing token
+    are not."""
+    if local_cause(error) is not None:
         return False
     status = status_of(error)
     return status is None or status in RETRYABLE_STATUS
@@ -109,6 +121,8 @@ def validate_settings(args: Any) -> None:
             "it, one branch per iteration (hub_iteration_strategy='branch') or one repo each ('repo'). Pass "
             "--hub_model_id your-name/cream-llama3, or drop --push_to_hub."
         )
+    if args.hub_model_id:
+        check_repo_ids(args)
     if args.hub_card_results and not Path(args.hub_card_results).is_file():
         raise FileNotFoundError(
             f"hub_card_results={args.hub_card_results!r} is not a file; give the results.json written by "
@@ -119,6 +133,27 @@ def validate_settings(args: Any) -> None:
             "push_round_datasets=True pushes the saved round artifacts, but save_round_artifacts=False; set "
             "save_round_artifacts=True or push_round_datasets=False."
         )
+
+
+def check_repo_ids(args: Any) -> None:
+    """`hub_model_id` and every repo id derived from it (``-M<k>`` repos, ``-rounds``), by huggingface_hub's own
+    validator, so that a bad id fails when the config is built, not after a round has trained."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    ids = [args.hub_model_id]
+    if args.hub_iteration_strategy == "repo":  # the longest derived id: the last iteration's repo
+        ids.append(iteration_target(args.hub_model_id, "repo", iteration_index(args.num_iterations + 1))[0])
+    if args.push_round_datasets:
+        ids.append(f"{args.hub_model_id}-rounds")
+    for repo_id in ids:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as error:
+            raise ValueError(
+                f"hub_model_id={args.hub_model_id!r} is not a valid Hub repo id ({repo_id!r}: {error}) Use "
+                "'<user or org>/<name>' with letters, digits, '-', '_' or '.', at most 96 characters in all."
+            ) from None
 
 
 # ---------------------------------------------------------------- names

@@ -1,9 +1,9 @@
 """Small, exact speed-ups of a CREAM round, each behind a `CreamConfig` switch (measured in `benchmarks/`).
 
 `frozen_gc`: every full garbage collection (`gc.collect()`, which accelerate's `free_memory` and the Trainer's
-start of training both run, as does the release of π_{t−1} after scoring) walks every object Python tracks. With
-torch, transformers, TRL and datasets imported that is ~450k objects, and on a busy 2-core CPU one walk took
-1.5–2 s, paid 4 times per round. Freezing the objects that already exist when a phase starts (`gc.freeze`) makes
+start of training both run, as does the release of π_{t−1} after scoring) walks every object Python tracks, which
+with torch, transformers, TRL and datasets imported is several hundred thousand objects, paid 4 times per round
+(measured in `benchmarks/RESULTS.md`). Freezing the objects that already exist when a phase starts (`gc.freeze`) makes
 those collections walk only what the phase itself created, which is where the optimizer state, the activations and
 the loaded π_{t−1} live. Nothing numeric changes; garbage among the frozen objects is collected once the phase ends.
 

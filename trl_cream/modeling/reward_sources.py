@@ -245,9 +245,10 @@ def external_rewards(
     """``(r, r', metrics)`` of the non-implicit sources; `None` where the implicit reward is kept.
 
     The reward model scores the candidates once even when it is both ``r`` and ``r'``. The judge is
-    ``judge_model`` (with ``judge_tokenizer`` or the policy's tokenizer), or the policy itself.
+    ``judge_model`` (with ``judge_tokenizer`` or the policy's tokenizer), or the policy itself. The setup is checked
+    once, before any work, by [`check_reward_setup`] (`CreamTrainer.__init__`); call it first when using this
+    function on its own.
     """
-    check_reward_setup(reward_source, baseline_source, reward_model, judge_model)
     reward, baseline, metrics = None, None, {}
     if "reward_model" in (reward_source, baseline_source):
         rm = reward_model_scores(

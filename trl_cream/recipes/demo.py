@@ -33,7 +33,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # 12.8 % and changed 9 (accuracy 51.0 -> 52.0, within the standard error). 2 epochs of ~3 steps = those 6 steps.
     "learning_rate": 1e-3,
     "num_train_epochs": 2.0,
-    "warmup_steps": 0.0,  # rounds of a few steps: a warm-up would spend the first (or only) step at lr 0
+    "warmup_steps": 0.0,  # no warm-up, SFT stage included (at 0.1, rounds under 10 steps would get none anyway)
     # 3e-4 made π1 so peaked that round 1 had C = 0.00 (τ = −1 on every prompt); 3e-5 gives C = 0.30 (docs/faq.md)
     "sft_learning_rate": 3e-5,
     "sft_num_train_epochs": 2.0,
@@ -118,26 +118,61 @@ def round_lines(rounds: list[dict[str, Any]]) -> list[str]:
 
 def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     """Run the whole pipeline and write ``<output_dir>/report``; returns the results with the phase timings."""
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from ..evaluation import run_evaluation
     from ..evaluation.report import render_markdown, write_report
     from ..modeling.movement import weight_change
-    from ..trainer.trainer import CreamTrainer
-    from . import assets, demo_data
 
     timings: dict[str, float] = {}
     out = Path(args.output_dir)
     start = time.perf_counter()
-    model_path = demo.model or str(assets.smollm2_model_dir())
-    data = demo_data.build_demo_datasets(
-        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed
-    )
+    model_path, data = _demo_data(demo, args)
     _timed(timings, "assets_and_data", start)
     print(f"[demo] M0 = {model_path}\n[demo] data: {data.summary()}", flush=True)
 
     start = time.perf_counter()
+    tokenizer, output = _train(demo, args, model_path, data)
+    _timed(timings, "train_total", start)
+    timings["sft"] = output.metrics["sft"]["time_sft_s"]
+    for r in output.metrics["rounds"]:
+        for phase in ("generate", "score", "pair", "train", "save"):
+            timings[f"round{r['round']}_{phase}"] = r[f"time_{phase}_s"]
+    round_metrics = output.metrics["rounds"]
+    for r in round_metrics:  # how far each round moved the weights, M_t -> M_{t+1}
+        r["weight_change"] = weight_change(out / f"M{r['round']}", out / f"M{r['round'] + 1}")
+
+    start = time.perf_counter()
+    results = _evaluate(demo, args, model_path, tokenizer, data)
+    _timed(timings, "evaluation", start)
+    results.settings.update(demo_size=demo.size, model=model_path, lora=not demo.full_finetune)
+    files = write_report(results, out / "report")
+    (out / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (out / "report" / "rounds.json").write_text(json.dumps(round_metrics, indent=2, default=float) + "\n")
+    print("\n" + render_markdown(results))
+    print("\n".join(round_lines(round_metrics)) + "\n")
+    print("Wall time per phase (s): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
+    print(f"Report: {', '.join(str(p) for p in files.values())}")
+    return {"results": results, "timings": timings, "rounds": round_metrics}
+
+
+def _demo_data(demo: DemoArguments, args: CreamConfig) -> tuple[str, Any]:
+    """M0's folder (the offline SmolLM2 asset unless ``--model``) and the demo's datasets."""
+    from . import assets, demo_data
+
+    model_path = demo.model or str(assets.smollm2_model_dir())
+    data = demo_data.build_demo_datasets(
+        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed
+    )
+    return model_path, data
+
+
+def _train(demo: DemoArguments, args: CreamConfig, model_path: str, data: Any) -> tuple[Any, Any]:
+    """M0 → SFT → M1 → CREAM rounds → M2, M3 (LoRA unless ``--full_finetune``); returns the tokenizer and the
+    trainer's output. The models are released before the evaluation."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..hub.model_card import rounds_table
+    from ..trainer.trainer import CreamTrainer
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -154,21 +189,23 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         peft_config=peft_config,
     )
     output = trainer.train()
-    _timed(timings, "train_total", start)
-    timings["sft"] = output.metrics["sft"]["time_sft_s"]
-    for r in output.metrics["rounds"]:
-        for phase in ("generate", "score", "pair", "train", "save"):
-            timings[f"round{r['round']}_{phase}"] = r[f"time_{phase}_s"]
-    round_metrics = output.metrics["rounds"]
-    for r in round_metrics:  # how far each round moved the weights, M_t -> M_{t+1}
-        r["weight_change"] = weight_change(out / f"M{r['round']}", out / f"M{r['round'] + 1}")
+    print("\n[demo] CREAM rounds\n" + rounds_table(output.metrics["rounds"]) + "\n", flush=True)
     del trainer, model
     gc.collect()
+    return tokenizer, output
 
-    start = time.perf_counter()
-    first = 1
+
+def _evaluate(demo: DemoArguments, args: CreamConfig, model_path: str, tokenizer: Any, data: Any) -> Any:
+    """Table 1 on M0..M<T+1> and Table 2 on consecutive pairs (`run_evaluation`)."""
+    from transformers import GenerationConfig
+
+    from ..evaluation import run_evaluation
+    from ..runs.layout import RunLayout, iteration_index, iteration_name
+
+    layout = RunLayout(args.output_dir)
     checkpoints: dict[str, str] = {"M0": model_path}
-    checkpoints.update({f"M{first + t}": str(out / f"M{first + t}") for t in range(args.num_iterations + 1)})
+    indices = [iteration_index(t) for t in range(1, args.num_iterations + 2)]  # M1 (after SFT) .. M<T+1>
+    checkpoints.update({iteration_name(k): str(layout.iteration_dir(k)) for k in indices})
     prompts = [row["prompt"] for row in data.prompts.select(range(min(demo.consistency_prompts, len(data.prompts))))]
     generation_config = GenerationConfig(
         do_sample=True,
@@ -178,7 +215,7 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    results = run_evaluation(
+    return run_evaluation(
         checkpoints,
         data.eval,
         prompts,
@@ -196,13 +233,3 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
         chat_template=demo.eval_chat_template,
         round1_baseline=args.round1_baseline,
     )
-    _timed(timings, "evaluation", start)
-    results.settings.update(demo_size=demo.size, model=model_path, lora=not demo.full_finetune)
-    files = write_report(results, out / "report")
-    (out / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    (out / "report" / "rounds.json").write_text(json.dumps(round_metrics, indent=2, default=float) + "\n")
-    print("\n" + render_markdown(results))
-    print("\n".join(round_lines(round_metrics)) + "\n")
-    print("Wall time per phase (s): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
-    print(f"Report: {', '.join(str(p) for p in files.values())}")
-    return {"results": results, "timings": timings, "rounds": round_metrics}

@@ -233,13 +233,10 @@ class DemoSizes:
 SIZE_PRESETS: dict[str, DemoSizes] = {
     # Unit tests / smoke runs: seconds.
     "tiny": DemoSizes(sft_mc=16, sft_chat=4, prompts=8, eval_mc=8, eval_gsm8k=4, eval_mc_loglikelihood=8),
-    # The default demo on 2 CPU cores with SmolLM2-135M in <= 20 min: SFT 80 rows (~10 steps of 8), 2 CREAM rounds
-    # of 10 prompts (sampling 8 prompts x 4 x 64 tokens took ~42 s), 4 checkpoints x (4 x 24 MC + 10 GSM8K) evals.
-    # Measured greedy, batch 16: 24 MC prompts x 16 new tokens ~8 s per task, 10 GSM8K x 256 tokens ~86 s (the
-    # largest eval cost), so ~2 min per checkpoint. 24 rows per task give a standard error of ~10 points: the demo
-    # shows the pipeline, not significance.
-    # Scored by option log-likelihood instead (the demo's default): 50 questions per task (se ~7 points); 100 took
-    # ~22 s per task and checkpoint on 2 CPU cores (2026-11-23), which made the demo ~14 min instead of ~9.
+    # The default demo on 2 CPU cores with SmolLM2-135M (within 20 min; measured costs in benchmarks/RESULTS.md):
+    # SFT 80 rows (~10 steps of 8), 2 CREAM rounds of 10 prompts, 4 checkpoints x (4 x 24 MC + 10 GSM8K) evals.
+    # 24 rows per task give a standard error of ~10 points: the demo shows the pipeline, not significance. Scored by
+    # option log-likelihood (the demo's default), 50 questions per task (se ~7 points).
     "small": DemoSizes(sft_mc=72, sft_chat=8, prompts=20, eval_mc=24, eval_gsm8k=10, eval_mc_loglikelihood=50),
     # A GPU (or a long CPU run): standard error ~3 points per task.
     "medium": DemoSizes(sft_mc=1024, sft_chat=64, prompts=512, eval_mc=250, eval_gsm8k=200, eval_mc_loglikelihood=500),
@@ -281,10 +278,6 @@ class DemoData:
     eval: dict[str, Dataset]
     sizes: DemoSizes
     seed: int
-
-    def split_rounds(self, num_rounds: int) -> list[Dataset]:
-        """Split `prompts` into `num_rounds` contiguous, disjoint, near-equal parts (one per CREAM round)."""
-        return [self.prompts.shard(num_rounds, i, contiguous=True) for i in range(num_rounds)]
 
     def summary(self) -> str:
         """One line with the size of every dataset."""

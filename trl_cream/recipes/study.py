@@ -33,11 +33,7 @@ METHODS: dict[str, str] = {"srlm": "none", "cream": "kendall"}  # method -> cons
 # Sizes of the study. `default` is the CPU run; `tiny` is the CI smoke size (use it with a tiny --model); `large`
 # is for a GPU. `prompts` are the training prompts of one run over all its rounds; `eval_mc` the questions per
 # multiple-choice task; `consistency_prompts` the held-out prompts of Table 2 (the same for every run).
-# Cost of `default` with SmolLM2-135M, measured as CPU time of one thread (2 CPU cores shared with other jobs; a probe
-# of SFT + one run + the option scorer): SFT (80 rows, 2 epochs) ~4 min once; a run's two rounds of 8 prompts x 4
-# candidates ~2.2 min (x 6 runs); option log-likelihood ~0.25 s per question, so 2 tasks x 200 questions ~1.7 min per
-# checkpoint (x 14: M0, M1 and M2, M3 of every run); Table 2, 8 held-out prompts x 4 candidates scored three times,
-# ~0.7 min per pair (x 12). About 50 CPU-minutes in all: ~25-30 min on 2 free cores with torch's 2 threads.
+# The measured cost of each size is in benchmarks/RESULTS.md.
 STUDY_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(sft_mc=8, sft_chat=0, prompts=4, eval_mc=6, consistency_prompts=2, num_generations=2),
     "default": dict(sft_mc=72, sft_chat=8, prompts=16, eval_mc=200, consistency_prompts=8, num_generations=4),
@@ -122,16 +118,53 @@ def _round1_baselines(round_dir: Path, num_generations: int) -> dict[str, dict[s
 
 def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     """Run SFT once, every (method, seed) run, the evaluation, and write ``<output_dir>/results.{md,json,png}``."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    _check_study(study, args)
+    sizes = STUDY_SIZES[study.size]
+    out, timings = Path(args.output_dir), {}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    setup = _study_setup(study, args, sizes)
+    print(
+        f"[study] M0 = {setup.model_path}\n[study] data: {setup.data.summary()}; held-out prompts: "
+        f"{len(setup.held_out)}",
+        flush=True,
+    )
+    m1_dir, sft_metrics = _sft_once(study, args, setup, out)  # phase 1: M0 -> M1, a LoRA adapter shared by every run
+    timings["sft_s"] = round(time.perf_counter() - start, 1)
 
-    from ..evaluation import evaluate_accuracy, evaluate_loglikelihood, load_checkpoint, ranking_consistency
-    from ..modeling import adapters
-    from ..modeling.movement import weight_change
-    from ..trainer.sft import run_sft
-    from ..trainer.trainer import CreamTrainer
-    from . import assets, demo_data
+    runs = [(method, seed) for method in study.methods for seed in study.seeds]
+    start = time.perf_counter()
+    rounds, round1 = _train_runs(study, args, setup, out, m1_dir, runs)  # phase 2: every (method, seed) from M1
+    timings["rounds_s"] = round(time.perf_counter() - start, 1)
 
+    start = time.perf_counter()
+    acc, per_run_acc, consistency, spent = _evaluate_runs(study, args, setup, out, m1_dir, runs)  # phase 3
+    timings["evaluation_s"] = round(time.perf_counter() - start, 1)
+    timings.update({k: round(v, 1) for k, v in spent.items()})
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the wall times would be on free cores
+    timings["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+
+    settings = {
+        "size": study.size, **sizes, "model": setup.model_path, "seeds": study.seeds, "methods": study.methods,
+        "tasks": study.tasks, "eval_mode": study.eval_mode, "num_generations": args.num_generations,
+        "num_iterations": args.num_iterations, "learning_rate": args.learning_rate, "beta": args.beta,
+        "round1_baseline": args.round1_baseline, "consistency_seed": 1234, "sft": sft_metrics,
+        "num_train_prompts": len(setup.train_prompts), "num_held_out_prompts": len(setup.held_out),
+        "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    results = {
+        "settings": settings, "accuracy": {"shared": acc, "runs": per_run_acc}, "consistency": consistency,
+        "round1_baseline": round1, "rounds": rounds, "timings": timings,
+    }  # fmt: skip
+    results["summary"] = summarise(results)
+    files = write_study_report(results, out)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"[study] wall time per phase (s): {timings}\n[study] report: {', '.join(map(str, files.values()))}")
+    json.dumps(results, default=str)  # fail loudly here rather than leave a half-written report
+    return results
+
+
+def _check_study(study: StudyArguments, args: CreamConfig) -> None:
     unknown = set(study.methods) - set(METHODS)
     if unknown or not study.methods:
         raise ValueError(f"Unknown or no --methods {sorted(unknown)}; choose among {sorted(METHODS)}.")
@@ -144,11 +177,27 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
             f"--num_iterations {args.num_iterations}: the study compares M2 and M3, i.e. 2 rounds from M1 as in the "
             "paper; leave num_iterations at 2."
         )
-    sizes = STUDY_SIZES[study.size]
-    out, timings = Path(args.output_dir), {}
-    out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class _Setup:
+    """What every phase of the study shares: M0's path, the data, the tokenizer and where models go."""
+
+    model_path: str
+    data: Any
+    eval_sets: dict[str, Any]
+    train_prompts: Any
+    held_out: list[Any]
+    tokenizer: Any
+    device: str | None
+
+
+def _study_setup(study: StudyArguments, args: CreamConfig, sizes: dict[str, int]) -> _Setup:
+    from transformers import AutoTokenizer
+
+    from . import assets, demo_data
+
     model_path = study.model or str(assets.smollm2_model_dir())
-    start = time.perf_counter()
     data = demo_data.build_demo_datasets(
         demo_data.DemoSizes(
             sft_mc=sizes["sft_mc"], sft_chat=sizes["sft_chat"],
@@ -160,70 +209,89 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     unknown_tasks = set(study.tasks) - set(data.eval)
     if unknown_tasks:
         raise ValueError(f"Unknown --tasks {sorted(unknown_tasks)}; choose among {sorted(data.eval)}.")
-    eval_sets = {task: data.eval[task] for task in study.tasks}
-    train_prompts = data.prompts.select(range(sizes["prompts"]))
-    held_out = [r["prompt"] for r in data.prompts.select(range(sizes["prompts"], len(data.prompts)))]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else None
-    print(f"[study] M0 = {model_path}\n[study] data: {data.summary()}; held-out prompts: {len(held_out)}", flush=True)
+    return _Setup(
+        model_path=model_path,
+        data=data,
+        eval_sets={task: data.eval[task] for task in study.tasks},
+        train_prompts=data.prompts.select(range(sizes["prompts"])),
+        held_out=[r["prompt"] for r in data.prompts.select(range(sizes["prompts"], len(data.prompts)))],
+        tokenizer=tokenizer,
+        device="cuda" if torch.cuda.is_available() and not args.use_cpu else None,
+    )
 
-    # Phase 1: SFT once, M0 -> M1 (a LoRA adapter shared by every run).
+
+def _sft_once(study: StudyArguments, args: CreamConfig, setup: _Setup, out: Path) -> tuple[Path, dict[str, Any]]:
+    """SFT once, M0 -> M1, saved as a LoRA adapter in ``out/M1`` that every run starts from."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling import adapters
+    from ..trainer.sft import run_sft
+
     lora = LoraConfig(r=study.lora_r, lora_alpha=2 * study.lora_r, target_modules="all-linear")
     m1_dir = out / "M1"
     with tqdm(total=1, desc="study: SFT (M0 -> M1, once)") as bar:
-        sft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), lora)
-        sft_args = _run_args(args, out, args.seed, "kendall")
-        sft_metrics = run_sft(sft_model, tokenizer, data.sft, sft_args)
+        base = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32)
+        sft_model = get_peft_model(base, lora)
+        sft_metrics = run_sft(sft_model, setup.tokenizer, setup.data.sft, _run_args(args, out, args.seed, "kendall"))
         adapters.save_adapter(sft_model, adapters.policy_adapter_name(sft_model), m1_dir)
-        tokenizer.save_pretrained(m1_dir)
+        setup.tokenizer.save_pretrained(m1_dir)
         del sft_model
         bar.update()
-    timings["sft_s"] = round(time.perf_counter() - start, 1)
+    return m1_dir, sft_metrics
 
-    # Phase 2: every (method, seed) run from the same M1.
-    runs = [(method, seed) for method in study.methods for seed in study.seeds]
+
+def _train_runs(
+    study: StudyArguments, args: CreamConfig, setup: _Setup, out: Path, m1_dir: Path, runs: list[tuple[str, int]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every (method, seed) run from the same M1: its rounds' metrics and its round-1 baselines."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ..trainer.trainer import CreamTrainer
+
     rounds: dict[str, dict[str, Any]] = {m: {} for m in study.methods}
     round1: dict[str, dict[str, Any]] = {m: {} for m in study.methods}
-    start = time.perf_counter()
     for method, seed in tqdm(runs, desc="study: rounds (method x seed)"):
         run_dir = out / method / f"seed{seed}"
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32)
         policy = PeftModel.from_pretrained(base, m1_dir, is_trainable=True)
         trainer = CreamTrainer(
-            model=policy, args=_run_args(args, run_dir, seed, METHODS[method]), train_dataset=train_prompts,
-            processing_class=tokenizer,
+            model=policy, args=_run_args(args, run_dir, seed, METHODS[method]), train_dataset=setup.train_prompts,
+            processing_class=setup.tokenizer,
         )  # fmt: skip
         rounds[method][str(seed)] = trainer.train().metrics["rounds"]
-        round1[method][str(seed)] = _round1_baselines(run_dir / "rounds" / "round_1", args.num_generations)
+        round1[method][str(seed)] = _round1_baselines(trainer.round_dir(1), args.num_generations)
         del trainer, policy, base
         gc.collect()
-    timings["rounds_s"] = round(time.perf_counter() - start, 1)
+    return rounds, round1
 
-    # Phase 3: accuracy of M0, M1 (once) and every run's M2, M3; consistency M2 vs M1, M3 vs M2 on held-out prompts.
-    start = time.perf_counter()
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+def _evaluate_runs(
+    study: StudyArguments, args: CreamConfig, setup: _Setup, out: Path, m1_dir: Path, runs: list[tuple[str, int]]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, float]]:
+    """Accuracy of M0, M1 (once) and every run's M2, M3; consistency M2 vs M1, M3 vs M2 on the held-out prompts.
+
+    Returns:
+        The shared accuracies, the per-run accuracies, the per-run consistency and the seconds spent on each.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ..evaluation import load_checkpoint, ranking_consistency
+    from ..modeling.movement import weight_change
+
+    tokenizer, held_out, device = setup.tokenizer, setup.held_out, setup.device
+    base = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.float32)
     sampling_config = GenerationConfig(
         do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
 
     def accuracy(model: torch.nn.Module, name: str) -> dict[str, Any]:
-        if study.eval_mode == "loglikelihood":
-            results = evaluate_loglikelihood(
-                model, tokenizer, eval_sets, study.eval_batch_size, args.max_length, show_progress=False, desc=name
-            )
-        else:
-            results = evaluate_accuracy(
-                model, tokenizer, eval_sets, study.eval_max_new_tokens, study.eval_batch_size, False, desc=name
-            )
-        keys = ("accuracy", "stderr", "n", "accuracy_norm", "stderr_norm", "mode")
-        return {task: {k: getattr(r, k) for k in keys} for task, r in results.items()}
-
-    def merged(model: torch.nn.Module) -> torch.nn.Module:
-        """A LoRA checkpoint with its adapter merged into its own copy of the base: the same function, faster."""
-        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        return _accuracy(model, name, study, args, setup)
 
     steps = 2 + 2 * len(runs) + (2 * len(runs) if held_out else 0)
     bar = tqdm(total=steps, desc="study: evaluation")
@@ -231,7 +299,7 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
     clock = time.perf_counter()
     acc: dict[str, Any] = {"M0": accuracy(base.eval(), "M0")}
     bar.update()
-    acc["M1"] = accuracy(merged(load_checkpoint(m1_dir, base=base, device=device)), "M1")
+    acc["M1"] = accuracy(_merged(load_checkpoint(m1_dir, base=base, device=device)), "M1")
     spent["accuracy_s"] += time.perf_counter() - clock
     bar.update()
     m1 = load_checkpoint(m1_dir, base=base, device=device)  # unmerged: Table 2 scores π_0 with the adapter disabled
@@ -257,32 +325,34 @@ def run_study(study: StudyArguments, args: CreamConfig) -> dict[str, Any]:
         clock = time.perf_counter()
         per_run_acc[method][str(seed)] = {}
         for name in ("M2", "M3"):
-            per_run_acc[method][str(seed)][name] = accuracy(merged(models.pop(name)), f"{method}/{seed}/{name}")
+            per_run_acc[method][str(seed)][name] = accuracy(_merged(models.pop(name)), f"{method}/{seed}/{name}")
             bar.update()
         spent["accuracy_s"] += time.perf_counter() - clock
         del models
         gc.collect()
     bar.close()
-    timings["evaluation_s"] = round(time.perf_counter() - start, 1)
-    timings.update({k: round(v, 1) for k, v in spent.items()})
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: what the wall times would be on free cores
-    timings["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+    return acc, per_run_acc, consistency, spent
 
-    settings = {
-        "size": study.size, **sizes, "model": model_path, "seeds": study.seeds, "methods": study.methods,
-        "tasks": study.tasks, "eval_mode": study.eval_mode, "num_generations": args.num_generations,
-        "num_iterations": args.num_iterations, "learning_rate": args.learning_rate, "beta": args.beta,
-        "round1_baseline": args.round1_baseline, "consistency_seed": 1234, "sft": sft_metrics,
-        "num_train_prompts": len(train_prompts), "num_held_out_prompts": len(held_out),
-        "torch_threads": torch.get_num_threads(),
-    }  # fmt: skip
-    results = {
-        "settings": settings, "accuracy": {"shared": acc, "runs": per_run_acc}, "consistency": consistency,
-        "round1_baseline": round1, "rounds": rounds, "timings": timings,
-    }  # fmt: skip
-    results["summary"] = summarise(results)
-    files = write_study_report(results, out)
-    print((out / "results.md").read_text(encoding="utf-8"))
-    print(f"[study] wall time per phase (s): {timings}\n[study] report: {', '.join(map(str, files.values()))}")
-    json.dumps(results, default=str)  # fail loudly here rather than leave a half-written report
-    return results
+
+def _accuracy(
+    model: torch.nn.Module, name: str, study: StudyArguments, args: CreamConfig, setup: _Setup
+) -> dict[str, Any]:
+    """One checkpoint's accuracy on the study's tasks, by option log-likelihood or greedy generation."""
+    from ..evaluation import evaluate_accuracy, evaluate_loglikelihood
+
+    tokenizer, eval_sets = setup.tokenizer, setup.eval_sets
+    if study.eval_mode == "loglikelihood":
+        results = evaluate_loglikelihood(
+            model, tokenizer, eval_sets, study.eval_batch_size, args.max_length, show_progress=False, desc=name
+        )
+    else:
+        results = evaluate_accuracy(
+            model, tokenizer, eval_sets, study.eval_max_new_tokens, study.eval_batch_size, False, desc=name
+        )
+    keys = ("accuracy", "stderr", "n", "accuracy_norm", "stderr_norm", "mode")
+    return {task: {k: getattr(r, k) for k in keys} for task, r in results.items()}
+
+
+def _merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA checkpoint with its adapter merged into its own copy of the base: the same function, faster."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

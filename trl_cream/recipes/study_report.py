@@ -303,7 +303,23 @@ def _paired_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_study(results: Mapping[str, Any], path: Path) -> Path:
+def clipped_yerr(means: Sequence[float], errors: Sequence[float], low: float, high: float) -> list[list[float]]:
+    """Asymmetric error bars ``[below, above]`` that stop at ``low`` / ``high`` (C lives in [0, 1])."""
+    below = [m - max(low, m - e) if math.isfinite(m) else 0.0 for m, e in zip(means, errors)]
+    above = [min(high, m + e) - m if math.isfinite(m) else 0.0 for m, e in zip(means, errors)]
+    return [below, above]
+
+
+# Per method: a small x shift and its own line style, so that coinciding methods stay visible side by side.
+_METHOD_STYLES = (
+    {"linestyle": "-", "marker": "o"},
+    {"linestyle": "--", "marker": "s"},
+    {"linestyle": ":", "marker": "^"},
+)
+
+
+def study_figure(results: Mapping[str, Any]) -> Any:
+    """The study's figure: average accuracy per iteration and C per pair, one line per method."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -311,27 +327,36 @@ def plot_study(results: Mapping[str, Any], path: Path) -> Path:
     figure = Figure(figsize=(11, 4), layout="constrained")
     FigureCanvasAgg(figure)
     acc_axes, c_axes = figure.subplots(1, 2)
-    for method in results["settings"]["methods"]:
+    methods = list(results["settings"]["methods"])
+    for k, method in enumerate(methods):
+        shift, style = 0.06 * (k - (len(methods) - 1) / 2), _METHOD_STYLES[k % len(_METHOD_STYLES)]
         names = ["M0", "M1", f"{method} M2", f"{method} M3"]
         stats = [summary["table1"].get(n, {}).get("Average") for n in names]
         xs = [i for i, s in enumerate(stats) if s]
         errors = [100 * max(stats[i]["std"], stats[i]["stderr"]) for i in xs]
         acc_axes.errorbar(
-            xs, [100 * stats[i]["mean"] for i in xs], yerr=errors, marker="o", capsize=3, label=method.upper()
-        )
+            [x + shift for x in xs], [100 * stats[i]["mean"] for i in xs], yerr=errors, capsize=3,
+            label=method.upper(), **style,
+        )  # fmt: skip
         pairs = summary["table2"].get(method, {})
         cs = [pairs.get(p, {}).get("consistency", {}) for p in PAIRS]
+        means = [c.get("mean", math.nan) for c in cs]
         c_axes.errorbar(
-            range(len(PAIRS)), [c.get("mean", math.nan) for c in cs], yerr=[c.get("std", 0) or 0 for c in cs],
-            marker="o", capsize=3, label=method.upper(),
+            [x + shift for x in range(len(PAIRS))], means,
+            yerr=clipped_yerr(means, [c.get("std", 0) or 0 for c in cs], 0.0, 1.0), capsize=3,
+            label=method.upper(), **style,
         )  # fmt: skip
     acc_axes.set(xticks=range(4), xticklabels=["M0", "M1", "M2", "M3"], ylabel="average accuracy (%)")
-    acc_axes.set_title("Average accuracy (± max(seed std, binomial se))")
+    acc_axes.set_title("Average accuracy (± max(seed std, standard error))")
     acc_axes.legend()
     c_axes.set(xticks=range(len(PAIRS)), xticklabels=list(PAIRS), ylim=(0, 1.05), ylabel="consistency C")
-    c_axes.set_title("Ranking consistency on held-out prompts (± seed std)")
+    c_axes.set_title("Ranking consistency on held-out prompts (± seed std, within [0, 1])")
     c_axes.legend()
-    figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_study(results: Mapping[str, Any], path: Path) -> Path:
+    study_figure(results).savefig(path, dpi=120)
     return path
 
 

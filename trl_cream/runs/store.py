@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,159 +28,28 @@ from typing import Any, TypeVar
 import torch
 from datasets import Dataset, load_from_disk
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..core.labelling import RoundScores
-from .layout import (
-    FIRST_ITERATION,
+from .files import (  # noqa: F401  (re-exported: the store's public file helpers)
     PARTIAL_SUFFIX,
-    RunLayout,
-    is_iteration_leftover,
-    iteration_index,
-    parse_trainer_checkpoint,
+    _remove,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    save_dataset,
+    save_tensors,
 )
+from .integrity import Checksums, DamagedFile, iteration_range, load_checked, owned_paths
+from .layout import FIRST_ITERATION, RunLayout, iteration_index, parse_trainer_checkpoint
 from .manifest import manifest_differences
+from .weights import load_adapter_weights, load_full_weights  # noqa: F401  (their home before 0.2)
 
 logger = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextmanager
-def atomic_dir(path: Path, enabled: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` in one rename.
-
-    The temporary name is deterministic (``.<name>.partial``), so every process of a distributed run writes into
-    the same folder; only the process with ``enabled=True`` (the main one) clears, renames or removes it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    if enabled:
-        _remove(tmp)
-        tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        if enabled:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if enabled:
-        if path.exists():  # a stale result of an earlier attempt: move it aside first, then drop it
-            old = path.with_name(f".{path.name}.old")
-            _remove(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def save_dataset(dataset: Dataset, path: Path, enabled: bool = True) -> None:
-    """``dataset.save_to_disk(path)``, atomically."""
-    with atomic_dir(path, enabled) as tmp:
-        if enabled:
-            dataset.save_to_disk(str(tmp))
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file (with string ``metadata``), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-# ---------------------------------------------------------------- model weights
-def _weight_files(path: Path, adapter: bool) -> list[Path]:
-    stem = "adapter_model" if adapter else "model"
-    index = path / f"{stem}.safetensors.index.json"
-    if index.exists():
-        return sorted({path / name for name in read_json(index)["weight_map"].values()})
-    single = path / f"{stem}.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(
-            f"{path} holds no {single.name}: only safetensors checkpoints are resumed from. Was the run saved with "
-            "save_safetensors=False? Start a new run."
-        )
-    return [single]
-
-
-@torch.no_grad()
-def load_full_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load the safetensors weights saved in ``path`` into ``model`` in place (tied weights included)."""
-    params = model.state_dict()
-    loaded: set[str] = set()
-    for file in _weight_files(Path(path), adapter=False):
-        for name, tensor in load_file(str(file)).items():
-            if name not in params:
-                raise ValueError(f"{file} holds {name!r}, which the model does not have: is it the same architecture?")
-            params[name].copy_(tensor.to(params[name].dtype))
-            loaded.add(name)
-    pointers = {params[n].data_ptr() for n in loaded}
-    missing = [n for n in params if n not in loaded and params[n].data_ptr() not in pointers]
-    if missing:
-        raise ValueError(f"{path} lacks weights for {missing[:5]}: it is not a checkpoint of this model.")
-
-
-@torch.no_grad()
-def load_adapter_weights(model: Any, adapter_name: str, path: Path) -> None:
-    """Load a LoRA adapter saved in ``path`` into the existing adapter ``adapter_name`` of a PeftModel."""
-    from peft import set_peft_model_state_dict
-
-    state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(Path(path), adapter=True):
-        state.update(load_file(str(file)))
-    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"The adapter in {path} does not fit adapter {adapter_name!r}: unexpected {unexpected[:5]}.")
 
 
 # ---------------------------------------------------------------- the phase store
@@ -209,6 +76,8 @@ class PhaseStore:
         self.first_iteration = first_iteration
         self.is_main = is_main
         self.barrier = barrier or (lambda: None)
+        self.checksums = Checksums(self.output_dir, self.state_dir, atomic_write_json)
+        self._previous_manifest: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ layout
     @property
@@ -250,11 +119,25 @@ class PhaseStore:
     def holds_a_run(self) -> bool:
         return self.manifest_path.exists() or self.layout.rounds_dir.exists()
 
-    def start(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        """Check ``manifest`` against the folder's run, then record it (one process)."""
-        clear = self.check(manifest, resume, overwrite)
-        if not resume:
-            self.record(manifest, clear)
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The folder's manifest, `None` when there is none; `DamagedFile` when it cannot be read."""
+        if not self.manifest_path.exists():
+            return None
+        manifest = load_checked(self.manifest_path, lambda: read_json(self.manifest_path))
+        if not isinstance(manifest, dict):
+            raise DamagedFile(f"{self.manifest_path} holds no manifest (a JSON object)")
+        return manifest
+
+    def finished_any_phase(self, manifest: dict[str, Any] | None) -> bool:
+        """Whether the run in the folder finished a phase (SFT, or any phase of a round): a run that finished none
+        (a failed start) is replaced by a new start without ``overwrite_output_dir``."""
+        first, rounds = iteration_range(manifest)
+        if self.layout.sft_metrics_path.exists():
+            return True
+        if any(self.iteration_dir(k).is_dir() for k in range(first + 1, first + rounds + 1)):
+            return True
+        results = ("samples", "scores.safetensors", "pairs", "metrics.json")
+        return any((self.round_dir(t) / name).exists() for t in range(1, rounds + 1) for name in results)
 
     def check(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> bool:
         """Check ``manifest`` against the folder's run, writing nothing (every process, before `record`).
@@ -263,11 +146,22 @@ class PhaseStore:
             Whether a previous run must be cleared before this one starts.
 
         Raises:
-            ValueError: resuming with a different manifest or from a folder without a run; starting afresh in a
-                folder that holds a different run (unless ``overwrite``).
+            ValueError: resuming with a different manifest, from a folder without a run or with a damaged manifest;
+                starting afresh in a folder that holds a different run that finished a phase, or ``M<k>`` folders
+                no run recorded (unless ``overwrite``).
         """
-        old = read_json(self.manifest_path) if self.manifest_path.exists() else None
+        try:
+            old, damaged = self.read_manifest(), None
+        except DamagedFile as error:
+            old, damaged = None, error
+        self._previous_manifest = old
         if resume:
+            if damaged is not None:
+                raise ValueError(
+                    f"Cannot resume the run in {self.output_dir}: {damaged}, so it cannot be checked that this is "
+                    "the same run. Restore the file, or start over with overwrite_output_dir=True (CLI: "
+                    "--overwrite_output_dir; it removes the run's M<k>, rounds/ and cream_state/ only)."
+                )
             if old is None:
                 raise ValueError(
                     f"resume_from_checkpoint: {self.output_dir} holds no CREAM run to resume ({self.manifest_path} "
@@ -278,13 +172,18 @@ class PhaseStore:
                 raise ValueError(
                     f"Cannot resume the run in {self.output_dir}: its manifest differs in {len(diffs)} field(s): "
                     + "; ".join(diffs)
-                    + ". Resume with the original settings and data, or start a new run in another output_dir."
+                    + ". Resume with the original settings, models and data, or start a new run in another "
+                    "output_dir."
                 )
             logger.info("Resuming the CREAM run in %s", self.output_dir)
             return False
         if self.holds_a_run():
-            diffs = manifest_differences(old, manifest) if old is not None else ["no manifest (an older run)"]
-            if diffs and not overwrite:
+            if damaged is not None:
+                diffs = [f"{damaged}"]
+            else:
+                diffs = manifest_differences(old, manifest) if old is not None else ["no manifest (an older run)"]
+            replaceable = not self.finished_any_phase(old or manifest)
+            if diffs and not overwrite and not replaceable:
                 raise ValueError(
                     f"output_dir={str(self.output_dir)!r} already holds a different CREAM run ("
                     + "; ".join(diffs[:10])
@@ -296,27 +195,45 @@ class PhaseStore:
                     "output_dir %s holds %s; starting over and replacing its iterations and rounds "
                     "(pass resume_from_checkpoint=True to keep finished phases).",
                     self.output_dir,
-                    "an identical run" if not diffs else "another run (overwrite_output_dir=True)",
+                    "an identical run"
+                    if not diffs
+                    else "a run that finished no phase"
+                    if replaceable
+                    else "another run (overwrite_output_dir=True)",
                 )
             return True
-        return False
+        stray = [p.name for p in owned_paths(self.layout, [manifest])[::3] if p.is_dir()]
+        if stray and not overwrite:
+            raise ValueError(
+                f"output_dir={str(self.output_dir)!r} holds {', '.join(stray)} but no CREAM run recorded them (no "
+                f"{self.manifest_path}): this run would replace them. Move them away, choose another output_dir, or "
+                "set overwrite_output_dir=True to replace them."
+            )
+        return bool(stray)
 
     def record(self, manifest: dict[str, Any], clear: bool) -> None:
         """A fresh start: clear a previous run if `check` said so, and write the manifest (main process only)."""
         if not self.is_main:
             return
         if clear:
-            self.clear()
+            self.clear([self._previous_manifest, manifest])
         atomic_write_json(self.manifest_path, manifest)
 
-    def clear(self) -> None:
-        """Remove what a previous run wrote: its state, rounds and ``M<k>`` folders (nothing else)."""
-        for child in (self.state_dir, self.layout.rounds_dir):
-            _remove(child)
-        if self.output_dir.is_dir():
-            for child in self.output_dir.iterdir():
-                if is_iteration_leftover(child.name) and child.is_dir():
-                    _remove(child)
+    def clear(self, manifests: list[dict[str, Any] | None] | None = None) -> None:
+        """Remove what the runs of ``manifests`` wrote (default: the folder's readable manifest): their state, and
+        the ``M<k>`` and ``rounds/round_<t>`` folders their first iteration and number of rounds span; ``rounds/``
+        only once empty. Nothing else in ``output_dir`` is touched."""
+        if manifests is None:
+            try:
+                manifests = [self.read_manifest()]
+            except DamagedFile:
+                manifests = []
+        for path in owned_paths(self.layout, manifests):
+            _remove(path)
+        _remove(self.state_dir)
+        rounds = self.layout.rounds_dir
+        if rounds.is_dir() and not any(rounds.iterdir()):
+            rounds.rmdir()
 
     def last_complete_round(self, num_rounds: int) -> int:
         """The last round ``t`` with ``M<first+t>`` saved such that every earlier one is saved too (0: none)."""
@@ -344,10 +261,40 @@ class PhaseStore:
     def save_sft_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
             atomic_write_json(self.layout.sft_metrics_path, metrics)
+            self.checksums.record(self.layout.sft_metrics_path)
 
     def load_sft_metrics(self) -> dict[str, Any]:
         path = self.layout.sft_metrics_path
-        return read_json(path) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            return load_checked(path, lambda: read_json(path), self.checksums)
+        except DamagedFile as error:
+            raise DamagedFile(
+                f"{error}. It holds the SFT stage's metrics only (M{self.first_iteration} holds its result): delete "
+                "it and resume; the model cards then lack the SFT metrics."
+            ) from None
+
+    # ------------------------------------------------------------ damaged phase files
+    PHASE_FILES = ("samples", "scores.safetensors", "candidates", "pairing.json", "pairs")
+
+    def _load_phase(self, t: int, name: str, paths: list[Path], load: Any) -> Any:
+        """``load()`` after checking ``paths``; a damaged file is named, the phase and the round's later phases are
+        removed (main process) and `None` is returned, so that the phase is recomputed."""
+        try:
+            for path in paths:
+                self.checksums.verify(path)
+            return load_checked(paths[0], load)
+        except DamagedFile as error:
+            logger.warning(
+                "Round %d: %s. The %s phase of round %d and the phases after it are recomputed (sampling and "
+                "scoring are seeded, so the result is the one the damaged file held).",
+                t, error, name, t,
+            )  # fmt: skip
+            if self.is_main:
+                for later in self.PHASE_FILES[self.PHASE_FILES.index(paths[0].name) :]:
+                    _remove(self.round_dir(t) / later)
+            return None
 
     # ------------------------------------------------------------ phases of a round
     def save_samples(self, t: int, prompt_ids: list[list[int]], candidates: list[list[list[int]]]) -> None:
@@ -355,13 +302,17 @@ class PhaseStore:
             {"prompt_index": list(range(len(prompt_ids))), "prompt_input_ids": prompt_ids, "candidates": candidates}
         )
         save_dataset(table, self.round_dir(t) / "samples", self.is_main)
+        if self.is_main:
+            self.checksums.record(self.round_dir(t) / "samples")
 
     def load_samples(self, t: int, prompt_ids: list[list[int]]) -> list[list[list[int]]] | None:
         """The round's saved candidates, or `None`; refuses samples drawn for other prompt tokens."""
         path = self.round_dir(t) / "samples"
         if not path.is_dir():
             return None
-        table = load_from_disk(str(path))
+        table = self._load_phase(t, "sampling", [path], lambda: load_from_disk(str(path)))
+        if table is None:
+            return None
         if table["prompt_input_ids"] != prompt_ids:
             raise ValueError(
                 f"The candidates saved in {path} were sampled for other prompt tokens than round {t}'s prompts "
@@ -378,14 +329,22 @@ class PhaseStore:
                 tensors[name] = getattr(scores, name)
         metadata = {"reward_metrics": json.dumps(scores.reward_metrics)}
         save_tensors(tensors, self.round_dir(t) / "scores.safetensors", metadata)
+        self.checksums.record(self.round_dir(t) / "scores.safetensors")
 
     def load_scores(self, t: int) -> RoundScores | None:
         path = self.round_dir(t) / "scores.safetensors"
         if not path.exists():
             return None
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            reward_metrics = json.loads((f.metadata() or {}).get("reward_metrics", "{}"))
+
+        def load() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            with safe_open(str(path), framework="pt") as f:
+                metrics = json.loads((f.metadata() or {}).get("reward_metrics", "{}"))
+            return load_file(str(path)), metrics
+
+        loaded = self._load_phase(t, "scoring", [path], load)
+        if loaded is None:
+            return None
+        tensors, reward_metrics = loaded
         return RoundScores(
             policy=tensors["policy"],
             initial=tensors["initial"],
@@ -402,14 +361,23 @@ class PhaseStore:
             return
         if candidates is not None:
             save_dataset(candidates, self.round_dir(t) / "candidates")
+            self.checksums.record(self.round_dir(t) / "candidates")
         atomic_write_json(self.layout.pairing_path(t), metrics)
+        self.checksums.record(self.layout.pairing_path(t))
         save_dataset(pairs, self.round_dir(t) / "pairs")
+        self.checksums.record(self.round_dir(t) / "pairs")
 
     def load_pairs(self, t: int) -> tuple[Dataset, dict[str, Any]] | None:
-        path = self.round_dir(t) / "pairs"
-        if not path.is_dir() or not self.layout.pairing_path(t).exists():
+        path, pairing = self.round_dir(t) / "pairs", self.layout.pairing_path(t)
+        if not path.is_dir() or not pairing.exists():
             return None
-        return load_from_disk(str(path)), read_json(self.layout.pairing_path(t))
+
+        def load() -> tuple[Dataset, dict[str, Any]]:
+            return load_checked(path, lambda: load_from_disk(str(path))), load_checked(
+                pairing, lambda: read_json(pairing)
+            )
+
+        return self._load_phase(t, "pairing", [pairing, path], load)
 
     def last_trainer_checkpoint(self, t: int) -> Path | None:
         """The latest complete intra-round Trainer checkpoint of round ``t`` (one with ``trainer_state.json``)."""
@@ -431,10 +399,19 @@ class PhaseStore:
     def save_round_metrics(self, t: int, metrics: dict[str, Any]) -> None:
         if self.is_main:
             atomic_write_json(self.layout.round_metrics_path(t), metrics)
+            self.checksums.record(self.layout.round_metrics_path(t))
 
     def load_round_metrics(self, t: int) -> dict[str, Any]:
-        path = self.layout.round_metrics_path(t)
-        if path.exists():
-            return read_json(path)
-        pairing = self.layout.pairing_path(t)
-        return read_json(pairing) if pairing.exists() else {"round": t}
+        """A finished round's metrics (``metrics.json``, else ``pairing.json``); a damaged file is named with what
+        to do (the round's model is saved, so nothing is recomputed)."""
+        for path in (self.layout.round_metrics_path(t), self.layout.pairing_path(t)):
+            if path.exists():
+                try:
+                    return load_checked(path, lambda p=path: read_json(p), self.checksums)
+                except DamagedFile as error:
+                    raise DamagedFile(
+                        f"{error}. Round {t} is finished (M{self.first_iteration + t} is saved); this file only holds "
+                        f"its metrics for the model cards. Delete it and resume (round {t}'s metrics are then read "
+                        "from what is left, or missing), or restore it."
+                    ) from None
+        return {"round": t}

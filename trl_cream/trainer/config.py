@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar
 
 from trl.experimental.online_dpo import OnlineDPOConfig
 
@@ -11,11 +12,77 @@ from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
 from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
+from .config_checks import check_optimization_settings, check_sampling_settings
+from .schedule import whole_step_warmup
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
 
 REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
+
+# Every choice field and its allowed values, checked once, here (the owning layer defines each tuple).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "consistency_measure": MEASURES,
+    "consistency_granularity": GRANULARITIES,
+    "ref_policy": REF_POLICIES,
+    "generation_backend": GENERATION_BACKENDS,
+    "long_prompts": LONG_PROMPT_MODES,
+    "round1_baseline": ROUND1_BASELINES,
+    "reward_source": REWARD_SOURCES,
+    "baseline_source": BASELINE_SOURCES,
+}
+
+_VLLM = "CREAM samples with transformers (`generation_backend`); vLLM is not supported yet"
+# Fields inherited from OnlineDPOConfig that CREAM does not use: setting one to anything but TRL's default is refused,
+# with what to use instead.
+IGNORED_PARENT_FIELDS: dict[str, str] = {
+    "reward_model_path": (
+        "CREAM ranks candidates with its own implicit reward; for an external reward model pass "
+        "`reward_model=` to CreamTrainer with reward_source='reward_model' (or baseline_source='reward_model')"
+    ),
+    "reward_weights": "CREAM uses one reward source (`reward_source`), so there is nothing to weight",
+    "missing_eos_penalty": (
+        "CREAM's rewards are log-likelihood ratios, not reward-model scores to penalise; lower `max_new_tokens` "
+        "or raise it so that candidates finish"
+    ),
+    "cache_implementation": "pass it in `generation_kwargs` (e.g. {'cache_implementation': 'static'})",
+    "model_init_kwargs": "CreamTrainer takes an instantiated model: pass the kwargs to from_pretrained yourself",
+    "vllm_model_impl": _VLLM,
+    "vllm_structured_outputs_regex": _VLLM,
+    "vllm_gpu_memory_utilization": _VLLM,
+    "vllm_mode": _VLLM,
+    "vllm_server_base_url": _VLLM,
+    "vllm_server_host": _VLLM,
+    "vllm_server_port": _VLLM,
+    "vllm_server_timeout": _VLLM,
+    "vllm_group_port": _VLLM,
+    "vllm_tensor_parallel_size": _VLLM,
+    "vllm_enable_sleep_mode": _VLLM,
+}
+
+
+def _parent_default(name: str) -> Any:
+    """TRL's default of an `OnlineDPOConfig` field."""
+    spec = OnlineDPOConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def check_choices(config: Any) -> None:
+    """Each choice field of `CHOICES` holds one of its allowed values."""
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name}={getattr(config, name)!r} is unknown; choose one of {', '.join(choices)}.")
+
+
+def refuse_ignored_parent_fields(config: Any) -> None:
+    """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
+    for name, instead in IGNORED_PARENT_FIELDS.items():
+        if name in OnlineDPOConfig.__dataclass_fields__ and getattr(config, name) != _parent_default(name):
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is a field of TRL's OnlineDPOConfig that CREAM does not use, so it "
+                f"would be silently ignored: {instead}. Leave {name} at its default "
+                f"({_parent_default(name)!r})."
+            )
 
 
 def _bf16_available() -> bool:
@@ -86,8 +153,9 @@ class CreamConfig(OnlineDPOConfig):
             `datasets` folders under `output_dir/rounds/round_<t>`. The phase results that a resume needs
             (`samples/`, `scores.safetensors`, `pairs/`, `pairing.json`, `metrics.json`) are written either way.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Start afresh in an `output_dir` that holds a different CREAM run, replacing its `M<k>`, `rounds/` and
-            `cream_state/` (nothing else). Without it such a start is refused; resume the run with
+            Start afresh in an `output_dir` that holds a different CREAM run, replacing the `M<k>`,
+            `rounds/round_<t>` and `cream_state/` its manifest lists (nothing else). Without it such a start is
+            refused, unless that run finished no phase (a failed start); resume the run with
             `resume_from_checkpoint=True` or pick a new `output_dir`.
         long_prompts (`str`, *optional*, defaults to `"truncate"`):
             What to do with prompts longer than `max_length - max_new_tokens` tokens (their completions would not
@@ -97,7 +165,7 @@ class CreamConfig(OnlineDPOConfig):
             Freeze the objects that exist when scoring and training start out of Python's cyclic garbage collector
             (`gc.freeze`) until the phase ends, so that the full collections run between phases (accelerate's
             `free_memory`, the release of ``π_{t−1}``) only walk what the phase created. Exact (no numeric change);
-            saves about 1.5–2 s per collection, four per round, on a busy CPU (see `benchmarks/README.md`).
+            the time it saves is measured in `benchmarks/` (figures in `benchmarks/RESULTS.md`).
         policy_logps_from_sampling (`bool`, *optional*, defaults to `False`):
             Take ``π_t``'s scores of the candidates from the sampling pass (`generate(output_logits=True)`, the raw
             logits) instead of a separate scoring forward: one forward pass fewer per round. They equal the forward's
@@ -150,7 +218,10 @@ class CreamConfig(OnlineDPOConfig):
         num_train_epochs (`float`, *optional*, defaults to `1.0`):
             Epochs over each round's pairs (paper: 1).
         warmup_steps (`float`, *optional*, defaults to `0.1`):
-            Linear warm-up, as a ratio of each round's steps when below 1 (paper: warm-up ratio 0.1).
+            Linear warm-up of each round (and of the SFT stage), as a ratio of its optimizer steps when below 1
+            (paper: warm-up ratio 0.1). Unlike transformers, a ratio rounds *down* to whole steps and the warm-up
+            always leaves at least one step at the full learning rate: a round of fewer than 10 steps has no warm-up
+            at all, and a one-step round never runs at learning rate 0.
         max_new_tokens (`int`, *optional*, defaults to `768`):
             Maximum tokens of each sampled candidate (the authors' code samples up to 768; TRL's default is 64,
             which cuts GSM8K-style reasoning short). Sampling cost grows with it: with `generation_backend="generate"`
@@ -171,10 +242,25 @@ class CreamConfig(OnlineDPOConfig):
             Nucleus sampling of the candidates.
         save_strategy (`str`, *optional*, defaults to `"no"`):
             Intra-round Trainer checkpoints; off by default since every round's model is saved as `M<t+1>`.
+        ddp_find_unused_parameters (`bool` or `None`, *optional*, defaults to `False`):
+            DDP's `find_unused_parameters`. A CREAM step runs the whole policy (or the whole policy adapter, the
+            other adapters being frozen), so no trainable parameter goes unused: transformers' default (`True`
+            without gradient checkpointing) only costs an extra graph traversal per step and prints a warning on
+            every rank. Set it to `True` for a model whose forward skips trainable parameters (e.g. some MoE).
 
     `beta` (default 0.1) may also be a list with one value per round. `bf16` defaults to `True` as in TRL, except on
     a machine without bf16 support (e.g. CPU only), where it defaults to `False`.
     """
+
+    # CREAM's own fields that change neither the candidates, the scores, the pairs nor the weights: they may differ
+    # when a run is resumed (see `trl_cream.runs.manifest.not_compared_fields`, which checks that each is a field).
+    resume_free_fields: ClassVar[frozenset[str]] = frozenset(
+        {
+            "save_round_artifacts", "overwrite_output_dir", "freeze_gc", "save_strategy", "hub_iteration_strategy",
+            "hub_push_failure", "hub_push_retries", "hub_push_backoff", "push_round_datasets",
+            "push_merged_weights", "hub_base_model_id", "hub_card_results",
+        }
+    )  # fmt: skip
 
     num_iterations: int = field(
         default=2,
@@ -329,7 +415,10 @@ class CreamConfig(OnlineDPOConfig):
     )
     warmup_steps: float = field(
         default=0.1,
-        metadata={"help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1)."},
+        metadata={
+            "help": "Warm-up steps, or a ratio of each round's steps if below 1 (paper: 0.1), rounded down; at least "
+            "one step of a round always runs at the full learning rate."
+        },
     )
     max_new_tokens: int = field(
         default=768,
@@ -351,6 +440,13 @@ class CreamConfig(OnlineDPOConfig):
         default="no",
         metadata={"help": "Intra-round Trainer checkpoints; every round's model is saved as M<t+1> regardless."},
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters: every trainable parameter of a CREAM step is used, so False "
+            "(True only for a model whose forward skips trainable parameters)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -367,18 +463,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
-        for name, choices in (
-            ("consistency_measure", MEASURES),
-            ("consistency_granularity", GRANULARITIES),
-            ("ref_policy", REF_POLICIES),
-            ("generation_backend", GENERATION_BACKENDS),
-            ("long_prompts", LONG_PROMPT_MODES),
-            ("round1_baseline", ROUND1_BASELINES),
-            ("reward_source", REWARD_SOURCES),
-            ("baseline_source", BASELINE_SOURCES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}.")
+        check_choices(self)
+        refuse_ignored_parent_fields(self)
         penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
         if self.generation_backend == "paged" and penalty not in (None, 1.0):
             raise ValueError(
@@ -404,6 +490,8 @@ class CreamConfig(OnlineDPOConfig):
             )
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
+        check_sampling_settings(self)
+        check_optimization_settings(self)
         validate_settings(self)
 
     def __getstate__(self) -> dict:
@@ -421,6 +509,10 @@ class CreamConfig(OnlineDPOConfig):
 
     def __repr__(self) -> str:
         return str(self)  # TrainingArguments.__str__ masks every *_token field
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warm-up steps of one round: whole steps, never all of them (`trl_cream.trainer.schedule`)."""
+        return whole_step_warmup(self.warmup_steps, num_training_steps)
 
     def beta_for_round(self, round_index: int) -> float:
         """β of round ``round_index`` (1-based)."""

@@ -44,6 +44,7 @@ def validate_prompts(dataset: Dataset | None, num_iterations: int) -> None:
     """Check the prompt dataset before anything is loaded or generated."""
     if dataset is None:
         raise ValueError("`train_dataset` is required: a prompt-only dataset with a `prompt` column.")
+    check_dataset_type(dataset, "train_dataset")
     columns = getattr(dataset, "column_names", None) or []
     if "prompt" not in columns:
         raise ValueError(
@@ -57,12 +58,74 @@ def validate_prompts(dataset: Dataset | None, num_iterations: int) -> None:
             f"num_iterations={num_iterations} is larger than the number of prompts ({len(dataset)}): every "
             "round needs at least one prompt. Lower num_iterations or add prompts."
         )
-    empty = [i for i, p in enumerate(dataset["prompt"]) if p is None or (isinstance(p, (str, list)) and not p)]
+    prompts = dataset["prompt"]
+    empty = [i for i, p in enumerate(prompts) if p is None or (isinstance(p, (str, list)) and not p)]
     if empty:
         raise ValueError(
             f"`train_dataset` has {len(empty)} empty prompt(s) (None, '' or []), e.g. at rows {empty[:5]}: a round "
             "would sample from no prompt. Drop them, e.g. dataset.filter(lambda row: bool(row['prompt']))."
         )
+    for i, prompt in enumerate(prompts):
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(f"`train_dataset` row {i}: the prompt {_short(prompt)} {problem}")
+
+
+def check_dataset_type(dataset: Any, name: str) -> None:
+    """A `datasets.Dataset` (or anything indexable by column), not a `DatasetDict` or a streamed `IterableDataset`."""
+    from datasets import DatasetDict, IterableDataset, IterableDatasetDict
+
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        raise TypeError(
+            f"`{name}` is a {type(dataset).__name__} with splits {list(dataset)}; pass one split, e.g. "
+            f"{name}=dataset[{next(iter(dataset), 'train')!r}]."
+        )
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"`{name}` is an IterableDataset (streaming): CREAM shuffles and splits the prompts across rounds, so "
+            "it needs them all. Load without streaming=True, or materialise it: "
+            "Dataset.from_list(list(iterable_dataset))."
+        )
+
+
+def prompt_problem(prompt: Any) -> str | None:
+    """What is wrong with one prompt (a string, or chat messages with string `role` and `content`), or `None`."""
+    if isinstance(prompt, str):
+        if prompt.strip():
+            return None
+        return "is only whitespace: drop it, e.g. dataset.filter(lambda r: r['prompt'].strip())."
+    if not isinstance(prompt, list):
+        return (
+            f"is a {type(prompt).__name__}; a prompt is a string or a list of chat messages "
+            "([{'role': 'user', 'content': '...'}]). Convert the column to strings."
+        )
+    if all(isinstance(m, str) for m in prompt):
+        return (
+            "is a list of strings, which would be tokenized as pre-split words; join it into one string "
+            "(' '.join(...)) or give chat messages [{'role': 'user', 'content': '...'}]."
+        )
+    for k, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return (
+                f"has message {k} without a string 'role' ({_short(message)}); every message needs 'role' "
+                "('system', 'user' or 'assistant') and 'content'."
+            )
+        content = message.get("content")
+        if isinstance(content, list):
+            return (
+                f"has message {k} whose content is a list of parts; give the text as one string, e.g. "
+                "' '.join(part['text'] for part in content)."
+            )
+        if not isinstance(content, str):
+            return f"has message {k} with content={content!r}; every message needs a string 'content'."
+    if not any(m["content"].strip() for m in prompt):
+        return "has only empty or whitespace messages: drop it."
+    return None
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def validate_sft_dataset(dataset: Dataset) -> None:

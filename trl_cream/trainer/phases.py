@@ -20,11 +20,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed
+from .. import distributed, engines
 from ..core.labelling import RoundScores
 from ..modeling import adapters, sampling
 from ..modeling.perf import sampled_policy_scores
-from ..runs.store import load_adapter_weights
+from ..runs.weights import load_adapter_weights
 
 TokenIds = list[int]
 
@@ -89,7 +89,7 @@ def generate(
             args.num_generations,
             sampling.sampling_generation_config(args, policy.eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id),
             batch_size=args.generation_batch_size,
-            show_progress=policy.accelerator.is_local_main_process,
+            show_progress=policy.accelerator.is_local_main_process and not args.disable_tqdm,
             desc=desc,
             backend=args.generation_backend,
             logps_out=logps_out,
@@ -120,7 +120,8 @@ def score(
     def run(m: nn.Module, who: str) -> torch.Tensor:
         return distributed.score_shard(
             accelerator, m, prompt_ids, candidates, policy.tokenizer.pad_token_id, args.max_length,
-            batch_size=args.scoring_batch_size, show_progress=accelerator.is_local_main_process,
+            batch_size=args.scoring_batch_size,
+            show_progress=accelerator.is_local_main_process and not args.disable_tqdm,
             desc=f"round {t}: scoring {who}",
         )  # fmt: skip
 
@@ -128,7 +129,8 @@ def score(
         policy_logps = None  # falling back (prompt + candidate > max_length) would wait for the others forever
     scores_t = sampled_policy_scores(policy_logps, prompt_ids, candidates, args.max_length)
     if scores_t is None:
-        scores_t = run(policy.wrapped if policy.is_fsdp else model, "π_t")
+        with engines.scoring_policy(accelerator, model, policy.wrapped, policy.is_fsdp) as scored:  # ZeRO-3: gathered
+            scores_t = run(scored, "π_t")
     previous = None
     if policy.use_peft:
         with model.disable_adapter():

@@ -17,7 +17,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import adapters
-from ..runs.store import PhaseStore, load_adapter_weights, load_full_weights
+from ..runs.store import PhaseStore
+from ..runs.weights import load_adapter_weights, load_full_weights
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
 
 from .config import CreamConfig
+from .schedule import SFTStageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,13 @@ def prepare_sft_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) ->
     return dataset, {"completion_only_loss": False}  # `text`: language modelling on the whole text
 
 
-def sft_config(args: CreamConfig, **loss_flags: bool) -> SFTConfig:
-    """The SFTConfig of the SFT stage: CREAM's `sft_*` fields plus the shared training settings."""
+def sft_config(args: CreamConfig, report_to: str | list[str] | None = None, **loss_flags: bool) -> SFTConfig:
+    """The SFTConfig of the SFT stage: CREAM's `sft_*` fields plus the shared training settings (`report_to` too,
+    unless given: the CREAM trainer passes ``"none"`` and forwards the stage's logs into its own run)."""
     shared = {name: getattr(args, name) for name in _SHARED_FIELDS}
-    return SFTConfig(
+    if report_to is not None:
+        shared["report_to"] = report_to
+    return SFTStageConfig(
         output_dir=str(Path(args.output_dir) / "sft"),
         num_train_epochs=args.sft_num_train_epochs,
         learning_rate=args.sft_learning_rate,
@@ -112,12 +116,13 @@ def build_sft_trainer(
     dataset: Dataset,
     args: CreamConfig,
     callbacks: list[TrainerCallback] | None = None,
+    report_to: str | list[str] | None = None,
 ) -> SFTTrainer:
     """TRL's SFTTrainer for the SFT stage, set up to supervise the answers only (see the module docstring)."""
     dataset, loss_flags = prepare_sft_dataset(dataset, tokenizer)
     return SFTTrainer(
         model=model,
-        args=sft_config(args, **loss_flags),
+        args=sft_config(args, report_to, **loss_flags),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -130,9 +135,11 @@ def run_sft(
     dataset: Dataset,
     args: CreamConfig,
     callbacks: list[TrainerCallback] | None = None,
+    report_to: str | list[str] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``dataset`` (a PEFT model trains its active adapter). Returns the train metrics."""
-    trainer = build_sft_trainer(model, tokenizer, dataset, args, callbacks)
+    trainer = build_sft_trainer(model, tokenizer, dataset, args, callbacks, report_to)
     output = trainer.train()
+    trainer.accelerator.free_memory()  # DeepSpeed: destroy the SFT engine (its optimizer state, ZeRO-3 hooks)
     logger.info("SFT stage done: loss %.4f over %d steps", output.training_loss, output.global_step)
     return {"sft_loss": output.training_loss, "sft_steps": output.global_step, **output.metrics}

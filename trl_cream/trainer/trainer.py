@@ -23,15 +23,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
-from .. import distributed, hub
+from .. import distributed, engines, hub
 from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
 from ..core.loss import cream_dpo_loss
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import completion_logps, tokenize_prompts
-from ..runs.manifest import build_manifest
+from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
-from . import phases, resume
+from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
 from .phases import RoundSamples
@@ -41,6 +41,8 @@ from .validation import (
     check_distinct_from_initial,
     check_finite_scores,
     check_inputs,
+    check_single_train,
+    check_training_finite,
     fit_prompts,
 )
 
@@ -108,6 +110,9 @@ class CreamTrainer(TrlOnlineDPOBase):
     ) -> None:
         check_inputs(model, ref_model, args, train_dataset, processing_class, peft_config, sft_dataset)
         reward_sources.check_reward_setup(args.reward_source, args.baseline_source, reward_model, judge_model)
+        identity = run_identity(model, ref_model, processing_class, is_peft_model(model) or peft_config is not None)
+        if sft_dataset is not None:  # ZeRO-3: π_0 built partitioned from M0 (TRL's create_reference_model refuses)
+            ref_model = engines.initial_reference(model, is_peft_model(model) or peft_config is not None)
         super().__init__(
             model, ref_model, args, train_dataset, processing_class, peft_config, callbacks, optimizers
         )  # fmt: skip
@@ -119,6 +124,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         self.sft_dataset = sft_dataset
         self.sft_metrics: dict[str, float] = {}
         self.round_metrics: list[dict[str, Any]] = []
+        self._run_identity, self._train_called = identity, False  # the models as given; one run per train()
         self.store = PhaseStore(
             args.output_dir, is_main=self.accelerator.is_main_process, barrier=self.accelerator.wait_for_everyone
         )
@@ -129,6 +135,10 @@ class CreamTrainer(TrlOnlineDPOBase):
         self.reward_models = reward_sources.ExternalRewards(
             reward_model, reward_processing_class, judge_model, judge_processing_class, self.accelerator.device
         )
+        self.lr_probe = report.LearningRateProbe()  # tells a round that ran at learning rate 0
+        self.add_callback(self.lr_probe)
+        run_log.attach(self.callback_handler.callbacks, args.output_dir)  # one logging run for SFT + every round
+        self.phase_status: dict[str, str] = {}  # phase -> "reused" when a resume loaded it
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -156,7 +166,7 @@ class CreamTrainer(TrlOnlineDPOBase):
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                 "logps/chosen": chosen,
                 "logps/rejected": rejected,
-                "cream/consistency": inputs["consistency"],
+                "cream/batch_consistency": inputs["consistency"],
                 "beta": torch.full_like(chosen, self.beta),
             }.items():
                 self.stats.setdefault(key, []).append(gather(value.detach().float()).mean().item())
@@ -173,6 +183,8 @@ class CreamTrainer(TrlOnlineDPOBase):
                 last intra-round Trainer checkpoint if `save_strategy` made one; a path to one of those
                 checkpoints (``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>``) picks it explicitly.
         """
+        check_single_train(self._train_called, self.args.output_dir)
+        self._train_called = True
         start = self._open_run(resume_from_checkpoint)
         shards = self.split_prompts()
         first = self.store.iteration(1)
@@ -182,11 +194,12 @@ class CreamTrainer(TrlOnlineDPOBase):
                 self.store.save_sft_metrics(self.sft_metrics)
             self.save_iteration(first)
             self.push_iteration(first)
-        output = TrainOutput(self._step_offset, 0.0, {})
+        output = TrainOutput(self.steps.offset, 0.0, {})
         for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
             if t > start.done:
                 self.round = t
                 output = self._run_round(t, prompts, start)
+        run_log.end_run(self.callback_handler.callbacks, self.args, self.state, self.control, model=self.model)
         if self._hub is not None:
             self._hub.wait()
         output.metrics["rounds"] = self.round_metrics
@@ -198,7 +211,8 @@ class CreamTrainer(TrlOnlineDPOBase):
         """Round ``t``: M_t → M_{t+1}. Each phase's result is saved as soon as it is computed, and loaded instead of
         recomputed when an earlier attempt of the run finished it."""
         start = start or resume.RunStart()
-        args, timings = self.args, {}
+        args, timings, step = self.args, {}, self.steps.round_start()  # the round's own metrics go to `step`
+        self.phase_status, self._start, _ = {}, start, self.lr_probe.reset()
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
@@ -209,16 +223,25 @@ class CreamTrainer(TrlOnlineDPOBase):
         phases.advance_previous(self._policy())  # π_t becomes round t + 1's π_{t−1}
         with _timed(timings, "pair"):
             pairs, metrics = self.label_phase(t, samples, scores)  # lines 9-12: rankings, C, pairs
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k != "round"})
+        self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
         with _timed(timings, "train"):
-            output = self.train_phase(t, pairs, start.trainer_checkpoint(t, self.store))  # lines 13-14
-        metrics.update(train_loss=output.training_loss, train_steps=output.global_step)
+            checkpoint = start.trainer_checkpoint(t, self.store)
+            if t == start.resumed_round:
+                how = f"continues from {checkpoint}" if checkpoint else "runs from the round's start"
+                logger.info("Resuming round %d: training %s.", t, how)
+            output = self.train_phase(t, pairs, checkpoint)  # lines 13-14
+        check_training_finite(self.accelerator, self.model, output.training_loss, t, args)  # before M_{t+1} is saved
+        metrics.update(train_loss=output.training_loss if output.global_step else None, train_steps=output.global_step)
+        report.flag_no_op(t, metrics, self.lr_probe)  # warns once and marks a round that learnt nothing
         with _timed(timings, "save"):
             self.save_iteration(self.store.iteration(t + 1))  # M_{t+1}
         self.store.drop_trainer_checkpoints(t)
         metrics.update({f"time_{k}_s": v for k, v in timings.items()})
-        self.store.save_round_metrics(t, {**metrics, "timings_s": timings})
-        self.log({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")})
+        metrics = report.tidy({**metrics, "reused_phases": sorted(self.phase_status)})
+        self.store.save_round_metrics(t, metrics)
+        self.log_at({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")}, step)
+        if self.is_world_process_zero():
+            print(report.round_line(metrics, args.num_iterations), flush=True)
         self.round_metrics.append(metrics)
         self.push_iteration(self.store.iteration(t + 1))
         return output
@@ -243,7 +266,7 @@ class CreamTrainer(TrlOnlineDPOBase):
             return distributed.gather_candidates(shard, local)
 
         candidates = self.store.load_or_compute(
-            lambda: self.store.load_samples(t, prompt_ids),
+            lambda: self._noted(t, "generate", "samples", self.store.load_samples(t, prompt_ids)),
             sample,
             lambda c: self.store.save_samples(t, prompt_ids, c),
         )
@@ -264,7 +287,7 @@ class CreamTrainer(TrlOnlineDPOBase):
             scores = distributed.gather_scores(shard, scores, samples.candidates)
             scores = reward_sources.add_external_rewards(
                 scores, self.reward_models, self.args, samples.prompts, samples.candidates, policy.model,
-                policy.tokenizer, show_progress=self.accelerator.is_local_main_process,
+                policy.tokenizer, show_progress=self._shows_progress(),
             )  # fmt: skip
             k = self.store.iteration(t)
             named = {f"π_t (M{k})": scores.policy, "π_0": scores.initial, f"π_t-1 (M{k - 1})": scores.previous}
@@ -272,7 +295,9 @@ class CreamTrainer(TrlOnlineDPOBase):
             return scores
 
         return self.store.load_or_compute(
-            lambda: self.store.load_scores(t), compute, lambda s: self.store.save_scores(t, s)
+            lambda: self._noted(t, "score", "scores", self.store.load_scores(t)),
+            compute,
+            lambda s: self.store.save_scores(t, s),
         )
 
     def label_phase(self, t: int, samples: RoundSamples, scores: RoundScores) -> tuple[Dataset, dict[str, Any]]:
@@ -292,7 +317,7 @@ class CreamTrainer(TrlOnlineDPOBase):
             return pairs, metrics, table
 
         def load() -> tuple[Dataset, dict[str, Any], None] | None:
-            loaded = self.store.load_pairs(t)
+            loaded = self._noted(t, "pair", "pairs", self.store.load_pairs(t))
             return None if loaded is None else (*loaded, None)
 
         pairs, metrics, _ = self.store.load_or_compute(load, label, lambda r: self.store.save_pairs(t, *r))
@@ -300,12 +325,7 @@ class CreamTrainer(TrlOnlineDPOBase):
 
     def train_phase(self, t: int, pairs: Dataset, checkpoint: Path | None = None) -> TrainOutput:
         """Train π_t on the round's pairs with the CREAM loss (reference: the scoring pass's log-probs)."""
-        if len(pairs) == 0:
-            logger.warning(
-                "Round %d produced no preference pair: every prompt's candidates are tied (equal implicit rewards). "
-                "Nothing is learnt this round and the policy is kept as is.",
-                t,
-            )
+        if len(pairs) == 0:  # `report.flag_no_op` says why and marks the round
             return TrainOutput(0, 0.0, {})
         return self.train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=self.args.seed + t)
 
@@ -353,7 +373,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
         iterations whose push did not finish."""
         args = self.args
-        manifest = build_manifest(args, self.prompts, self.sft_dataset, self.use_peft, self.store.iteration(1))
+        manifest = build_manifest(
+            args, self.prompts, self.sft_dataset, self.use_peft, self.store.iteration(1), self._run_identity
+        )
         start = resume.open_run(
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
             args.overwrite_output_dir,
@@ -364,12 +386,26 @@ class CreamTrainer(TrlOnlineDPOBase):
                 self._policy().model, self.use_peft, self.store.iteration_dir(self.store.iteration(start.done + 1))
             )
             self.round_metrics.extend(start.round_metrics)
-            self._step_offset += start.train_steps
+            self.steps.finish_stage(int(start.sft_metrics.get("sft_steps", 0)) + start.train_steps)
             if self._pushes_to_hub():
                 for index in resume.unpushed_iterations(self.store, start.done):
                     logger.info("Resuming: M%d was saved but its push did not finish; pushing it now.", index)
                     self.push_iteration(index)
         return start
+
+    def _noted(self, t: int, phase: str, what: str, loaded: Any) -> Any:
+        """Record (for the console line, metrics.json and the card) and log whether a resume reused a phase."""
+        resumed_round = getattr(self, "_start", resume.RunStart()).resumed_round
+        if loaded is not None:
+            self.phase_status[phase] = report.REUSED
+            logger.info("Resuming round %d: %s reused from %s.", t, what, self.store.round_dir(t))
+        elif t == resumed_round:
+            logger.info("Resuming round %d: %s recomputed.", t, what)
+        return loaded
+
+    def _shows_progress(self) -> bool:
+        """Sampling/scoring/judge bars: on the local main process, unless ``disable_tqdm``."""
+        return self.accelerator.is_local_main_process and not self.args.disable_tqdm
 
     def _pushes_to_hub(self) -> bool:
         """Whether saved iterations are published (``push_to_hub``)."""
@@ -379,10 +415,15 @@ class CreamTrainer(TrlOnlineDPOBase):
         """Algorithm 1 line 2: train M0 → M1 on `sft_dataset` with TRL's SFTTrainer, in place."""
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)
-        self.sft_metrics = run_sft(model, self.processing_class, self.sft_dataset, self.args)
+        forward = run_log.SFTLogForwarder(self.log_at)  # the stage's logs go to this run, at steps 1..S
+        self.sft_metrics = run_sft(
+            model, self.processing_class, self.sft_dataset, self.args, callbacks=[forward], report_to="none"
+        )
         self.sft_metrics["time_sft_s"] = round(time.perf_counter() - start, 3)
         check_distinct_from_initial(model, self.ref_model, None)
-        self.log({f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
+        self.steps.finish_stage(int(self.sft_metrics.get("sft_steps", 0)))
+        numbers = {f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))}
+        self.log_at(numbers, self.steps.offset)
         return self.sft_metrics
 
     def save_iteration(self, index: int) -> None:

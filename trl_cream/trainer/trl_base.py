@@ -35,7 +35,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+from .. import engines
 from ..modeling.perf import frozen_gc
+from . import run_log
 
 # The parent's constructor parameters CreamTrainer passes (the contract test checks they still exist).
 PARENT_INIT_PARAMETERS: tuple[str, ...] = (
@@ -79,6 +81,8 @@ PARENT_CONFIG_FIELDS: tuple[str, ...] = (
     "generation_kwargs",
     "ds3_gather_for_generation",
     "use_vllm",
+    "disable_dropout",
+    "trust_remote_code",
 )
 
 __all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "TrlOnlineDPOBase"]
@@ -122,7 +126,7 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
             self.ref_model = None
         self.stats: dict[str, list[float]] = {}  # CREAM's own keys; the parent's fixed ones would stay empty
         self.round = 0  # the round being run (0 before the first), shown as cream/round in every log
-        self._step_offset = 0  # optimizer steps of the finished rounds, so logged steps grow across rounds
+        self.steps = run_log.StepAxis()  # one step axis across the SFT stage and every round
         self._round_output_dir: str | None = None  # where the current round's Trainer checkpoints go
 
     # ---------------------------------------------------------------- what CREAM reads from the parent
@@ -155,12 +159,14 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
         super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Log with steps counted across rounds, so report_to integrations see one monotonic run."""
-        self.state.global_step += self._step_offset
-        try:
+        """Log at the run's step (`trl_cream.trainer.run_log`), so report_to integrations see one ordered run."""
+        with self.steps.applied(self.state):
             super().log({**logs, "cream/round": self.round}, start_time)
-        finally:
-            self.state.global_step -= self._step_offset
+
+    def log_at(self, logs: dict[str, float], step: int) -> None:
+        """Log at the run's step ``step`` (a round's own metrics, the SFT stage's logs)."""
+        with self.steps.pinned(step):
+            self.log(logs)
 
     # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -211,8 +217,8 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
             finally:
                 self._round_output_dir = None
             self.state.log_history = history + self.state.log_history
-            self._step_offset += self.state.global_step
+            self.steps.finish_stage(self.state.global_step)
             self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-            self.accelerator.free_memory()
+            engines.release_engine(self)  # DeepSpeed: the next round builds a fresh engine (trl_cream.engines)
             gc.collect()
         return output

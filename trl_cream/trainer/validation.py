@@ -7,6 +7,7 @@ what was wrong, the offending value and what to do.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..engines import same_weights
 from ..modeling import adapters
 from ..modeling.sampling import tokenize_prompts
 from .config import CreamConfig
@@ -46,12 +48,110 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence
             "neither padded nor stopped. Set one first, e.g. tokenizer.pad_token = tokenizer.eos_token = '</s>' (an "
             "existing token, to avoid resizing the embeddings)."
         )
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has a pad token ({tokenizer.pad_token!r}) but no eos "
+            "token, so sampled candidates can never stop and are not marked as finished. Set an existing token as "
+            "eos, e.g. tokenizer.eos_token = tokenizer.pad_token, or the model's end-of-turn token."
+        )
     chat = next((i for i, p in enumerate(prompts) if isinstance(p, list)), None)
     if chat is not None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"The prompts are chat messages (e.g. row {chat}) but the tokenizer has no chat template. Set "
             "tokenizer.chat_template (e.g. from the instruct model's tokenizer), or pass plain-string prompts."
         )
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if is_peft_model(model) else model
+    return getattr(base, "config", None)
+
+
+def _vocab_rows(model: Any) -> int | None:
+    try:
+        weight = model.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3: the whole shape, not the local shard
+    except (AttributeError, NotImplementedError, IndexError):
+        return None
+
+
+def check_models_agree(model: Any, ref_model: Any | None, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """The policy, π_0 and the tokenizer share one vocabulary (and policy and π_0 one architecture): rewards are
+    log π_t − log π_0 of the same token ids."""
+    if isinstance(model, str) or not isinstance(model, nn.Module):
+        return
+    rows = _vocab_rows(model)
+    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but `model` embeds only {rows}: token ids >= {rows} would "
+            "index past the embeddings. Pass the model's own tokenizer, or call model.resize_token_embeddings("
+            "len(tokenizer)) before training (and on π_0)."
+        )
+    if ref_model is None or not isinstance(ref_model, nn.Module):
+        return
+    a, b = _base_config(model), _base_config(ref_model)
+    kind_a, kind_b = getattr(a, "model_type", None), getattr(b, "model_type", None)
+    if kind_a != kind_b:
+        raise ValueError(
+            f"`ref_model` (π_0) is a {kind_b!r} model but `model` is a {kind_a!r} model: CREAM's π_0 is the initial "
+            "model M0 that the policy was trained from, with the same architecture and vocabulary. Pass M0 as "
+            "ref_model."
+        )
+    ref_rows = _vocab_rows(ref_model)
+    if rows is not None and ref_rows is not None and rows != ref_rows:
+        raise ValueError(
+            f"`ref_model` (π_0) embeds {ref_rows} tokens but `model` embeds {rows}: their log-probs are not over the "
+            "same vocabulary. Pass the model M1 was trained from as ref_model (resize both to len(tokenizer) if "
+            "you added tokens)."
+        )
+
+
+def check_context_window(model: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse prompts whose candidates would run past the model's `max_position_embeddings`."""
+    limit = getattr(_base_config(model), "max_position_embeddings", None)
+    if not isinstance(limit, int) or not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if len(prompt_ids[longest]) + max_new_tokens > limit:
+        raise ValueError(
+            f"Prompt {longest} has {len(prompt_ids[longest])} tokens; with max_new_tokens={max_new_tokens} its "
+            f"candidates reach {len(prompt_ids[longest]) + max_new_tokens} positions, past the model's "
+            f"max_position_embeddings={limit}. Set max_length <= {limit} (long prompts then keep their last tokens), "
+            "lower max_new_tokens, or shorten those prompts."
+        )
+
+
+def check_prompts_fit(
+    model: Any, tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence[Any], args: Any
+) -> None:
+    """The prompts, tokenized as round 1 will, against `max_length` (`long_prompts`) and the model's context window."""
+    if tokenizer is None:
+        return
+    fitted = fit_prompts(
+        tokenize_prompts(tokenizer, prompts), args.max_length, args.max_new_tokens, args.long_prompts,
+        "the prompts of train_dataset",
+    )  # fmt: skip
+    check_context_window(model, fitted, args.max_new_tokens)
+
+
+def check_quantized_blocks(model: Any) -> None:
+    """A 4-bit (bitsandbytes) layer on the CPU whose input width is not a multiple of its quantization block: the
+    CPU kernels cannot run it. 4-bit on the CPU with fitting widths works."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        width = getattr(module, "in_features", None)
+        blocksize = getattr(state, "blocksize", None)
+        if state is None or not width or not blocksize or module.weight.device.type != "cpu":
+            continue
+        if width % blocksize:
+            raise ValueError(
+                f"`{name}` is a 4-bit layer with {width} input features, which is not a multiple of bitsandbytes' "
+                f"quantization block ({blocksize}): its CPU kernels cannot run it (the hidden size is below or off "
+                "the block). Load the model without 4-bit quantization, use a model whose hidden size is a "
+                f"multiple of {blocksize}, or train on a GPU."
+            )
 
 
 def prompt_token_budget(max_length: int | None, max_new_tokens: int) -> int | None:
@@ -127,14 +227,56 @@ def check_distinct_from_initial(model: nn.Module, ref_model: nn.Module | None, p
         return
     if ref_model is model:
         raise ValueError(message + " (`ref_model` is the same object as `model`.)")
-    ref_params = dict(ref_model.named_parameters()) if ref_model is not None else {}
-    for name, param in model.named_parameters():
-        other = ref_params.get(name)
-        if other is None or other.shape != param.shape:
-            return
-        if not torch.equal(param.detach(), other.detach().to(param.device)):
-            return
-    raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+    if ref_model is not None and same_weights(model, ref_model):  # compared whole under ZeRO-3 / FSDP
+        raise ValueError(message + " (Every parameter of `model` equals `ref_model`'s.)")
+
+
+# ---------------------------------------------------------------- during the run
+def check_single_train(called: bool, output_dir: str) -> None:
+    """One run per `train()`: a second call would start over from the trained policy and replace the first run."""
+    if called:
+        raise RuntimeError(
+            "train() was already called on this CreamTrainer: its policy is now the trained model, so a second call "
+            f"would start a new run from it and replace the first run in {output_dir}. Build a new CreamTrainer "
+            "from the original M1 and π_0 to run again (with resume_from_checkpoint=True to continue an interrupted "
+            "run), or load the result from output_dir."
+        )
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (this process's ZeRO-3 partition when partitioned)."""
+    bad = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = getattr(param, "ds_tensor", param)
+            if tensor.numel() and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
+
+
+def check_training_finite(accelerator: Any, model: nn.Module, loss: float, round_index: int, args: Any) -> None:
+    """After a round's training and before ``M<t+1>`` is saved: refuse non-finite weights or a non-finite loss, so
+    that a diverged model is never saved, pushed or marked done (every process reaches the same verdict)."""
+    bad = nonfinite_weights(accelerator.unwrap_model(model))
+    loss_bad = not math.isfinite(loss)
+    flag = torch.tensor([float(bool(bad) or loss_bad)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    if not flag.item():
+        return
+    what = []
+    if bad:
+        what.append(f"{len(bad)} weight tensor(s) of the policy are NaN or inf (first: {bad[0]})")
+    if loss_bad:
+        what.append(f"the mean training loss is {loss}")
+    raise FloatingPointError(
+        f"Round {round_index} diverged: {' and '.join(what) or 'another process found NaN/inf weights'}, with "
+        f"learning_rate={args.learning_rate} and max_grad_norm={args.max_grad_norm}. M{round_index + 1} is not "
+        f"saved and nothing of round {round_index} is marked done; the last good iteration stays the run's latest. "
+        "Lower learning_rate (the paper uses 1e-6), keep gradient clipping on (max_grad_norm=1.0), or train in "
+        "float32 (bf16=False); then start again with overwrite_output_dir=True or in a new output_dir (a resume "
+        "must keep the same settings)."
+    )
 
 
 def check_inputs(
@@ -152,11 +294,9 @@ def check_inputs(
     validate_prompts(train_dataset, args.num_iterations)
     check_model_inputs(model, peft_config)
     check_tokenizer(processing_class, train_dataset["prompt"])
-    if processing_class is not None:
-        fit_prompts(
-            tokenize_prompts(processing_class, train_dataset["prompt"]), args.max_length, args.max_new_tokens,
-            args.long_prompts, "the prompts of train_dataset",
-        )  # fmt: skip
+    check_models_agree(model, ref_model, processing_class)
+    check_quantized_blocks(model)
+    check_prompts_fit(model, processing_class, train_dataset["prompt"], args)
     if sft_dataset is not None:
         validate_sft_dataset(sft_dataset)
         if ref_model is not None:

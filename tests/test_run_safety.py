@@ -1,0 +1,330 @@
+"""Nothing lost, nothing silent (issue 17): what a run may delete, run identity, one run per `train()`, divergence,
+damaged files of a saved run, and Hub causes that are not retried.
+
+Each case asserts the message (what, which value, what to do) and that the files that existed before are
+byte-identical afterwards (`tree` hashes a folder)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUESTIONS, cream_args, perturbed
+from datasets import Dataset
+
+from trl_cream import CreamConfig, CreamTrainer
+from trl_cream.runs.integrity import DamagedFile
+from trl_cream.runs.manifest import build_manifest, manifest_differences, not_compared_fields
+
+
+def tree(folder: Path, skip: str | None = None) -> dict[str, str]:
+    """``relative path → SHA-256`` of every file under ``folder`` (except those under ``skip``)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not (skip and p.relative_to(folder).as_posix().startswith(skip))
+    }
+
+
+def make(out: Path, m0, tokenizer, prompts, model=None, ref=None, cls=CreamTrainer, **overrides) -> CreamTrainer:
+    args = cream_args(out, num_iterations=1, **overrides)
+    return cls(
+        model=model if model is not None else perturbed(m0),
+        ref_model=ref if ref is not None else m0,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    )
+
+
+def user_files(out: Path) -> None:
+    """The user's own files in output_dir: an M0/ and an M9/ that no run wrote, and a note."""
+    for name in ("M0", "M9"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_bytes(f"the user's {name}".encode())
+    (out / "notes.txt").write_text("keep me")
+
+
+# ---------------------------------------------------------------- items 1-3: ownership, identity, one run per train()
+def test_a_run_deletes_only_what_it_wrote_and_refuses_other_models_and_a_second_train(
+    tmp_path, m0, tokenizer, prompts
+):
+    out = tmp_path / "run"
+    user_files(out)
+    mine = tree(out)
+    trainer = make(out, m0, tokenizer, prompts)
+    trainer.train()
+    finished = tree(out)
+
+    # a second train() on the same trainer is refused and touches nothing
+    with pytest.raises(RuntimeError, match=r"train\(\) was already called on this CreamTrainer.*Build a new"):
+        trainer.train()
+    assert tree(out) == finished and len(trainer.round_metrics) == 1
+
+    # another policy, or another π_0, in a folder holding a run: refused on a fresh start and on resume
+    other = perturbed(m0, seed=7)
+    with pytest.raises(
+        ValueError, match=r"already holds a different CREAM run \(models\.policy: the policy .*weights"
+    ):
+        make(out, m0, tokenizer, prompts, model=other).train()
+    other_ref = perturbed(m0, scale=0.01, seed=8)
+    with pytest.raises(
+        ValueError, match=r"Cannot resume.*models\.initial: π_0 \(`ref_model`\) differs: weights_sha256 '[0-9a-f]+' ->"
+    ):
+        make(out, m0, tokenizer, prompts, ref=other_ref).train(resume_from_checkpoint=True)
+    assert tree(out) == finished
+
+    # another run with overwrite_output_dir replaces the run, and only the run: the user's files stay
+    make(out, m0, tokenizer, prompts, seed=1, overwrite_output_dir=True).train()
+    assert {k: v for k, v in tree(out).items() if k in mine} == mine
+    assert json.loads((out / "cream_state/manifest.json").read_text())["seeds"]["seed"] == 1
+
+
+def test_iterations_no_run_recorded_are_not_replaced(tmp_path, m0, tokenizer, prompts):
+    out = tmp_path / "run"
+    (out / "M1").mkdir(parents=True)
+    (out / "M1" / "model.safetensors").write_bytes(b"someone else's M1")
+    before = tree(out)
+    with pytest.raises(ValueError, match=r"holds M1 but no CREAM run recorded them.*Move them away.*overwrite"):
+        make(out, m0, tokenizer, prompts).train()
+    assert tree(out) == before
+
+
+def test_changing_a_setting_that_changes_no_result_does_not_block_a_resume(tmp_path):
+    prompts = Dataset.from_dict({"prompt": QUESTIONS})
+    free = not_compared_fields(CreamConfig)
+    assert {"hub_push_retries", "hub_push_backoff", "hub_base_model_id", "hub_card_results", "freeze_gc"} <= free
+    assert "hub_push_merged" not in free and "learning_rate" not in free and "seed" not in free
+    a = build_manifest(cream_args(tmp_path), prompts, None, False, 1)
+    b = build_manifest(
+        cream_args(tmp_path, hub_push_retries=9, hub_push_backoff=0.5, freeze_gc=False, logging_steps=5),
+        prompts, None, False, 1,
+    )  # fmt: skip
+    assert manifest_differences(a, b) == []
+    c = build_manifest(cream_args(tmp_path, learning_rate=1e-3), prompts, None, False, 1)
+    assert manifest_differences(a, c) == ["config.learning_rate: 0.005 -> 0.001"]
+
+
+def test_the_not_compared_list_cannot_name_a_missing_field():
+    class Drifted(CreamConfig):
+        resume_free_fields = frozenset({"hub_push_merged"})
+
+    with pytest.raises(ValueError, match=r"\['hub_push_merged'\] are not fields of Drifted"):
+        not_compared_fields(Drifted)
+
+
+# ---------------------------------------------------------------- item 4: divergence
+class _Diverging(CreamTrainer):
+    """Round 1's training leaves a NaN in one weight (what lr=1e6 does after enough steps), when ``diverge``."""
+
+    diverge = True
+
+    def train_phase(self, *args, **kwargs):
+        output = super().train_phase(*args, **kwargs)
+        if self.diverge:
+            with torch.no_grad():
+                next(self.accelerator.unwrap_model(self.model).parameters())[0, 0] = float("nan")
+        return output
+
+
+def test_divergence_stops_the_run_before_the_iteration_is_saved_then_damaged_phases_are_recomputed(
+    tmp_path, m0, tokenizer, prompts, caplog
+):
+    out = tmp_path / "run"
+    with pytest.raises(
+        FloatingPointError,
+        match=r"Round 1 diverged: 1 weight tensor\(s\) of the policy are NaN or inf \(first: model\.embed_tokens"
+        r".*learning_rate=0\.005.*M2 is not saved.*Lower learning_rate.*max_grad_norm",
+    ):
+        make(out, m0, tokenizer, prompts, cls=_Diverging).train()
+    round_1 = out / "rounds" / "round_1"
+    assert (out / "M1").is_dir() and not (out / "M2").exists() and not (round_1 / "metrics.json").exists()
+    assert (round_1 / "scores.safetensors").exists() and (round_1 / "pairs").is_dir()
+
+    # damage two phase files; the resume names each, recomputes them and finishes
+    scores = (round_1 / "scores.safetensors").read_bytes()
+    (round_1 / "scores.safetensors").write_bytes(scores[: len(scores) // 2])
+    samples = tree(round_1 / "samples")
+    trainer = make(out, m0, tokenizer, prompts, cls=_Diverging)
+    trainer.diverge = False
+    with caplog.at_level(logging.WARNING, logger="trl_cream.runs.store"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"{round_1 / 'scores.safetensors'} differs from the checksum" in caplog.text
+    assert "The scoring phase of round 1 and the phases after it are recomputed" in caplog.text
+    assert (round_1 / "scores.safetensors").read_bytes() != scores[: len(scores) // 2]
+    assert tree(round_1 / "samples") == samples and (out / "M2").is_dir()  # intact phases were kept
+
+
+def test_a_real_divergence_with_a_huge_learning_rate_is_refused(tmp_path, m0, tokenizer, prompts):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"Round 1 diverged: .*learning_rate=1e\+30"):
+        make(out, m0, tokenizer, prompts, learning_rate=1e30, max_grad_norm=0.0).train()
+    assert not (out / "M2").exists()
+
+
+# ---------------------------------------------------------------- item 5: a failed start never blocks the rerun
+class _FailsToSample(CreamTrainer):
+    def generate_candidates(self, prompt_ids, desc="sampling"):
+        raise RuntimeError("sampling failed")
+
+
+def test_a_run_that_finished_no_phase_is_replaced_by_the_corrected_rerun(tmp_path, m0, tokenizer, prompts):
+    out = tmp_path / "run"
+    user_files(out)
+    mine = tree(out)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        make(out, m0, tokenizer, prompts, cls=_FailsToSample).train()
+    assert (out / "cream_state/manifest.json").exists() and (out / "M1").is_dir()
+    make(out, m0, tokenizer, prompts, learning_rate=1e-3).train()  # another config, no overwrite_output_dir
+    assert (out / "M2").is_dir()
+    assert {k: v for k, v in tree(out).items() if k in mine} == mine
+
+
+# ---------------------------------------------------------------- item 6: damaged files of a finished run
+DAMAGED = r"(cannot be read|differs from the checksum recorded when it was saved)"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory) -> Path:
+    """One finished 1-round run, copied by `finished_run` for each test that damages it."""
+    from conftest import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
+    out = tmp_path_factory.mktemp("finished") / "run"
+    make(out, tiny_llama(tokenizer), tokenizer, prompts).train()
+    return out
+
+
+@pytest.fixture()
+def finished_run(finished_template, tmp_path) -> Path:
+    return Path(shutil.copytree(finished_template, tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    ("damaged", "message"),
+    [
+        (
+            "rounds/round_1/metrics.json",
+            rf"metrics\.json {DAMAGED}.*Round 1 is finished \(M2 is saved\).*Delete it and resume",
+        ),
+        ("M2/model.safetensors", r"M2/model\.safetensors cannot be read.*delete that folder and resume"),
+        ("cream_state/manifest.json", r"Cannot resume .*manifest\.json cannot be read.*overwrite_output_dir=True"),
+    ],
+)
+def test_a_damaged_file_of_a_finished_run_is_named_with_what_to_do(
+    finished_run, m0, tokenizer, prompts, damaged, message
+):
+    _truncate(finished_run / damaged)
+    before = tree(finished_run)
+    with pytest.raises(ValueError, match=message):
+        make(finished_run, m0, tokenizer, prompts).train(resume_from_checkpoint=True)
+    assert tree(finished_run) == before
+
+
+def test_a_run_whose_manifest_is_unreadable_is_cleared_by_overwrite_output_dir(finished_run, m0, tokenizer, prompts):
+    user_files(finished_run)
+    mine = tree(finished_run, skip="M1")
+    mine = {k: v for k, v in mine.items() if k.split("/")[0] in {"M0", "M9", "notes.txt"}}
+    _truncate(finished_run / "cream_state/manifest.json")
+    with pytest.raises(ValueError, match=r"already holds a different CREAM run \(.*manifest\.json cannot be read"):
+        make(finished_run, m0, tokenizer, prompts).train()
+    make(finished_run, m0, tokenizer, prompts, overwrite_output_dir=True).train()
+    assert json.loads((finished_run / "cream_state/manifest.json").read_text())["format"] == 1
+    assert {k: v for k, v in tree(finished_run).items() if k in mine} == mine
+
+
+def test_damaged_pairing_is_recomputed_from_the_saved_scores(tmp_path, m0, tokenizer, prompts, caplog):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError):
+        make(out, m0, tokenizer, prompts, cls=_Diverging).train()
+    pairing = out / "rounds/round_1/pairing.json"
+    good = json.loads(pairing.read_text())
+    _truncate(pairing)
+    trainer = make(out, m0, tokenizer, prompts, cls=_Diverging)
+    trainer.diverge = False
+    with caplog.at_level(logging.WARNING, logger="trl_cream.runs.store"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"{pairing} differs from the checksum" in caplog.text and "The pairing phase of round 1" in caplog.text
+    assert json.loads(pairing.read_text()) == good  # recomputed from the intact scores: the same pairs and C
+
+
+def test_damaged_file_names_the_file():
+    from trl_cream.runs.integrity import load_checked
+
+    with pytest.raises(DamagedFile, match=r"/x/scores\.safetensors cannot be read \(ValueError: bad"):
+        load_checked(Path("/x/scores.safetensors"), lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
+# ---------------------------------------------------------------- item 7: the Hub
+class _NoTokenApi:
+    endpoint = "https://huggingface.co"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def whoami(self, token=None):
+        from huggingface_hub.errors import LocalTokenNotFoundError
+
+        self.calls += 1
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+
+def test_a_missing_token_is_not_retried_and_is_named(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from trl_cream.hub import HubPublisher, HubPushError, HubSettings, RetryPolicy
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    sleeps: list[float] = []
+    api = _NoTokenApi()
+    settings = HubSettings(output_dir=tmp_path, hub_model_id="me/cream", policy=RetryPolicy(3, 2.0, sleeps.append))
+    with pytest.raises(
+        HubPushError, match=r"cannot be used: no token: run hf auth login or set HF_TOKEN.*--resume_from_checkpoint"
+    ):
+        HubPublisher(settings, api=api).check_access()
+    assert api.calls == 1 and sleeps == []  # not retried: no 14-21 s of back-off
+
+
+def test_offline_mode_is_named_without_any_call(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from trl_cream.hub import HubPublisher, HubPushError, HubSettings
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    api = _NoTokenApi()
+    with pytest.raises(HubPushError, match=r"cannot be used: HF_HUB_OFFLINE=1 is set.*--resume_from_checkpoint"):
+        HubPublisher(HubSettings(output_dir=tmp_path, hub_model_id="me/cream"), api=api).check_access()
+    assert api.calls == 0
+
+
+def test_identity_of_two_loads_of_the_same_model_is_the_same(m0, tokenizer):
+    from trl_cream.runs.manifest import run_identity
+
+    a = run_identity(perturbed(m0), m0, tokenizer, peft=False)
+    b = run_identity(perturbed(m0), copy.deepcopy(m0), tokenizer, peft=False)
+    assert a == b and a["policy"]["weights_sha256"] != a["initial"]["weights_sha256"]
+    assert a["tokenizer"]["size"] == len(tokenizer) and a["policy"]["vocab_size"] == m0.config.vocab_size
+
+
+def test_a_users_own_later_iteration_folder_is_not_taken_as_the_runs_latest(tmp_path):
+    from trl_cream.hub import latest_local_iteration
+    from trl_cream.hub.publisher import HubSettings
+
+    for name in ("M1", "M2", "M9"):
+        (tmp_path / name).mkdir()
+    settings = HubSettings.from_args(cream_args(tmp_path, push_to_hub=True, hub_model_id="me/cream"))
+    assert settings.last_iteration == 3  # a 2-round run writes M1..M3
+    assert latest_local_iteration(tmp_path, settings.last_iteration) == 2  # so `main` still follows M2, M3
+    assert latest_local_iteration(tmp_path) == 9

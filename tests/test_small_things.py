@@ -1,0 +1,104 @@
+"""The small things a new user notices (issue 14, item 6): the model card's front matter and sections, the eval
+command's π_0 message, the evaluation footnote."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import cream_args
+
+from trl_cream import CreamTrainer, cli
+from trl_cream.evaluation.report import render_markdown
+from trl_cream.hub import model_card
+from trl_cream.hub.model_card import build_model_card
+
+ROUND = {"round": 1, "consistency": 0.625, "kendall_tau_mean": 0.25, "kendall_tau_std": 0.5, "num_pairs": 3}
+
+
+def _card(args, base_model: str, **kwargs) -> str:
+    return build_model_card(
+        trainer_cls=CreamTrainer, index=2, first_index=1, args=args, rounds=[ROUND], peft=False,
+        base_model=base_model, **kwargs,
+    ).content  # fmt: skip
+
+
+def test_card_front_matter_name_sections_and_base_model(tmp_path):
+    base = tmp_path / "models" / "smollm2-base"
+    base.mkdir(parents=True)
+    card = _card(cream_args(tmp_path / "out"), str(base))
+    front, text = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "licence" not in front and "license: license" not in front  # TRL's template placeholder is dropped
+    assert "model_name: smollm2-base-CREAM-M2" in front and "(M2)" not in card
+    assert str(tmp_path) not in front and "base_model:" not in front  # a local folder is not a Hub id
+    lineage = text[text.index("## Lineage") : text.index("## How to load")]
+    assert str(base) not in lineage and "a local model (folder `smollm2-base`" in lineage
+    procedure = text[text.index("## Training procedure") : text.index("### Framework versions")]
+    assert "This model was trained with CREAM" in procedure and "### CREAM rounds" in procedure
+    assert "| 1 | 0.625 | 0.250 ± 0.500 |" in procedure and "### CREAM configuration" in procedure
+    assert "\n\n\n" not in procedure  # no empty badge lines
+
+    hub = _card(cream_args(tmp_path / "out", hub_model_id="me/cream-smol"), "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "model_name: cream-smol-M2" in hub and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in hub
+    assert "(π_0 = M0): `HuggingFaceTB/SmolLM2-135M-Instruct`" in hub
+
+
+def test_card_links_the_wandb_and_trackio_runs(tmp_path, monkeypatch):
+    url = "https://wandb.ai/me/cream/runs/abc123"
+    monkeypatch.setattr(model_card, "is_wandb_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=SimpleNamespace(url=url)))
+    monkeypatch.setattr(model_card, "get_trackio_space_url", lambda: "https://me-t.hf.space?project=p&runs=r")
+    wandb_url, trackio_url = model_card.run_urls()
+    assert wandb_url == url and trackio_url.startswith("https://me-t.hf.space")
+    card = _card(cream_args(tmp_path), "org/base", wandb_url=wandb_url, trackio_url=trackio_url)
+    procedure = card[card.index("## Training procedure") :]
+    assert f"]({url})" in procedure and "Visualize in Weights & Biases" in procedure
+    assert "Visualize in Trackio" in procedure and "trackio:https://me-t.hf.space" in card
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=None))
+    assert model_card.run_urls()[0] is None
+    assert "Visualize in" not in _card(cream_args(tmp_path), "org/base")
+
+
+def test_eval_says_which_checkpoint_is_pi0(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoints", "M1=out/M1", "M2=out/M2", "M3=out/M3", "--tasks", "nope"])
+    out = capsys.readouterr().out
+    assert "the first checkpoint, M1 (out/M1), is taken as π_0" in out and "(2 pair(s))" in out
+    assert "list M0 first" in out
+
+
+def _results(*modes: str) -> dict:
+    accuracy = {f"task{i}": {"accuracy": 0.5, "n": 10, "mode": mode} for i, mode in enumerate(modes)}
+    return {"iterations": ["M0"], "accuracy": {"M0": accuracy}, "consistency": {}}
+
+
+def test_loglikelihood_footnote_only_when_a_task_used_it():
+    generated = render_markdown(_results("generate", "generate"))
+    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)/n)" in generated
+    mixed = render_markdown(_results("generate", "loglikelihood"))
+    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)/n)" in mixed
+
+
+def test_study_plot_keeps_coinciding_methods_apart_and_c_bars_within_0_1():
+    from trl_cream.recipes.study_report import PAIRS, study_figure
+
+    same = {"mean": 0.9, "std": 0.3}  # SRLM and CREAM identical; mean + std would reach 1.2
+    average = {"Average": {"mean": 0.4, "std": 0.01, "stderr": 0.02}}
+    table1 = {"M0": average, "M1": average, **{f"{m} {k}": average for m in ("srlm", "cream") for k in ("M2", "M3")}}
+    results = {
+        "settings": {"methods": ["srlm", "cream"]},
+        "summary": {
+            "table1": table1,
+            "table2": {m: {p: {"consistency": same} for p in PAIRS} for m in ("srlm", "cream")},
+        },
+    }
+    acc_axes, c_axes = study_figure(results).axes
+    for axes in (acc_axes, c_axes):
+        lines = [container.lines[0] for container in axes.containers]
+        xs = [tuple(line.get_xdata()) for line in lines]
+        assert len(xs) == 2 and xs[0] != xs[1]  # side by side, not on top of each other
+        assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    for container in c_axes.containers:
+        for segment in container.lines[2][0].get_segments():
+            assert 0.0 <= min(segment[:, 1]) and max(segment[:, 1]) <= 1.0 + 1e-12

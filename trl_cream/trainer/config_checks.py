@@ -1,0 +1,70 @@
+"""Checks of `CreamConfig`'s plain values that `__post_init__` runs, so that a bad value fails when the config is
+built (also from the CLI parser), before anything is loaded or written: the sampling settings as the candidates will
+be sampled with them, and the optimizer, batch and epoch settings with which a round would crash or learn nothing."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+
+def _generation_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    return frozenset(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+
+
+def check_sampling_settings(args: Any) -> None:
+    """Temperature, top-p, top-k and `generation_kwargs` as the candidates will be sampled with them."""
+    kwargs = dict(args.generation_kwargs or {})
+    unknown = sorted(set(kwargs) - _generation_keys())
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _generation_keys(), 1)) else
+                 repr(k) for k in unknown]  # fmt: skip
+        raise ValueError(
+            f"generation_kwargs has key(s) {', '.join(hints)} that transformers' GenerationConfig does not know; "
+            "they would be ignored silently. Fix or drop them (see transformers.GenerationConfig for the names)."
+        )
+    if kwargs.get("do_sample", True) is False:
+        raise ValueError(
+            "generation_kwargs={'do_sample': False}: CREAM ranks several *sampled* candidates per prompt; greedy "
+            "decoding gives identical candidates, so every pair is tied and nothing is learnt. Drop do_sample from "
+            "generation_kwargs (sampling is always on)."
+        )
+    where = lambda name: "generation_kwargs" if name in kwargs else name  # noqa: E731
+    temperature = kwargs.get("temperature", args.temperature)
+    if temperature is None or temperature <= 0:
+        raise ValueError(
+            f"{where('temperature')}: temperature={temperature} must be > 0 to sample candidates (the paper uses 0.8)."
+        )
+    top_p = kwargs.get("top_p", args.top_p)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(
+            f"{where('top_p')}: top_p={top_p} must lie in (0, 1] (1.0 turns nucleus sampling off; the default is "
+            "0.95)."
+        )
+    top_k = kwargs.get("top_k", args.top_k)
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"{where('top_k')}: top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
+
+
+def check_optimization_settings(args: Any) -> None:
+    """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
+    if args.learning_rate <= 0:
+        raise ValueError(
+            f"learning_rate={args.learning_rate} must be > 0 (the paper uses 1e-6; a value <= 0 learns nothing or "
+            "ascends the loss)."
+        )
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}={getattr(args, name)} must be at least 1.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(
+            f"num_train_epochs={args.num_train_epochs}: every round would train on none of its pairs, so M<t+1> "
+            "would equal M<t>. Use num_train_epochs > 0 (the paper: 1) or max_steps > 0."
+        )
+    if args.sft_learning_rate < 0 or args.sft_num_train_epochs < 0:
+        raise ValueError(
+            f"sft_learning_rate={args.sft_learning_rate} and sft_num_train_epochs={args.sft_num_train_epochs} must "
+            "be >= 0."
+        )
