@@ -54,7 +54,9 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
             c = results["summary"]["table2"][method][pair]["consistency"]
             assert 0 <= c["mean"] <= 1 and c["num_seeds"] == 2
             moved = results["summary"]["table2"][method][pair]["weight_change"]
-            assert moved["num_seeds"] == 2 and moved["mean"] > 0  # every round trained the adapter
+            assert moved["num_seeds"] == 2 and moved["mean"] >= 0
+            if method == "srlm":  # C = 1: every SRLM round with a pair moves the adapter (CREAM's may not at C = 0.5)
+                assert moved["mean"] > 0
         for kind in ("mean_logp", "sum_logp"):
             round1 = results["summary"]["round1_baseline"][method][kind]
             assert 0 <= round1["consistency"]["mean"] <= 1 and -1 <= round1["kendall_tau"]["mean"] <= 1
