@@ -268,8 +268,8 @@ def test_write_report(tmp_path: Path) -> None:
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert markdown == render_markdown(results) == render_markdown(data)
 
-    def se(p: float) -> float:  # binomial standard error in points, n = 100
-        return 100 * math.sqrt(p * (1 - p) / 100)
+    def se(p: float) -> float:  # lm-evaluation-harness's standard error in points, n = 100: sample std / √n
+        return 100 * math.sqrt(p * (1 - p) / 99)
 
     avg_se = math.sqrt(se(0.30) ** 2 + se(0.02) ** 2) / 2
     assert f"| M0 | 30.00 ± {se(0.30):.2f} | 2.00 ± {se(0.02):.2f} | 16.00 ± {avg_se:.2f} |" in markdown

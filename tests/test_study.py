@@ -53,6 +53,10 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
         for pair in ("M2 vs M1", "M3 vs M2"):
             c = results["summary"]["table2"][method][pair]["consistency"]
             assert 0 <= c["mean"] <= 1 and c["num_seeds"] == 2
+            moved = results["summary"]["table2"][method][pair]["weight_change"]
+            assert moved["num_seeds"] == 2 and moved["mean"] >= 0
+            if method == "srlm":  # C = 1: every SRLM round with a pair moves the adapter (CREAM's may not at C = 0.5)
+                assert moved["mean"] > 0
         for kind in ("mean_logp", "sum_logp"):
             round1 = results["summary"]["round1_baseline"][method][kind]
             assert 0 <= round1["consistency"]["mean"] <= 1 and -1 <= round1["kendall_tau"]["mean"] <= 1
@@ -68,7 +72,10 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["seeds"] == [0, 1] and saved["settings"]["num_held_out_prompts"] == 2
     markdown = (out / "results.md").read_text()
-    for heading in ("Table 1", "Table 2", "CREAM vs SRLM", "Round-1 baseline"):
+    paired = {row["quantity"]: row for row in results["summary"]["paired"]}
+    assert paired["average accuracy M2 (%)"]["seeds"] == ["0", "1"]
+    assert len(paired["average accuracy M2 (%)"]["differences"]) == 2
+    for heading in ("Table 1", "Table 2", "CREAM vs SRLM", "paired by seed", "Round-1 baseline"):
         assert heading in markdown
     assert (out / "results.png").stat().st_size > 1000
 
@@ -173,11 +180,53 @@ def test_summarise_aggregates_over_seeds_with_standard_errors():
         model="m", size="default", seeds=[0, 1, 2], num_train_prompts=16, num_iterations=2, num_generations=4,
         eval_mode="loglikelihood", eval_mc=200, num_held_out_prompts=8, tasks=["a", "b"], methods=["srlm", "cream"],
     ))  # fmt: skip
+    paired = {r["quantity"]: r for r in summary["paired"]}
+    # Seed by seed, average of tasks a and b (b is 0.5 for both): (Δa + 0) / 2 in points = 2.5, 2.5, 4.0.
+    assert paired["average accuracy M3 (%)"]["differences"] == pytest.approx([2.5, 2.5, 4.0])
+    assert paired["average accuracy M3 (%)"]["std"] == pytest.approx(statistics.stdev([2.5, 2.5, 4.0]))
+    assert paired["C M2 vs M1"]["differences"] == pytest.approx([0.3, 0.2, 0.2])
     markdown = render_study_markdown(results)
     assert "| cream M3 | 48.00 ± 3.61 (se " in markdown
+    assert "paired by seed" in markdown and "| C M2 vs M1 | +0.300, +0.200, +0.200 | +0.233 | 0.058 |" in markdown
     for table in markdown.split("\n\n"):  # every row of a table has as many cells as its header (no stray "|")
         rows = [line for line in table.splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in rows}) <= 1, rows
+
+
+@pytest.mark.parametrize(
+    "cream, srlm",
+    [
+        ([0.455, 0.47, 0.52], [0.44, 0.43, 0.45]),  # 3 seeds, all positive
+        ([0.61, 0.58, 0.70, 0.52, 0.66, 0.49, 0.73], [0.60, 0.61, 0.65, 0.50, 0.62, 0.515, 0.66]),  # mixed signs
+        ([-0.2, 0.1, -0.45, 0.3, -0.05], [0.0, 0.0, 0.0, 0.0, 0.0]),  # τ-like values
+    ],
+)
+def test_paired_test_agrees_with_scipy(cream, srlm):
+    """The paired t-test and the exact Wilcoxon signed-rank test against scipy.stats on synthetic numbers."""
+    import statistics
+
+    from scipy import stats
+
+    from trl_cream.recipes.study_report import paired_test
+
+    ours = paired_test([c - s for c, s in zip(cream, srlm)])
+    ttest = stats.ttest_rel(cream, srlm)
+    wilcoxon = stats.wilcoxon(cream, srlm, method="exact")
+    assert ours["t"] == pytest.approx(ttest.statistic, rel=1e-9) and ours["df"] == len(cream) - 1
+    assert ours["p_ttest"] == pytest.approx(ttest.pvalue, rel=1e-9)
+    assert ours["wilcoxon_statistic"] == pytest.approx(wilcoxon.statistic)
+    assert ours["p_wilcoxon"] == pytest.approx(wilcoxon.pvalue, rel=1e-9)
+    assert ours["std"] == pytest.approx(statistics.stdev([c - s for c, s in zip(cream, srlm)]))
+
+
+def test_paired_test_edge_cases():
+    from trl_cream.recipes.study_report import paired_test
+
+    three = paired_test([1.0, 2.0, 3.0])
+    assert three["p_wilcoxon"] == pytest.approx(0.25)  # the smallest two-sided exact p with 3 seeds
+    same = paired_test([0.5, 0.5, 0.5])  # no spread: t undefined, reported as NaN rather than ±inf
+    assert same["std"] == 0.0 and same["t"] != same["t"] and same["p_ttest"] != same["p_ttest"]
+    assert paired_test([0.0, 0.0])["p_wilcoxon"] != paired_test([0.0, 0.0])["p_wilcoxon"]  # all ties: NaN
 
 
 def test_round1_baselines_use_the_round_statistics(tmp_path) -> None:

@@ -12,11 +12,12 @@ from .harness import (
 )
 from .loglikelihood import EVAL_MODES, evaluate_loglikelihood, score_options
 from .ranking import consistency_stats, ranking_consistency
-from .results import binomial_stderr
+from .results import binomial_stderr, sample_stderr
 
 __all__ = [
     "EVAL_MODES",
     "binomial_stderr",
+    "sample_stderr",
     "evaluate_loglikelihood",
     "score_options",
     "EvaluationResults",

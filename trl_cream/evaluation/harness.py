@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import sampling
+from ..modeling.movement import weight_change
 from .answers import is_correct, predict
 from .loglikelihood import evaluate_loglikelihood, resolve_modes
 from .ranking import _as_messages, ranking_consistency
@@ -191,9 +192,10 @@ def run_evaluation(
 ) -> EvaluationResults:
     """Evaluate every iteration (Table 1) and every consecutive pair from ``M2 vs M1`` on (Table 2), then report.
 
-    Checkpoints are visited in the mapping's order; the first one is π_0 for the implicit rewards. Paths are loaded
-    with `load_checkpoint` when needed and released when no longer needed, so at most three models (π_0, the
-    previous and the current checkpoint) are in memory at once.
+    Checkpoints are visited in the mapping's order; the first one is π_0 for the implicit rewards. Each Table 2 pair
+    also records ``weight_change``, how far the weights moved from the older checkpoint (`movement.weight_change`).
+    Paths are loaded with `load_checkpoint` when needed and released when no longer needed, so at most three models
+    (π_0, the previous and the current checkpoint) are in memory at once.
 
     Args:
         checkpoints (`Mapping[str, model or path]`): e.g. ``{"M0": base, "M1": "out/sft", "M2": "out/round1", ...}``.
@@ -223,6 +225,7 @@ def run_evaluation(
     modes = resolve_modes(eval_sets, eval_mode)
     settings = _settings(pair_kwargs, eval_sets, modes, max_new_tokens, chat_template, consistency_prompts)
     pair_kwargs["round1_baseline"] = round1_baseline
+    settings["initial_policy"] = names[0]  # π_0 of the implicit rewards: the report says which checkpoint it is
     results = EvaluationResults(iterations=names, settings=settings)
     loaded: dict[str, torch.nn.Module] = {}
 
@@ -243,6 +246,10 @@ def run_evaluation(
             results.consistency[label] = ranking_consistency(
                 get(name), old, initial, tokenizer, consistency_prompts, **pair_kwargs, desc=label
             )
+            specs = [
+                checkpoints[n] if isinstance(checkpoints[n], str | Path) else get(n) for n in (names[k - 1], name)
+            ]
+            results.consistency[label]["weight_change"] = weight_change(*specs)
         for stale in [n for n in loaded if n not in (names[0], name)]:
             del loaded[stale]  # keep π_0 and the current checkpoint (the next one's predecessor)
         gc.collect()

@@ -1,16 +1,25 @@
-"""Log-likelihood multiple-choice scoring, the lm-evaluation-harness way, and the binomial standard error.
+"""Log-likelihood multiple-choice scoring and its standard error, with lm-evaluation-harness's definitions.
 
 Each option of a question is a *continuation* of the same context; the model scores every option's tokens given
 the context, and nothing is generated:
 
 - ``acc``: the option with the highest summed log-probability ``Σ_k log π(c_k | context, c_<k)`` is the prediction;
-- ``acc_norm``: the option with the highest summed log-probability *per character* of the continuation string
-  (lm-evaluation-harness's ``acc_norm``), which removes the bias towards short options.
+- ``acc_norm``: the option with the highest summed log-probability per character of the *option's own text* (the
+  harness's ``lls / len(choice)``: the target delimiter, e.g. the leading space, is not counted), which removes the
+  bias towards short options;
+- the standard error of either is the harness's ``mean_stderr``: the sample standard deviation (``n − 1``) of the
+  0/1 scores over ``√n``, i.e. ``sqrt(p (1 − p) / (n − 1))`` (`sample_stderr`).
 
 The context is plain text, ``"Question: <question>\\nAnswer:"``, and each continuation is ``" <option text>"``, as
 in lm-evaluation-harness's ARC/OpenBookQA tasks. With ``chat_template=True`` the context is instead the question
 as one user message through the tokenizer's chat template (with the generation prompt), and the continuation is
-the option text as the start of the assistant's reply.
+the option text as the start of the assistant's reply (no delimiter, as the harness does under a chat template).
+
+Requests are tokenized as the harness's ``_encode_pair`` does, in both modes: trailing whitespace of the context
+moves to the continuation; the context is encoded with the tokenizer's own special tokens (so a tokenizer that adds
+BOS, as Llama's, Mistral's and Gemma's do, puts BOS first), unless it already starts with that token's text (a chat
+template that writes BOS itself); ``context + continuation`` is encoded the same way and the continuation is its
+tail after the context's tokens.
 
 This is the protocol that gives signal on small models: a 135M model that answers by generating a letter mostly
 says the same letter, while the likelihood of each option's text still reflects what it knows. The
@@ -20,6 +29,7 @@ models, and the only one for GSM8K, which has no options.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import sampling
-from .results import TaskResult, binomial_stderr  # noqa: F401  (binomial_stderr was defined here before 0.2)
+from .results import TaskResult, binomial_stderr, sample_stderr  # noqa: F401  (were defined here before 0.2)
 
 EVAL_MODES: tuple[str, ...] = ("generate", "loglikelihood")
 MC_CONTEXT = "Question: {question}\nAnswer:"
@@ -62,24 +72,48 @@ def resolve_modes(
     return modes
 
 
-def _encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation ids such that ``context + continuation`` tokenizes as their concatenation.
+def _prefix_text(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text of the harness's prefix token: BOS, or EOS for a tokenizer without one."""
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.decode([prefix_id]) if prefix_id is not None else None
 
-    As in lm-evaluation-harness, the whole string is encoded and split after the context's tokens, so a word that
-    straddles the boundary is tokenized as it would be in running text; where the context's tokens are not a
-    prefix of the whole (a merge across the boundary), the two parts are encoded separately.
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's own special tokens (lm-evaluation-harness's ``tok_encode``).
+
+    A tokenizer that adds BOS adds it here; one that does not adds nothing. Text that already starts with the BOS
+    token's string (a chat template that writes it) is encoded without special tokens, so BOS is never doubled.
     """
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-        return list(context_ids), list(whole[len(context_ids) :])
-    return list(context_ids), list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    prefix = _prefix_text(tokenizer)
+    if prefix and text.startswith(prefix):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids of one request, as lm-evaluation-harness's ``_encode_pair`` builds them.
+
+    Trailing whitespace of the context moves to the front of the continuation; ``context`` and ``context +
+    continuation`` are encoded with `encode_text` (special tokens included), and the continuation is the whole's
+    tail after the context's token count, so a word that straddles the boundary is tokenized as in running text.
+    In the rare case where that tail is empty (the context's last token swallowed the whole continuation), the
+    continuation is encoded on its own without special tokens, so that every option has tokens to score.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = encode_text(tokenizer, context)
+    tail = encode_text(tokenizer, context + continuation)[len(context_ids) :]
+    return context_ids, tail or list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 
 def mc_requests(
     row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, chat_template: bool = False
 ) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """The (context ids, continuation ids, continuation string) of every option of one multiple-choice row."""
+    """The (context ids, continuation ids, option text) of every option of one multiple-choice row.
+
+    The option text is the choice itself, without the delimiter: what ``acc_norm`` divides by.
+    """
     question, choices = str(row.get("question") or row["prompt"]).strip(), list(row["choices"])
     if chat_template:
         if not tokenizer.chat_template:
@@ -92,10 +126,10 @@ def mc_requests(
         continuations = [" " + str(c) for c in choices]
     contexts, conts = [], []
     for continuation in continuations:
-        ctx, cont = _encode_pair(tokenizer, context, continuation)
+        ctx, cont = encode_pair(tokenizer, context, continuation)
         contexts.append(ctx)
         conts.append(cont)
-    return contexts, conts, continuations
+    return contexts, conts, [str(c) for c in choices]
 
 
 @torch.no_grad()
@@ -147,6 +181,13 @@ def score_options(
     return scores
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """``"cache"`` where the model's forward takes it (transformers >= 5.24, which deprecates ``past_key_values``),
+    else ``"past_key_values"`` (older transformers, or a model with its own forward)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def _continuation_logps(
     model: torch.nn.Module,
     contexts: Sequence[list[int]],
@@ -159,7 +200,8 @@ def _continuation_logps(
     positions = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     index = torch.tensor([b for b, _ in continuations], device=device)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None)  # transformers >= 5.24; older versions name it `past_key_values`
+    cache = out.past_key_values if cache is None else cache
     cache.batch_select_indices(index)
     cont_ids, cont_mask = sampling.pad_pairs([[]] * len(continuations), [c for _, c in continuations], pad_id, device)[
         2:
@@ -167,8 +209,9 @@ def _continuation_logps(
     mask = torch.cat([ctx_mask[index], cont_mask], dim=1)
     cont_positions = ctx_mask.sum(-1)[index].unsqueeze(-1) + torch.arange(cont_ids.shape[1], device=device)
     logits = model(
-        input_ids=cont_ids, attention_mask=mask, position_ids=cont_positions, past_key_values=cache, use_cache=True
-    ).logits
+        input_ids=cont_ids, attention_mask=mask, position_ids=cont_positions, use_cache=True,
+        **{_cache_kwarg(model): cache},
+    ).logits  # fmt: skip
     logits = torch.cat([out.logits[index, -1:], logits[:, :-1]], dim=1).float()
     token_logps = logits.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * cont_mask).sum(-1).double().cpu().tolist()
@@ -193,8 +236,8 @@ def evaluate_loglikelihood(
 
     Each row needs ``question`` (or ``prompt``), ``choices`` (the option texts, in letter order) and ``answer``
     (the gold letter ``"A"``, ``"B"``, ...). ``TaskResult.accuracy`` is ``acc`` and ``accuracy_norm`` is
-    ``acc_norm`` (per character of the continuation, including its leading space); both come with their binomial
-    standard errors.
+    ``acc_norm`` (per character of the option's own text, without the delimiter); both come with the harness's
+    standard error, `sample_stderr`.
 
     Returns:
         `dict[str, TaskResult]`: Task name -> result with ``mode="loglikelihood"`` and per-row predictions
@@ -216,8 +259,7 @@ def evaluate_loglikelihood(
         )
         predictions = []
         for row, logps in zip(rows, scores, strict=True):
-            _, _, continuations = mc_requests(row, tokenizer, chat_template)
-            per_char = [lp / max(len(c), 1) for lp, c in zip(logps, continuations, strict=True)]
+            per_char = [lp / max(len(str(c)), 1) for lp, c in zip(logps, row["choices"], strict=True)]
             pred, pred_norm = LETTERS[_argmax(logps)], LETTERS[_argmax(per_char)]
             predictions.append(
                 {

@@ -51,12 +51,12 @@ def _tasks(data: Mapping[str, Any]) -> list[str]:
 
 
 def _stderr(result: Mapping[str, Any], key: str = "accuracy") -> float:
-    """The stored binomial standard error, or ``sqrt(p (1 - p) / n)`` for a results.json written before it was."""
+    """The stored standard error, or the harness's ``sqrt(p (1 - p) / (n - 1))`` for a results.json without one."""
     stored = result.get("stderr" if key == "accuracy" else "stderr_norm")
     if stored is not None:
         return float(stored)
     p, n = float(result.get(key) or 0.0), int(result.get("n") or 0)
-    return math.sqrt(p * (1 - p) / n) if n else 0.0
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
 
 
 def accuracy_table(results: Any, key: str = "accuracy") -> dict[str, dict[str, float]]:
@@ -76,7 +76,7 @@ def accuracy_table(results: Any, key: str = "accuracy") -> dict[str, dict[str, f
 
 
 def stderr_table(results: Any, key: str = "accuracy") -> dict[str, dict[str, float]]:
-    """Iteration -> task -> binomial standard error in percentage points, plus ``"Average"``.
+    """Iteration -> task -> standard error (lm-evaluation-harness's) in percentage points, plus ``"Average"``.
 
     The average's error treats the tasks as independent: ``sqrt(Σ se_k²) / K``.
     """
@@ -102,6 +102,20 @@ def _task_notes(data: Mapping[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def _initial_policy_note(data: Mapping[str, Any]) -> str:
+    """Which checkpoint is π_0, the reference of the implicit rewards ``r = log π_k − log π_0`` of Table 2."""
+    first = data["iterations"][0] if data["iterations"] else "?"
+    return (
+        f"π_0 (the reference of the implicit rewards r = log π_k − log π_0) is the first checkpoint, {first}: "
+        "pass the base model first to score against it."
+    )
+
+
+def format_change(value: float | None) -> str:
+    """A relative weight change for a table: ``3.2e-03``, or "–" when it was not measured."""
+    return "–" if value is None or not math.isfinite(value) else f"{value:.1e}"
+
+
 def _arrow(value: float, previous: float | None) -> str:
     if previous is None or round(value, 2) == round(previous, 2):
         return ""
@@ -121,37 +135,44 @@ def render_markdown(results: Any) -> str:
     iteration as in the paper. Table 2: one row per consecutive pair ("M2 vs M1", ...), mean ± std over prompts.
     """
     data = _as_dict(results)
-    lines = ["## Table 1: accuracy (%) ± binomial standard error", ""]
+    lines = ["## Table 1: accuracy (%) ± standard error", ""]
     lines += _accuracy_lines(data, "accuracy")
     lines += ["", f"Questions per task: {_task_notes(data)}.", ""]
     if any(accuracy_table(data, "accuracy_norm").values()):
-        lines += ["### Table 1b: log-likelihood tasks, acc_norm (log-prob per character of the option) (%)", ""]
+        lines += ["### Table 1b: log-likelihood tasks, acc_norm (log-prob per character of the option text) (%)", ""]
         lines += _accuracy_lines(data, "accuracy_norm")
         lines += [""]
     loglikelihood = any(
         result.get("mode") == "loglikelihood" for per_task in data["accuracy"].values() for result in per_task.values()
     )
-    note = "± is sqrt(p(1-p)/n): a difference smaller than about twice it is noise."
+    note = (
+        "± is lm-evaluation-harness's standard error, sqrt(p(1-p)/(n-1)) (the sample std of the 0/1 scores over √n): "
+        "a difference smaller than about twice it is noise."
+    )
     if loglikelihood:  # only when some task was scored by log-likelihood
         note = (
             "Log-likelihood tasks: `acc` = the option with the highest summed log-prob (Table 1), `acc_norm` = "
-            "highest log-prob per character (Table 1b). " + note
+            "highest log-prob per character of the option's own text (Table 1b), as in lm-evaluation-harness. " + note
         )
     lines += [note]
     lines += ["", "## Table 2: ranking consistency between consecutive checkpoints (mean ± std over prompts)", ""]
+    lines += [_initial_policy_note(data), ""]
     if not data["consistency"]:
         lines.append("_No pairs: Table 2 needs at least three checkpoints (M0, M1, M2) and consistency prompts._")
         return "\n".join(lines) + "\n"
-    headers = [header for _, header in CONSISTENCY_COLUMNS] + ["Prompts (undefined)"]
+    headers = [header for _, header in CONSISTENCY_COLUMNS] + ["Prompts (undefined)", "Weights moved ‖Δθ‖/‖θ‖"]
     lines += ["| Iterations | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for label, stats in data["consistency"].items():
         cells = [_mean_std(stats.get(key)) for key, _ in CONSISTENCY_COLUMNS]
         cells.append(f"{stats.get('num_prompts', 0)} ({stats.get('num_undefined', 0)})")
+        cells.append(format_change(stats.get("weight_change")))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "C = (τ + 1) / 2. Prompts whose candidates are all tied under either reward have no ranking; they are left "
-        "out of every column and counted as undefined.",
+        'out of every column and counted as undefined. "Weights moved" is the relative change of the trained '
+        "weights (the LoRA adapter, or all weights) from the older checkpoint to the newer: C near 1 with weights "
+        'that barely moved means "unchanged", not "consistent".',
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""What an evaluation of one checkpoint on one task returns, and the binomial standard error of an accuracy."""
+"""What an evaluation of one checkpoint on one task returns, and the standard error of an accuracy."""
 
 from __future__ import annotations
 
@@ -7,8 +7,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def sample_stderr(accuracy: float, n: int) -> float:
+    """lm-evaluation-harness's standard error of an accuracy over ``n`` questions: ``sqrt(p (1 - p) / (n - 1))``.
+
+    This is the harness's ``mean_stderr`` of the 0/1 scores: their sample standard deviation (``n − 1`` in the
+    denominator) divided by ``√n``. It is what `TaskResult.stderr` reports. Undefined for ``n < 2``; 0 is returned.
+    """
+    if n < 2:
+        return 0.0
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / (n - 1))
+
+
 def binomial_stderr(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on ``n`` independent questions: ``sqrt(p (1 - p) / n)`` (0 if n = 0)."""
+    """The binomial (population) standard error ``sqrt(p (1 - p) / n)`` (0 if n = 0); `sample_stderr` is the one
+    reported. The two differ by the factor ``sqrt(n / (n - 1))``: 0.25 % at 200 questions."""
     if n <= 0:
         return 0.0
     return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
@@ -26,10 +38,12 @@ class TaskResult:
         predictions (`list[dict]`): One entry per row: ``prompt``, gold ``answer``, ``completion``, extracted
             ``prediction`` and ``correct`` (log-likelihood mode: ``logprobs`` per option instead of a completion).
         mode (`str`): ``"generate"`` (greedy answer, extracted) or ``"loglikelihood"`` (option scoring).
-        stderr (`float`): Binomial standard error of ``accuracy``, ``sqrt(p (1 - p) / n)``.
-        accuracy_norm (`float` or `None`): Log-likelihood mode only: ``acc_norm`` (log-prob per character).
+        stderr (`float`): Standard error of ``accuracy`` as lm-evaluation-harness reports it, the sample standard
+            deviation of the 0/1 scores over ``√n``: ``sqrt(p (1 - p) / (n - 1))`` (`sample_stderr`).
+        accuracy_norm (`float` or `None`): Log-likelihood mode only: ``acc_norm`` (log-prob per character of the
+            option's own text).
         num_correct_norm (`int` or `None`): Rows right under ``acc_norm``.
-        stderr_norm (`float` or `None`): Binomial standard error of ``accuracy_norm``.
+        stderr_norm (`float` or `None`): The same standard error of ``accuracy_norm``.
     """
 
     task: str
@@ -45,6 +59,6 @@ class TaskResult:
 
     def __post_init__(self) -> None:
         if self.stderr is None:
-            self.stderr = binomial_stderr(self.accuracy, self.n)
+            self.stderr = sample_stderr(self.accuracy, self.n)
         if self.accuracy_norm is not None and self.stderr_norm is None:
-            self.stderr_norm = binomial_stderr(self.accuracy_norm, self.n)
+            self.stderr_norm = sample_stderr(self.accuracy_norm, self.n)

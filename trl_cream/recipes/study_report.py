@@ -41,7 +41,7 @@ def _with_average(per_task: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
 
 
 def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Table 1 (mean ± std over seeds, mean binomial stderr), Table 2 (mean ± std over seeds of the per-run means),
+    """Table 1 (mean ± std over seeds, mean stderr), Table 2 (mean ± std over seeds of the per-run means),
     the round-1 baseline comparison and CREAM vs SRLM relative to the seed spread."""
     shared, runs = results["accuracy"]["shared"], results["accuracy"]["runs"]
     table1: dict[str, dict[str, Any]] = {}
@@ -66,8 +66,11 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
     table2 = {
         method: {
             pair: {
-                key: _mean_std([s[pair][key]["mean"] for s in seeds.values() if pair in s and s[pair].get(key)])
-                for key, _ in TABLE2_METRICS
+                **{
+                    key: _mean_std([s[pair][key]["mean"] for s in seeds.values() if pair in s and s[pair].get(key)])
+                    for key, _ in TABLE2_METRICS
+                },
+                "weight_change": _mean_std([s[pair].get("weight_change") for s in seeds.values() if pair in s]),
             }
             for pair in PAIRS
         }
@@ -80,7 +83,10 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
         }
         for method, seeds in results["round1_baseline"].items()
     }
-    return {"table1": table1, "table2": table2, "round1_baseline": round1, "comparison": compare(table1, table2)}
+    return {
+        "table1": table1, "table2": table2, "round1_baseline": round1, "comparison": compare(table1, table2),
+        "paired": paired_comparison(results),
+    }  # fmt: skip
 
 
 def _verdict(diff: float, spread: float) -> str:
@@ -126,6 +132,76 @@ def compare(table1: Mapping[str, Any], table2: Mapping[str, Any]) -> list[dict[s
     return rows
 
 
+def paired_test(differences: Sequence[float]) -> dict[str, Any]:
+    """Paired statistics of per-seed differences ``d_s = CREAM_s − SRLM_s``: their mean and sample std (ddof = 1),
+    the paired t-test (``t = mean / (std / √k)``, two-sided p from Student's t with ``k − 1`` degrees of freedom, as
+    ``scipy.stats.ttest_rel``) and the exact two-sided Wilcoxon signed-rank test (all ``2^k`` sign patterns of the
+    ranked non-zero differences, ties at average ranks; statistic ``min(W+, W−)``, as ``scipy.stats.wilcoxon``).
+
+    With 3 seeds the smallest possible Wilcoxon p is 0.25: it cannot reject at 5 %, and only the t-test (which
+    assumes normal differences) can. Undefined quantities are NaN.
+    """
+    from scipy.special import stdtr
+
+    d = [float(x) for x in differences if x is not None and math.isfinite(x)]
+    k = len(d)
+    out: dict[str, Any] = {"differences": d, "num_seeds": k, "mean": statistics.fmean(d) if d else math.nan}
+    out["std"] = statistics.stdev(d) if k > 1 else math.nan
+    if k > 1 and out["std"] > 0:
+        t = out["mean"] / (out["std"] / math.sqrt(k))
+        out.update(t=t, df=k - 1, p_ttest=float(2 * stdtr(k - 1, -abs(t))))
+    else:
+        out.update(t=math.nan, df=k - 1, p_ttest=math.nan)
+    out.update(_wilcoxon_exact(d))
+    return out
+
+
+def _wilcoxon_exact(d: Sequence[float]) -> dict[str, float]:
+    nonzero = [x for x in d if x != 0]
+    if not nonzero or len(nonzero) > 20:
+        return {"wilcoxon_statistic": math.nan, "p_wilcoxon": math.nan}
+    magnitudes = sorted(abs(x) for x in nonzero)
+    rank = {m: statistics.fmean(i + 1 for i, v in enumerate(magnitudes) if v == m) for m in set(magnitudes)}
+    ranks = [rank[abs(x)] for x in nonzero]
+    w_plus = sum(r for r, x in zip(ranks, nonzero, strict=True) if x > 0)
+    total = sum(ranks)
+    null = [sum(r for j, r in enumerate(ranks) if signs >> j & 1) for signs in range(2 ** len(ranks))]
+    low = sum(w <= w_plus + 1e-9 for w in null) / len(null)
+    high = sum(w >= w_plus - 1e-9 for w in null) / len(null)
+    return {"wilcoxon_statistic": min(w_plus, total - w_plus), "p_wilcoxon": min(1.0, 2 * min(low, high))}
+
+
+def _average_accuracy(per_task: Mapping[str, Mapping[str, Any]]) -> float:
+    return statistics.fmean(r["accuracy"] for r in per_task.values()) if per_task else math.nan
+
+
+def paired_comparison(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """CREAM − SRLM seed by seed (both start from the same M1 and sample the same round-1 candidates for a seed):
+    average accuracy of M2 and M3 (in points) and C and τ of each pair, with `paired_test` on the differences."""
+    runs, consistency = results["accuracy"]["runs"], results["consistency"]
+    if "cream" not in runs or "srlm" not in runs:
+        return []
+    seeds = [s for s in runs["cream"] if s in runs["srlm"]]
+    rows = []
+    for iteration in ("M2", "M3"):
+        diffs = [
+            100 * (_average_accuracy(runs["cream"][s][iteration]) - _average_accuracy(runs["srlm"][s][iteration]))
+            for s in seeds
+        ]
+        rows.append({"quantity": f"average accuracy {iteration} (%)", "seeds": seeds, **paired_test(diffs)})
+    for pair in PAIRS:
+        for key, label in TABLE2_METRICS[:2]:
+
+            def value(method: str, seed: str, pair: str = pair, key: str = key) -> float:
+                stat = consistency.get(method, {}).get(seed, {}).get(pair, {}).get(key) or {}
+                return math.nan if stat.get("mean") is None else stat["mean"]
+
+            diffs = [value("cream", s) - value("srlm", s) for s in seeds]
+            if any(math.isfinite(x) for x in diffs):
+                rows.append({"quantity": f"{label} {pair}", "seeds": seeds, **paired_test(diffs)})
+    return rows
+
+
 def _percent(stat: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not stat:
         return None
@@ -150,7 +226,7 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         f"N = {settings['num_generations']}; eval mode `{settings['eval_mode']}`, "
         f"{settings['eval_mc']} questions per task; {settings['num_held_out_prompts']} held-out prompts for Table 2.",
         "",
-        "## Table 1: accuracy (%), mean ± std over seeds (se = mean binomial standard error of one run)",
+        "## Table 1: accuracy (%), mean ± std over seeds (se = mean standard error of one run, as lm-eval)",
         "",
         "| Iteration | " + " | ".join(tasks) + " |",
         "|---" * (len(tasks) + 1) + "|",
@@ -159,11 +235,19 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {iteration} | " + " | ".join(_fmt(row.get(t), 100, se=True) for t in tasks) + " |")
     lines += ["", "M0 and M1 are shared by every run (evaluated once: no seed spread).", ""]
     lines += ["## Table 2: ranking consistency on held-out prompts, mean ± std over seeds", ""]
-    lines += ["| Iterations | Method | " + " | ".join(h for _, h in TABLE2_METRICS) + " |", "|---" * 6 + "|"]
+    headers = [h for _, h in TABLE2_METRICS] + ["weights moved ‖Δθ‖/‖θ‖"]
+    lines += ["| Iterations | Method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
     for pair in PAIRS:
         for method, pairs in summary["table2"].items():
             cells = [_fmt(pairs.get(pair, {}).get(key)) for key, _ in TABLE2_METRICS]
+            moved = pairs.get(pair, {}).get("weight_change") or {}
+            cells.append(f"{_num(moved.get('mean'), '.1e')} ± {_num(moved.get('std'), '.1e')}")
             lines.append(f"| {pair} | {method.upper()} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Weights moved: relative change of the LoRA adapter from the older checkpoint to the newer. C near 1 with "
+        "weights that barely moved means the round changed nothing, not that it was consistent.",
+    ]
     lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |"]
     lines += ["|---" * 6 + "|"]
     for row in summary["comparison"]:
@@ -171,6 +255,8 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
             f"| {row['quantity']} | {row['cream']:.3f} | {row['srlm']:.3f} | {row['difference']:+.3f} | "
             f"{row['seed_spread']:.3f} | {row['verdict']} |"
         )
+    lines += ["", "Seed spread of Δ = sqrt(std²_CREAM / k + std²_SRLM / k): the two methods treated as unpaired.", ""]
+    lines += _paired_lines(summary.get("paired", []))
     lines += [
         "",
         "## Round-1 baseline: round 1's ranking (r = log π_1 − log π_0) against π_0's likelihood",
@@ -186,6 +272,35 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {method.upper()} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time per phase (s): {results.get('timings', {})}", ""]
     return "\n".join(lines)
+
+
+def _num(value: Any, spec: str) -> str:
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _paired_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    seeds = ", ".join(str(s) for s in rows[0]["seeds"])
+    lines = [
+        "### CREAM vs SRLM, paired by seed",
+        "",
+        "Both methods start each seed from the same M1 and sample the same round-1 candidates, so the per-seed "
+        "differences d = CREAM − SRLM are paired. Paired t-test: t = mean(d) / (sd(d) / √k), Student's t with k − 1 "
+        "degrees of freedom (`scipy.stats.ttest_rel`); Wilcoxon signed-rank, exact (`scipy.stats.wilcoxon`), whose "
+        "smallest possible two-sided p with 3 seeds is 0.25.",
+        "",
+        f"| Quantity | d per seed ({seeds}) | mean d | sd of d | t (df) | p, paired t | p, Wilcoxon |",
+        "|---" * 7 + "|",
+    ]
+    for row in rows:
+        per_seed = ", ".join(_num(x, "+.3f") for x in row["differences"])
+        lines.append(
+            f"| {row['quantity']} | {per_seed} | {_num(row['mean'], '+.3f')} | {_num(row['std'], '.3f')} | "
+            f"{_num(row['t'], '+.2f')} ({row['df']}) | {_num(row['p_ttest'], '.3f')} | "
+            f"{_num(row['p_wilcoxon'], '.3f')} |"
+        )
+    return lines
 
 
 def clipped_yerr(means: Sequence[float], errors: Sequence[float], low: float, high: float) -> list[list[float]]:
@@ -232,7 +347,7 @@ def study_figure(results: Mapping[str, Any]) -> Any:
             label=method.upper(), **style,
         )  # fmt: skip
     acc_axes.set(xticks=range(4), xticklabels=["M0", "M1", "M2", "M3"], ylabel="average accuracy (%)")
-    acc_axes.set_title("Average accuracy (± max(seed std, binomial se))")
+    acc_axes.set_title("Average accuracy (± max(seed std, standard error))")
     acc_axes.legend()
     c_axes.set(xticks=range(len(PAIRS)), xticklabels=list(PAIRS), ylim=(0, 1.05), ylabel="consistency C")
     c_axes.set_title("Ranking consistency on held-out prompts (± seed std, within [0, 1])")
