@@ -75,9 +75,9 @@ def _results(*modes: str) -> dict:
 
 def test_loglikelihood_footnote_only_when_a_task_used_it():
     generated = render_markdown(_results("generate", "generate"))
-    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)/n)" in generated
+    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)" in generated
     mixed = render_markdown(_results("generate", "loglikelihood"))
-    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)/n)" in mixed
+    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)" in mixed
 
 
 def test_study_plot_keeps_coinciding_methods_apart_and_c_bars_within_0_1():
