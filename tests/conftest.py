@@ -29,6 +29,32 @@ QUESTIONS = [
 ]
 
 
+# The tiny overrides that run examples/cream_llama3.py (SFT + 2 rounds) on the tiny Llama in seconds
+# (tests/test_recipe.py, tests/test_engines.py); the paper's lr 1e-6 would leave a tiny random model's adapter
+# near identity, and rounds of one step get no warm-up anyway.
+RECIPE_TINY_OVERRIDES = {
+    "dtype": "float32",
+    "use_cpu": "true",
+    "bf16": "false",
+    "gradient_checkpointing": "false",
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "max_new_tokens": 8,
+    "max_length": 128,
+    "sft_max_length": 128,
+    "sft_num_train_epochs": 1,
+    "sft_learning_rate": 1e-2,
+    "learning_rate": 1e-2,
+    "warmup_steps": 0,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "generation_batch_size": 4,
+    "scoring_batch_size": 8,
+    "report_to": "none",
+    "disable_tqdm": "true",
+}
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(FIXTURES / "tiny_tokenizer")
 

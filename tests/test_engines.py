@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUESTIONS, tiny_llama, tiny_tokenizer
+from conftest import QUESTIONS, RECIPE_TINY_OVERRIDES, tiny_llama, tiny_tokenizer
 from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
@@ -37,27 +37,6 @@ RECIPE = ROOT / "examples" / "cream_llama3.py"
 LAUNCHER = Path(__file__).parent / "engine_launch.py"
 PLAN = Path(__file__).parent / "engine_plan.py"
 CONFIGS = ROOT / "examples" / "accelerate_configs"
-TINY = {  # the tiny overrides of tests/test_recipe.py
-    "dtype": "float32",
-    "use_cpu": "true",
-    "bf16": "false",
-    "gradient_checkpointing": "false",
-    "lora_r": 4,
-    "lora_alpha": 8,
-    "max_new_tokens": 8,
-    "max_length": 128,
-    "sft_max_length": 128,
-    "sft_num_train_epochs": 1,
-    "sft_learning_rate": 1e-2,
-    "learning_rate": 1e-2,
-    "warmup_steps": 0,
-    "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 1,
-    "generation_batch_size": 4,
-    "scoring_batch_size": 8,
-    "report_to": "none",
-    "disable_tqdm": "true",
-}
 
 
 def _free_port() -> int:
@@ -97,7 +76,7 @@ def recipe_step(assets: Path, out: Path, model: str = "model", **overrides) -> d
         "sft_data_path": assets / "sft",
         "prompts_data_path": assets / "prompts",
         "output_dir": out,
-        **TINY,
+        **RECIPE_TINY_OVERRIDES,
         **overrides,
     }
     return {"kind": "script", "path": str(RECIPE), "argv": [f"--{k}={v}" for k, v in flags.items()], "out": str(out)}

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import QUESTIONS, tiny_llama, tiny_tokenizer
+from conftest import QUESTIONS, RECIPE_TINY_OVERRIDES, tiny_llama, tiny_tokenizer
 from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
@@ -49,25 +49,7 @@ def test_llama3_recipe_runs_end_to_end_on_two_processes(tmp_path):
         "prompts_data_path": prompts_dir,
         "output_dir": out,
         "load_in_4bit": "false",  # NF4 QLoRA is the default (tests/test_engines.py); see the module docstring
-        "dtype": "float32",
-        "use_cpu": "true",
-        "bf16": "false",
-        "gradient_checkpointing": "false",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "max_new_tokens": 8,
-        "max_length": 128,
-        "sft_max_length": 128,
-        "sft_num_train_epochs": 1,
-        "sft_learning_rate": 1e-2,  # the paper's 1e-6 would leave a tiny random model's adapter near identity
-        "learning_rate": 1e-2,
-        "warmup_steps": 0,  # no warm-up in the SFT stage either (rounds of one step get none at 0.1 anyway)
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "generation_batch_size": 4,
-        "scoring_batch_size": 8,
-        "report_to": "none",
-        "disable_tqdm": "true",
+        **RECIPE_TINY_OVERRIDES,
     }
     argv = [f"--{k}={v}" for k, v in overrides.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
