@@ -75,7 +75,7 @@ def test_study_runs_both_methods_from_one_m1_and_reports(study_run):
     paired = {row["quantity"]: row for row in results["summary"]["paired"]}
     assert paired["average accuracy M2 (%)"]["seeds"] == ["0", "1"]
     assert len(paired["average accuracy M2 (%)"]["differences"]) == 2
-    for heading in ("Table 1", "Table 2", "CREAM vs SRLM", "paired by seed", "Round-1 baseline"):
+    for heading in ("Table 1", "Table 2", "Training rounds", "CREAM vs SRLM", "paired by seed", "Round-1 baseline"):
         assert heading in markdown
     assert (out / "results.png").stat().st_size > 1000
 
@@ -160,11 +160,24 @@ def test_summarise_aggregates_over_seeds_with_standard_errors():
     }
     round1 = {m: {str(s): {k: {"consistency": 0.1, "kendall_tau": -0.8} for k in ("mean_logp", "sum_logp")}
                   for s in range(3)} for m in accs}  # fmt: skip
+    lengths = {"srlm": [40.0, 44.0, 48.0], "cream": [10.0, 12.0, 14.0]}  # round 2's chosen length per seed
+    rounds = {
+        m: {str(s): [{"round": 1, "consistency": 1.0 if m == "srlm" else 0.25, "kendall_tau_mean": -0.5,
+                      "chosen_length_mean": 12.0, "rejected_length_mean": 10.0},
+                     {"round": 2, "consistency": 1.0 if m == "srlm" else 0.4 + 0.1 * s, "kendall_tau_mean": 0.1 * s,
+                      "chosen_length_mean": lengths[m][s], "rejected_length_mean": 30.0}] for s in range(3)}
+        for m in accs
+    }  # fmt: skip
     results = {
         "accuracy": {"shared": {"M0": {"a": task(0.3), "b": task(0.5)}}, "runs": runs},
-        "consistency": consistency, "round1_baseline": round1,
+        "consistency": consistency, "round1_baseline": round1, "rounds": rounds,
     }  # fmt: skip
     summary = summarise(results)
+    assert set(summary["rounds"]["cream"]) == {"1", "2"}
+    cream2 = summary["rounds"]["cream"]["2"]
+    assert (cream2["consistency"]["mean"], cream2["consistency"]["std"]) == (pytest.approx(0.5), pytest.approx(0.1))
+    assert summary["rounds"]["srlm"]["2"]["chosen_length_mean"]["mean"] == pytest.approx(44.0)
+    assert summary["rounds"]["srlm"]["1"]["consistency"]["std"] == 0.0
     row = summary["table1"]["cream M3"]
     assert row["a"]["mean"] == pytest.approx(statistics.fmean(accs["cream"]))
     assert row["a"]["std"] == pytest.approx(statistics.stdev(accs["cream"])) and row["a"]["num_seeds"] == 3
@@ -187,6 +200,7 @@ def test_summarise_aggregates_over_seeds_with_standard_errors():
     assert paired["C M2 vs M1"]["differences"] == pytest.approx([0.3, 0.2, 0.2])
     markdown = render_study_markdown(results)
     assert "| cream M3 | 48.00 ± 3.61 (se " in markdown
+    assert "| 2 | SRLM | 1.00 ± 0.00 | 0.10 ± 0.10 | 44.00 ± 4.00 | 30.00 ± 0.00 |" in markdown
     assert "paired by seed" in markdown and "| C M2 vs M1 | +0.300, +0.200, +0.200 | +0.233 | 0.058 |" in markdown
     for table in markdown.split("\n\n"):  # every row of a table has as many cells as its header (no stray "|")
         rows = [line for line in table.splitlines() if line.startswith("|")]

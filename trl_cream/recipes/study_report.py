@@ -17,6 +17,14 @@ TABLE2_METRICS: tuple[tuple[str, str], ...] = (
     ("top_order", "TopOrder"),
 )
 PAIRS = ("M2 vs M1", "M3 vs M2")
+# Per training round, from the trainer's round metrics: the C the loss used (1 for SRLM), τ between the rankings by
+# r and by r' (computed for SRLM too, unused), and the mean length of the chosen and rejected candidates.
+ROUND_METRICS: tuple[tuple[str, str], ...] = (
+    ("consistency", "C used by the loss"),
+    ("kendall_tau_mean", "τ (r vs r')"),
+    ("chosen_length_mean", "chosen length (tokens)"),
+    ("rejected_length_mean", "rejected length (tokens)"),
+)
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -85,8 +93,23 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
     }
     return {
         "table1": table1, "table2": table2, "round1_baseline": round1, "comparison": compare(table1, table2),
-        "paired": paired_comparison(results),
+        "paired": paired_comparison(results), "rounds": _rounds(results.get("rounds", {})),
     }  # fmt: skip
+
+
+def _rounds(rounds: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per method and training round, mean ± std over seeds of the `ROUND_METRICS` of each run's round."""
+    table: dict[str, dict[str, Any]] = {}
+    for method, seeds in rounds.items():
+        by_round: dict[int, list[Mapping[str, Any]]] = {}
+        for run in seeds.values():
+            for r in run:
+                by_round.setdefault(int(r["round"]), []).append(r)
+        table[method] = {
+            str(t): {key: _mean_std([r.get(key) for r in rs]) for key, _ in ROUND_METRICS}
+            for t, rs in sorted(by_round.items())
+        }
+    return table
 
 
 def _verdict(diff: float, spread: float) -> str:
@@ -248,6 +271,7 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
         "Weights moved: relative change of the LoRA adapter from the older checkpoint to the newer. C near 1 with "
         "weights that barely moved means the round changed nothing, not that it was consistent.",
     ]
+    lines += _round_lines(summary.get("rounds", {}))
     lines += ["", "## CREAM vs SRLM", "", "| Quantity | CREAM | SRLM | Δ | seed spread of Δ | verdict |"]
     lines += ["|---" * 6 + "|"]
     for row in summary["comparison"]:
@@ -276,6 +300,24 @@ def render_study_markdown(results: Mapping[str, Any]) -> str:
 
 def _num(value: Any, spec: str) -> str:
     return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _round_lines(rounds: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    if not rounds:
+        return []
+    headers = [h for _, h in ROUND_METRICS]
+    lines = ["", "## Training rounds, mean ± std over seeds", ""]
+    lines += ["| Round | Method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
+    for t in sorted({t for per_round in rounds.values() for t in per_round}, key=int):
+        for method, per_round in rounds.items():
+            if t in per_round:
+                cells = [_fmt(per_round[t][key]) for key, _ in ROUND_METRICS]
+                lines.append(f"| {t} | {method.upper()} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Round t turns M_t into M_{t+1} on its own prompts. SRLM's loss uses C = 1; its τ is measured, not used.",
+    ]
+    return lines
 
 
 def _paired_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
