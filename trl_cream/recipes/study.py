@@ -61,7 +61,7 @@ class StudyArguments:
     size: str = field(
         default="default",
         metadata={
-            "help": "tiny (CI smoke test, with a tiny --model), default (~25 min on 2 CPU cores with SmolLM2-135M, "
+            "help": "tiny (CI smoke test, with a tiny --model), default (~30 min on 2 CPU cores with SmolLM2-135M, "
             "200 questions per task) or large (a GPU: 1024 prompts, 500 questions per task, N=5).",
             "choices": list(STUDY_SIZES),
         },
