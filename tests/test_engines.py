@@ -115,22 +115,22 @@ def zero2(assets, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def zero3(assets, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zero3")
+def injected_and_full(assets: Path, root: Path, config: str) -> Path:
+    """One launch under ``config``: the injected-candidates run and the recipe with full fine-tuning."""
     plan = [injected_step(root / "injected")]
     plan.append(recipe_step(assets, root / "full", load_in_4bit="false", use_peft="false"))
-    launch(assets / "deepspeed_zero3.yaml", plan, root)
+    launch(assets / config, plan, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def zero3(assets, tmp_path_factory) -> Path:
+    return injected_and_full(assets, tmp_path_factory.mktemp("zero3"), "deepspeed_zero3.yaml")
 
 
 @pytest.fixture(scope="module")
 def fsdp2(assets, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fsdp2")
-    plan = [injected_step(root / "injected")]
-    plan.append(recipe_step(assets, root / "full", load_in_4bit="false", use_peft="false"))
-    launch(assets / "fsdp.yaml", plan, root)
-    return root
+    return injected_and_full(assets, tmp_path_factory.mktemp("fsdp2"), "fsdp.yaml")
 
 
 @pytest.fixture(scope="module")
