@@ -202,17 +202,17 @@ class CreamTrainer(TrlOnlineDPOBase):
         recomputed when an earlier attempt of the run finished it."""
         start = start or resume.RunStart()
         args, timings, step = self.args, {}, self.steps.round_start()  # the round's own metrics go to `step`
-        self.phase_status, self._start, _ = {}, start, self.lr_probe.reset()
+        self.phase_status, _ = {}, self.lr_probe.reset()
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
         with _timed(timings, "generate"):
-            samples = self.sample_phase(t, prompts)  # line 5: N responses per prompt from π_t
+            samples = self.sample_phase(t, prompts, start)  # line 5: N responses per prompt from π_t
         with _timed(timings, "score"), frozen_gc(args.freeze_gc):
             scores = self.score_phase(t, samples, start)  # lines 6, 8: log π_t, log π_0, log π_{t−1}
         phases.advance_previous(self._policy())  # π_t becomes round t + 1's π_{t−1}
         with _timed(timings, "pair"):
-            pairs, metrics = self.label_phase(t, samples, scores)  # lines 9-12: rankings, C, pairs
+            pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
         with _timed(timings, "train"):
             checkpoint = start.trainer_checkpoint(t, self.store)
@@ -237,7 +237,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         return output
 
     # ---------------------------------------------------------------- the phases
-    def sample_phase(self, t: int, prompts: list[Any]) -> RoundSamples:
+    def sample_phase(self, t: int, prompts: list[Any], start: resume.RunStart | None = None) -> RoundSamples:
         """The round's prompts as token ids and ``num_generations`` candidates each. Every rank samples its share
         (seed from ``seed``, ``t`` and its rank); all get the whole round."""
         args = self.args
@@ -256,7 +256,7 @@ class CreamTrainer(TrlOnlineDPOBase):
             return distributed.gather_candidates(shard, local)
 
         candidates = self.store.load_or_compute(
-            lambda: self._noted(t, "generate", "samples", self.store.load_samples(t, prompt_ids)),
+            lambda: self._noted(t, "generate", "samples", self.store.load_samples(t, prompt_ids), start),
             sample,
             lambda c: self.store.save_samples(t, prompt_ids, c),
         )
@@ -285,12 +285,14 @@ class CreamTrainer(TrlOnlineDPOBase):
             return scores
 
         return self.store.load_or_compute(
-            lambda: self._noted(t, "score", "scores", self.store.load_scores(t)),
+            lambda: self._noted(t, "score", "scores", self.store.load_scores(t), start),
             compute,
             lambda s: self.store.save_scores(t, s),
         )
 
-    def label_phase(self, t: int, samples: RoundSamples, scores: RoundScores) -> tuple[Dataset, dict[str, Any]]:
+    def label_phase(
+        self, t: int, samples: RoundSamples, scores: RoundScores, start: resume.RunStart | None = None
+    ) -> tuple[Dataset, dict[str, Any]]:
         """Rewards, both rankings, C and the best/worst pairs (Algorithm 1 lines 9-12), with the round's metrics."""
         args = self.args
 
@@ -307,7 +309,7 @@ class CreamTrainer(TrlOnlineDPOBase):
             return pairs, metrics, table
 
         def load() -> tuple[Dataset, dict[str, Any], None] | None:
-            loaded = self._noted(t, "pair", "pairs", self.store.load_pairs(t))
+            loaded = self._noted(t, "pair", "pairs", self.store.load_pairs(t), start)
             return None if loaded is None else (*loaded, None)
 
         pairs, metrics, _ = self.store.load_or_compute(load, label, lambda r: self.store.save_pairs(t, *r))
@@ -383,13 +385,12 @@ class CreamTrainer(TrlOnlineDPOBase):
                     self.push_iteration(index)
         return start
 
-    def _noted(self, t: int, phase: str, what: str, loaded: Any) -> Any:
+    def _noted(self, t: int, phase: str, what: str, loaded: Any, start: resume.RunStart | None) -> Any:
         """Record (for the console line, metrics.json and the card) and log whether a resume reused a phase."""
-        resumed_round = getattr(self, "_start", resume.RunStart()).resumed_round
         if loaded is not None:
             self.phase_status[phase] = report.REUSED
             logger.info("Resuming round %d: %s reused from %s.", t, what, self.store.round_dir(t))
-        elif t == resumed_round:
+        elif start is not None and t == start.resumed_round:
             logger.info("Resuming round %d: %s recomputed.", t, what)
         return loaded
 
