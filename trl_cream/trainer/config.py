@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "consistency_measure": MEASURES,
     "consistency_granularity": GRANULARITIES,
     "ref_policy": REF_POLICIES,
-    "generation_backend": GENERATION_BACKENDS,
+    "generation_backend": tuple(GENERATION_BACKENDS),
     "long_prompts": LONG_PROMPT_MODES,
     "round1_baseline": ROUND1_BASELINES,
     "reward_source": REWARD_SOURCES,
