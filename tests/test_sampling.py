@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from trl_cream import CreamTrainer
 from trl_cream.modeling.paged import PAGED_CPU_CACHE_BYTES, paged_batching_config
-from trl_cream.sampling import (
+from trl_cream.modeling.sampling import (
     GENERATION_BACKENDS,
     SamplingSettings,
     generate_candidates,
