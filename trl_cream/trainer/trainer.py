@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
-from .. import distributed, engines, hub
+from .. import distributed, engines, hub, inspection
 from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources
@@ -214,6 +214,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         with _timed(timings, "pair"):
             pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
+        inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
         with _timed(timings, "train"):
             checkpoint = start.trainer_checkpoint(t, self.store)
             if t == start.resumed_round:
