@@ -29,7 +29,7 @@ def _run(out: Path, **overrides) -> CreamTrainer:
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in PROMPTS]})
-    args = cream_args(out, report_to="tensorboard", **overrides)
+    args = cream_args(out, **{"report_to": "tensorboard", **overrides})
     trainer = CreamTrainer(model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts,
                            processing_class=tokenizer)  # fmt: skip
     trainer.train()
@@ -360,3 +360,44 @@ def test_the_page_renders_filters_and_shows_its_plots_in_chromium(logged_run, tm
     shot = tmp_path / "shot.png"
     _headless(browser, tmp_path / "profile2", "--window-size=1280,900", f"--screenshot={shot}", url)
     assert shot.is_file() and shot.stat().st_size > 10_000  # plots and tables drawn, not a blank page
+
+
+def test_trackio_local_run_gets_a_table(tmp_path, monkeypatch):
+    import sys
+
+    trackio = pytest.importorskip("trackio", reason="trackio is not installed (pip install trackio)")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    folder = tmp_path / "trackio"  # Trackio reads TRACKIO_DIR once, on import (TRL imports it): point its modules here
+    for name, module in list(sys.modules.items()):
+        if name.startswith("trackio") and hasattr(module, "TRACKIO_DIR"):
+            monkeypatch.setattr(module, "TRACKIO_DIR", folder)
+
+    project = "cream-inspect-test"
+    _run(
+        tmp_path / "run",
+        num_iterations=1,
+        report_to="trackio",
+        project=project,
+        log_completions=True,
+        num_completions_to_print=0,
+    )  # fmt: skip (the trainer finishes the Trackio run when training ends)
+    (run,) = SQLiteStorage.get_runs(project)
+    logs = [log for log in SQLiteStorage.get_logs(project, run=run) if f"train/{TABLE_KEY}" in log]
+    assert len(logs) == 1, "no completions table in the Trackio run"
+    table = logs[0][f"train/{TABLE_KEY}"]
+    assert table["_type"] == "trackio.table"
+    rows = table["_value"]
+    candidates, pairs = _round_table(tmp_path / "run", 1)
+    assert [r["prompt"] for r in rows] == [candidates[i]["prompt"] for i in range(0, len(candidates), 3)]
+    assert logs[0]["step"] == rows[0]["step"] == 1  # round 1's step: the run's first (no SFT stage here)
+    for cand in candidates:
+        row = rows[cand["prompt_index"]]
+        i = cand["candidate_index"]
+        assert row[f"completion_{i}"] == cand["completion"]
+        assert row[f"reward_{i}"] == pytest.approx(cand["reward"])
+        assert row[f"baseline_rank_{i}"] == cand["baseline_rank"]
+    for pair in pairs:
+        row = rows[pair["prompt_index"]]
+        assert (row["chosen"], row["rejected"]) == (pair["chosen_index"], pair["rejected_index"])
+        assert row["loss_consistency"] == pytest.approx(pair["consistency"])
