@@ -365,7 +365,7 @@ def test_the_page_renders_filters_and_shows_its_plots_in_chromium(logged_run, tm
 def test_trackio_local_run_gets_a_table(tmp_path, monkeypatch):
     import sys
 
-    trackio = pytest.importorskip("trackio", reason="trackio is not installed (pip install trackio)")
+    pytest.importorskip("trackio", reason="trackio is not installed (pip install trackio)")
     from trackio.sqlite_storage import SQLiteStorage
 
     folder = tmp_path / "trackio"  # Trackio reads TRACKIO_DIR once, on import (TRL imports it): point its modules here
