@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..runs.files import atomic_write_json
 from ..runs.layout import RunLayout, iteration_index, round_of_iteration
 from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
@@ -87,14 +86,9 @@ def is_pushed(output_dir: str | Path, index: int) -> bool:
 
 
 def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Path:
-    """Write the push marker of ``M<index>`` atomically (temp file + rename)."""
+    """Write the push marker of ``M<index>`` atomically (`trl_cream.runs.files.atomic_write_json`)."""
     path = marker_path(output_dir, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, info)
     return path
 
 
