@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
-from trl_cream.artifacts import RoundScores
+from trl_cream.core.labelling import RoundScores
 
 CHAT = [[{"role": "user", "content": q}] for q in QUESTIONS]
 
@@ -185,7 +185,7 @@ def test_peft_config_with_a_model_that_is_already_a_peft_model_is_refused(tmp_pa
 
 def test_long_prompts_are_truncated_with_a_warning(tmp_path, m0, tokenizer, caplog):
     args = cream_args(tmp_path / "out", max_length=20, max_new_tokens=8, num_iterations=1)
-    with caplog.at_level(logging.WARNING, logger="trl_cream.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_cream.trainer.validation"):
         trainer = CreamTrainer(
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=chat_prompts(), processing_class=tokenizer
         )

@@ -19,8 +19,8 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from trl_cream import distributed
-from trl_cream.artifacts import RoundScores
-from trl_cream.sampling import score_candidates
+from trl_cream.core.labelling import RoundScores
+from trl_cream.modeling.sampling import score_candidates
 
 ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "dist_worker.py"

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.hub import HubPublisher, HubPushError, HubSettings, RetryPolicy, is_pushed, marker_path
-from trl_cream.model_card import build_model_card
+from trl_cream.hub.model_card import build_model_card
 
 REPO = "tester/cream"
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from trl_cream import CreamTrainer
-from trl_cream.sampling import (
+from trl_cream.modeling.sampling import (
     PAGED_CPU_CACHE_BYTES,
     generate_candidates,
     pad_pairs,

@@ -11,7 +11,7 @@ is renamed into place (``os.replace``), so a crash leaves either the whole resul
 | training | ``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>`` when ``save_strategy`` makes them | Trainer |
 | saving | ``M<t+1>/`` (round complete), then ``rounds/round_<t>/metrics.json`` | safetensors + JSON |
 
-``cream_state/manifest.json`` (`trl_cream.manifest`) records the configuration (secrets removed), dataset
+``cream_state/manifest.json`` (`trl_cream.runs.manifest`) records the configuration (secrets removed), dataset
 fingerprints and seeds; whether a run may start in a folder (a resume with a different manifest, or a fresh start in a
 folder holding another run, is refused) is decided by `trl_cream.runs.gate.RunGate`. Nothing here writes or reads a
 pickle.
@@ -32,19 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..core.labelling import RoundScores
-from .files import (  # noqa: F401  (re-exported: the store's public file helpers)
-    PARTIAL_SUFFIX,
-    _remove,
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-    save_dataset,
-    save_tensors,
-)
+from .files import _remove, atomic_dir, atomic_write_json, read_json, save_dataset, save_tensors
 from .integrity import Checksums, DamagedFile, load_checked, stale_iterations
 from .layout import FIRST_ITERATION, RunLayout, iteration_index, parse_trainer_checkpoint
-from .weights import load_adapter_weights, load_full_weights  # noqa: F401  (their home before 0.2)
 
 logger = logging.getLogger(__name__)
 
