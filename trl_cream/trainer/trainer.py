@@ -176,7 +176,11 @@ class CreamTrainer(TrlOnlineDPOBase):
         """
         check_single_train(self._train_called, self.args.output_dir)
         self._train_called = True
-        start = self._open_run(resume_from_checkpoint)
+        with resume.run_lock(self.args.output_dir, self.accelerator) as lock:  # one run per folder at a time
+            return self._train(resume_from_checkpoint, lock)
+
+    def _train(self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None) -> TrainOutput:
+        start = self._open_run(resume_from_checkpoint, lock)
         shards = self.split_prompts()
         first = self.store.iteration(1)
         if not start.resumed and not self.store.has_iteration(first):
@@ -376,7 +380,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the run
-    def _open_run(self, resume_from_checkpoint: str | bool | None) -> resume.RunStart:
+    def _open_run(
+        self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None
+    ) -> resume.RunStart:
         """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
         iterations whose push did not finish."""
         args = self.args
@@ -385,7 +391,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         )
         start = resume.open_run(
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
-            args.overwrite_output_dir,
+            args.overwrite_output_dir, lock,
         )  # fmt: skip
         if start.resumed:
             self.sft_metrics = start.sft_metrics
