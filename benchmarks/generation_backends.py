@@ -1,7 +1,7 @@
 """Sampling throughput of the two `generation_backend`s: `model.generate` (padded batches) vs `generate_batch`.
 
-Both go through `trl_cream.sampling.generate_candidates`, exactly as a CREAM round calls it. Decoding is greedy by
-default, so both backends produce the same sequences (tested in tests/test_sampling.py) and do the same work;
+Both go through `trl_cream.modeling.sampling.generate_candidates`, exactly as a CREAM round calls it. Decoding is
+greedy by default, so both backends produce the same sequences (tested in tests/test_sampling.py) and do the same work;
 `--sample` uses the paper's T = 0.8, top-p 0.95 instead (lengths then differ between backends: compare tokens/s).
 
     python benchmarks/generation_backends.py                       # tiny random Llama, CPU
@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from trl_cream.sampling import GENERATION_BACKENDS, generate_candidates
+from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
 
 ARCHITECTURES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -74,8 +74,9 @@ def label_round(
     """Rewards (line 6, 8), consistency (lines 10-11), pairs (line 12) and the round's diagnostics.
 
     ``r`` is the implicit reward ``log π_t − log π_0`` unless ``scores.reward`` holds another source's reward (a
-    reward model or a judge, see `trl_cream.reward_sources`); ``r'`` is the previous checkpoint's implicit reward
-    (round 1: π_0's likelihood, ``round1_baseline``) unless ``scores.baseline`` holds an external baseline reward.
+    reward model or a judge, see `trl_cream.modeling.reward_sources`); ``r'`` is the previous checkpoint's implicit
+    reward (round 1: π_0's likelihood, ``round1_baseline``) unless ``scores.baseline`` holds an external baseline
+    reward.
     """
     rewards = scores.reward if scores.reward is not None else implicit_rewards(scores.policy, scores.initial)
     if scores.baseline is not None:
