@@ -24,7 +24,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
 from .. import distributed, engines, hub
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources
 from ..modeling.perf import frozen_gc
@@ -33,7 +33,7 @@ from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
 from . import phases, report, resume, run_log
 from .config import CreamConfig
-from .data import PairCollator, split_equally
+from .data import PairCollator, candidates_dataset, pairs_dataset, split_equally
 from .phases import RoundSamples
 from .sft import run_sft
 from .trl_base import TrlOnlineDPOBase
