@@ -12,7 +12,7 @@ from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
 from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
-from .config_checks import check_optimization_settings, check_sampling_settings
+from .config_checks import check_optimization_settings, check_output_and_lengths, check_sampling_settings
 from .schedule import whole_step_warmup
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "consistency_measure": MEASURES,
     "consistency_granularity": GRANULARITIES,
     "ref_policy": REF_POLICIES,
-    "generation_backend": GENERATION_BACKENDS,
+    "generation_backend": tuple(GENERATION_BACKENDS),
     "long_prompts": LONG_PROMPT_MODES,
     "round1_baseline": ROUND1_BASELINES,
     "reward_source": REWARD_SOURCES,
@@ -492,6 +492,7 @@ class CreamConfig(OnlineDPOConfig):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
         check_sampling_settings(self)
         check_optimization_settings(self)
+        check_output_and_lengths(self)
         validate_settings(self)
 
     def __getstate__(self) -> dict:
