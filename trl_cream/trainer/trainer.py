@@ -25,13 +25,14 @@ from transformers.trainer_utils import TrainOutput
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import distributed, engines, hub, inspection
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
+from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
