@@ -24,14 +24,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_utils import TrainOutput
 from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed, engines, hub
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from .. import distributed, engines, hub, inspection
+from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
 from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
+from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
@@ -164,7 +165,11 @@ class CreamTrainer(TrlOnlineDPOBase):
         """
         check_single_train(self._train_called, self.args.output_dir)
         self._train_called = True
-        start = self._open_run(resume_from_checkpoint)
+        with resume.run_lock(self.args.output_dir, self.accelerator) as lock:  # one run per folder at a time
+            return self._train(resume_from_checkpoint, lock)
+
+    def _train(self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None) -> TrainOutput:
+        start = self._open_run(resume_from_checkpoint, lock)
         shards = self.split_prompts()
         first = self.store.iteration(1)
         if not start.resumed and not self.store.has_iteration(first):
@@ -203,6 +208,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         with _timed(state, "pair"):
             pairs, metrics = self.label_phase(state, samples, scores)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
+        inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
         with _timed(state, "train"):
             output = self.train_phase(state, pairs)  # lines 13-14
         check_training_finite(self.accelerator, self.model, output.training_loss, t, args)  # before M_{t+1} is saved
@@ -361,7 +367,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the run
-    def _open_run(self, resume_from_checkpoint: str | bool | None) -> resume.RunStart:
+    def _open_run(
+        self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None
+    ) -> resume.RunStart:
         """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
         iterations whose push did not finish."""
         args = self.args
@@ -370,7 +378,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         )
         start = resume.open_run(
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
-            args.overwrite_output_dir,
+            args.overwrite_output_dir, lock,
         )  # fmt: skip
         if start.resumed:
             self.sft_metrics = start.sft_metrics

@@ -16,7 +16,7 @@ model cards. What it relies on, and nothing else:
 - ``self.eos_token_ids``: every id that ends a completion ([`TrlOnlineDPOBase.eos_ids`]);
 - ``self.stats``: the parent averages each of its lists into every training log; CREAM empties it and logs its own
   per-step metrics as TRL's stable `DPOTrainer` does (`record_metrics` into ``_metrics``, averaged in `log`);
-- ``_save_checkpoint``: intra-round checkpoints (model card + Trainer checkpoint);
+- ``_save_checkpoint``: intra-round checkpoints; `create_model_card` writes no card in ``output_dir`` itself;
 - ``beta``, a property: replaced, since the parent indexes a β list by a float epoch;
 - ``training_step``: replaced by `transformers.Trainer.training_step`.
 
@@ -30,7 +30,8 @@ from __future__ import annotations
 import gc
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ PARENT_METHODS: dict[str, tuple[str, ...]] = {
     "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
     "log": ("logs", "start_time"),
     "init_hf_repo": ("token", "private"),
+    "create_model_card": ("model_name", "dataset_name", "tags"),
     "save_model": ("output_dir", "_internal_call"),
     "train": ("resume_from_checkpoint",),
 }
@@ -210,6 +212,13 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
         with self._steps.applied(self.state):
             super().log({**logs, **metrics, "cream/round": self._round}, start_time)
 
+    @contextmanager
+    def at_run_step(self, step: int) -> Iterator[None]:
+        """``state.global_step`` is the run's step ``step`` for the block (an integration called directly, e.g. with a
+        round's completions table)."""
+        with self._steps.pinned(step), self._steps.applied(self.state):
+            yield
+
     def log_at(self, logs: dict[str, float], step: int) -> None:
         """Log at the run's step ``step`` (a round's own metrics, the SFT stage's logs)."""
         with self._steps.pinned(step):
@@ -224,6 +233,13 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Intra-round checkpoints are not pushed."""
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """No card in ``output_dir`` itself (TRL writes one at every intra-round checkpoint): the user's own
+        ``output_dir/README.md`` is never replaced. CREAM writes each iteration's card in ``M<k>/`` (`trl_cream.hub`).
+        """
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """An intra-round Trainer checkpoint, without the pickled ``training_args.bin`` (a resume never reads it).
