@@ -24,7 +24,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed, engines, hub
+from .. import distributed, engines, hub, inspection
 from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources, sampling
@@ -32,9 +32,10 @@ from ..modeling.perf import frozen_gc
 from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
+from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
-from .data import PairCollator, candidates_dataset, pairs_dataset, split_equally
+from .data import PairCollator, split_equally
 from .phases import RoundSamples
 from .sft import run_sft
 from .trl_base import TrlOnlineDPOBase
@@ -219,6 +220,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         with _timed(timings, "pair"):
             pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
+        inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
         with _timed(timings, "train"):
             checkpoint = start.trainer_checkpoint(t, self.store)
             if t == start.resumed_round:
