@@ -20,12 +20,14 @@ import pytest
 import torch
 from conftest import QUESTIONS, cream_args, perturbed
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.runs.gate import RunInProgress
 from trl_cream.runs.integrity import DamagedFile
 from trl_cream.runs.manifest import build_manifest, manifest_differences, not_compared_fields
 from trl_cream.runs.store import PhaseStore
+from trl_cream.runs.weights import load_full_weights
 from trl_cream.trainer.resume import unpushed_iterations
 
 
@@ -433,3 +435,14 @@ def test_overwrite_after_a_lost_manifest_removes_the_longer_runs_later_iteration
     make(out, m0, tokenizer, prompts, overwrite_output_dir=True).train()  # 1 round
     assert not (out / "M3").exists() and not (out / "rounds/round_2").exists()
     assert (out / "M2").is_dir() and {k: v for k, v in tree(out).items() if k in mine} == mine
+
+
+def test_an_iteration_holding_nan_weights_is_named_not_blamed_on_half_precision(finished_run, m0):
+    path = finished_run / "M1" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(
+        DamagedFile, match=r"M1/model\.safetensors holds NaN or inf in 1 tensor\(s\) \(first: model\.norm\.weight\)"
+    ):
+        load_full_weights(copy.deepcopy(m0), finished_run / "M1")
