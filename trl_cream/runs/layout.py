@@ -27,7 +27,6 @@ STATE_DIR = "cream_state"
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 ITERATION_NAME = re.compile(r"M(\d+)")
-_ITERATION_LEFTOVER = re.compile(r"\.?M\d+(\.partial|\.old)?")
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -60,11 +59,6 @@ def parse_trainer_checkpoint(name: str) -> int | None:
     """The step of a ``checkpoint-<step>`` folder name, else `None`."""
     match = _TRAINER_CHECKPOINT.fullmatch(name)
     return int(match.group(1)) if match else None
-
-
-def is_iteration_leftover(name: str) -> bool:
-    """``M<k>`` and the temporary ``.M<k>.partial`` / ``.M<k>.old`` folders an atomic save leaves behind."""
-    return _ITERATION_LEFTOVER.fullmatch(name) is not None
 
 
 class RunLayout:

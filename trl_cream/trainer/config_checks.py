@@ -89,3 +89,20 @@ def check_optimization_settings(args: Any) -> None:
             f"sft_learning_rate={args.sft_learning_rate} and sft_num_train_epochs={args.sft_num_train_epochs} must "
             "be >= 0."
         )
+
+
+def check_logging_settings(args: Any) -> None:
+    """The completions-table settings (`log_completions` and the two that only mean something with it)."""
+    shown = args.num_completions_to_print
+    if shown is not None and (isinstance(shown, bool) or not isinstance(shown, int) or shown < 0):
+        raise ValueError(
+            f"num_completions_to_print={shown!r}: give the number of rows to print (0 or more), or None for all."
+        )
+    if not args.log_completions:
+        extra = [f"{name}={getattr(args, name)!r}" for name in ("num_completions_to_print", "log_unique_prompts")
+                 if getattr(args, name) not in (None, False)]  # fmt: skip
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)} only applies to the completions tables, which are off "
+                "(log_completions=False). Set log_completions=True, or drop the setting."
+            )

@@ -22,15 +22,17 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed, engines, hub
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from .. import distributed, engines, hub, inspection
+from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
-from ..modeling import reward_sources
+from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
-from ..modeling.sampling import completion_logps, tokenize_prompts
+from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
+from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
@@ -218,6 +220,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         with _timed(timings, "pair"):
             pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
+        inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
         with _timed(timings, "train"):
             checkpoint = start.trainer_checkpoint(t, self.store)
             if t == start.resumed_round:
@@ -325,12 +328,26 @@ class CreamTrainer(TrlOnlineDPOBase):
             return TrainOutput(0, 0.0, {})
         return self.train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=self.args.seed + t)
 
-    # ---------------------------------------------------------------- hooks (a generation backend overrides these)
+    # ---------------------------------------------------------------- hooks (documented override points)
     def generate_candidates(
         self, prompt_ids: list[TokenIds], desc: str = "sampling", logps_out: list[list[float]] | None = None
     ) -> list[list[TokenIds]]:
-        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on)."""
-        return phases.generate(self._policy(), self.args, prompt_ids, desc, logps_out)
+        """Sample ``num_generations`` candidates per prompt from the current policy: the one extension point for
+        sampling. It hands the unwrapped policy and the run's `SamplingSettings` to
+        `trl_cream.modeling.sampling.generate_candidates`, which runs the backend named by ``generation_backend``
+        (a key of ``sampling.GENERATION_BACKENDS``, where a new backend is registered). Override it to sample
+        elsewhere; with ``logps_out``, append each candidate's summed log-prob under the sampling pass (one row per
+        prompt), or leave it empty to have π_t scored by a forward pass."""
+        settings, tokenizer = SamplingSettings.from_args(self.args), self.tokenizer
+        config = settings.generation_config(tokenizer, self.eos_ids)
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+        ) as model:
+            return sampling.generate_candidates(
+                model, tokenizer, prompt_ids, settings.num_generations, config,
+                batch_size=settings.batch_size, show_progress=self._shows_progress(), desc=desc,
+                backend=settings.backend, logps_out=logps_out,
+            )  # fmt: skip
 
     def score_round(
         self,
