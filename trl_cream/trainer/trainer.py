@@ -395,6 +395,8 @@ class CreamTrainer(TrlOnlineDPOBase):
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
             args.overwrite_output_dir, lock,
         )  # fmt: skip
+        if start.gradient_accumulation_steps is not None:  # another process count: the global batch is kept
+            args.gradient_accumulation_steps = start.gradient_accumulation_steps
         if start.resumed:
             self.sft_metrics = start.sft_metrics
             resume.restore_policy(
