@@ -32,9 +32,11 @@ class SamplingSettings(Protocol):
     generation_kwargs: dict[str, Any] | None
 
 
-# How candidates are sampled: `model.generate` on left-padded batches, or transformers' continuous batching
-# (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding.
-GENERATION_BACKENDS: tuple[str, ...] = ("generate", "paged")
+# How candidates are sampled: `model.generate` on left-padded batches, transformers' continuous batching
+# (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding, or a vLLM
+# engine (`modeling.vllm_backend`, which the trainer holds across rounds: not a backend of `generate_candidates`).
+GENERATION_BACKENDS: tuple[str, ...] = ("generate", "paged", "vllm")
+MODEL_BACKENDS: tuple[str, ...] = ("generate", "paged")  # the backends that sample from a transformers model
 # What happens to a prompt too long for max_length − max_new_tokens: left-truncated, or an error.
 LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
 
@@ -185,8 +187,9 @@ def generate_candidates(
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
     """
-    if backend not in GENERATION_BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(GENERATION_BACKENDS)}.")
+    if backend not in MODEL_BACKENDS:
+        hint = " (vLLM samples through trl_cream.modeling.vllm_backend.VLLMSampler)" if backend == "vllm" else ""
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(MODEL_BACKENDS)}{hint}.")
     generation_config = copy.deepcopy(generation_config)
     generation_config.use_cache = True
     if not prompt_ids:

@@ -45,6 +45,7 @@ from .validation import (
     check_training_finite,
     fit_prompts,
 )
+from .vllm_engine import ColocatedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         self.sft_metrics: dict[str, float] = {}
         self.round_metrics: list[dict[str, Any]] = []
         self._run_identity, self._train_called = identity, False  # the models as given; one run per train()
+        self.vllm_engine = ColocatedEngine()  # generation_backend="vllm": started on first use, kept across rounds
         self.store = PhaseStore(
             args.output_dir, is_main=self.accelerator.is_main_process, barrier=self.accelerator.wait_for_everyone
         )
@@ -185,10 +187,13 @@ class CreamTrainer(TrlOnlineDPOBase):
             self.save_iteration(first)
             self.push_iteration(first)
         output = TrainOutput(self.steps.offset, 0.0, {})
-        for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
-            if t > start.done:
-                self.round = t
-                output = self._run_round(t, prompts, start)
+        try:
+            for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
+                if t > start.done:
+                    self.round = t
+                    output = self._run_round(t, prompts, start)
+        finally:
+            self.vllm_engine.close()  # before anything destroys the process group
         run_log.end_run(self.callback_handler.callbacks, self.args, self.state, self.control, model=self.model)
         if self._hub is not None:
             self._hub.wait()
@@ -325,7 +330,11 @@ class CreamTrainer(TrlOnlineDPOBase):
     def generate_candidates(
         self, prompt_ids: list[TokenIds], desc: str = "sampling", logps_out: list[list[float]] | None = None
     ) -> list[list[TokenIds]]:
-        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on)."""
+        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on); with
+        ``generation_backend="vllm"``, from this process's vLLM engine made to hold the round's ``M<k>``."""
+        if self.args.generation_backend == "vllm":
+            iteration_dir = self.store.iteration_dir(self.store.iteration(self.round))
+            return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, iteration_dir, logps_out)
         return phases.generate(self._policy(), self.args, prompt_ids, desc, logps_out)
 
     def score_round(

