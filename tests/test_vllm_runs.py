@@ -74,3 +74,34 @@ def test_resume_after_sigkill_in_round_2_gives_the_uninterrupted_m3(tmp_path):
     assert not all(torch.equal(expected[k], _weights(whole / "M2")[k]) for k in expected)  # round 2 trained
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_llama3_recipe_runs_with_the_vllm_backend(tmp_path):
+    from conftest import QUESTIONS, RECIPE_TINY_OVERRIDES, tiny_tokenizer
+    from datasets import Dataset
+    from test_vllm import vllm_llama
+
+    tokenizer = tiny_tokenizer()
+    model_dir, sft_dir, prompts_dir, out = (tmp_path / name for name in ("model", "sft", "prompts", "out"))
+    vllm_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    messages = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Yes."}] for q in QUESTIONS]
+    Dataset.from_dict({"messages": messages}).save_to_disk(str(sft_dir))
+    Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]}).save_to_disk(str(prompts_dir))
+    overrides = {
+        "model_name_or_path": model_dir, "sft_data_path": sft_dir, "prompts_data_path": prompts_dir,
+        "output_dir": out, "load_in_4bit": "false", **RECIPE_TINY_OVERRIDES, "generation_backend": "vllm",
+        "lora_r": 8, "lora_alpha": 16,
+    }  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "cream_llama3.py"),
+        *(f"--{k}={v}" for k, v in overrides.items()),
+    ]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "vLLM engine started" in result.stderr  # the candidates came from vLLM, not transformers
+    for t in (1, 2):
+        metrics = json.loads((out / "rounds" / f"round_{t}" / "metrics.json").read_text())
+        assert metrics["num_candidates"] == metrics["num_prompts"] * 5
+    assert all((out / m / "adapter_model.safetensors").exists() for m in ("M1", "M2", "M3"))
