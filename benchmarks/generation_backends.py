@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from trl_cream.modeling.sampling import MODEL_BACKENDS, generate_candidates
+from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
 from trl_cream.modeling.vllm_backend import VLLMSampler, vllm_available
 
 ARCHITECTURES = {
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per call of the 'generate' backend.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample", action="store_true", help="Sample (T=0.8, top-p 0.95) instead of greedy.")
-    default = ",".join([*MODEL_BACKENDS, *(["vllm"] if vllm_available() else [])])
+    default = ",".join([*GENERATION_BACKENDS, *(["vllm"] if vllm_available() else [])])
     parser.add_argument("--backends", default=default, help=f"Comma-separated (default here: {default}).")
     a = parser.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32

@@ -231,7 +231,7 @@ def sampling_rates(
     with ``with_vllm`` when it is installed."""
     from transformers import GenerationConfig
 
-    from trl_cream.modeling.sampling import MODEL_BACKENDS, generate_candidates
+    from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
 
     generator = torch.Generator().manual_seed(0)
     prompt_ids = [
@@ -243,7 +243,7 @@ def sampling_rates(
         eos_token_id = pad_token_id = 1
 
     rates: dict[str, Any] = {}
-    for backend in MODEL_BACKENDS:
+    for backend in GENERATION_BACKENDS:
         try:
 
             def run(backend: str = backend) -> list:
@@ -260,7 +260,7 @@ def sampling_rates(
             rates[backend] = round(size["sample_prompts"] * size["n"] / statistics.median(times), 2)
         except Exception as error:  # noqa: BLE001 - a GPU check records what failed and goes on
             rates[backend] = f"failed: {type(error).__name__}: {error}"[:300]
-    if all(isinstance(rates.get(b), float) for b in MODEL_BACKENDS):
+    if all(isinstance(rates.get(b), float) for b in GENERATION_BACKENDS):
         rates["paged_over_generate"] = round(rates["paged"] / rates["generate"], 3)
     from trl_cream.modeling.vllm_backend import vllm_available
 

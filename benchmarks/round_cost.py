@@ -49,9 +49,9 @@ from datasets import Dataset, load_from_disk  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 
 from trl_cream import CreamConfig, CreamTrainer  # noqa: E402
-from trl_cream.data import PairCollator  # noqa: E402
-from trl_cream.loss import cream_dpo_loss  # noqa: E402
-from trl_cream.sampling import completion_logps, cut_at_stop, pad_pairs, tokenize_prompts  # noqa: E402
+from trl_cream.core.loss import cream_dpo_loss  # noqa: E402
+from trl_cream.modeling.sampling import completion_logps, cut_at_stop, pad_pairs, tokenize_prompts  # noqa: E402
+from trl_cream.trainer.data import PairCollator  # noqa: E402
 
 TokenIds = list[int]
 ROUND = 2  # the benchmarked round: π_{t−1} = M1 exists, so three models score

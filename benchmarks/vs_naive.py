@@ -5,7 +5,7 @@ CREAM arm: load π_t (M2) and π_0 (M0), build a `CreamTrainer`, run round 2 (it
 
 Naive arm, what a user writes with TRL's `DPOTrainer`: load π_t, sample with `generate` (same seed and batches, so the
 same candidates), score every candidate with a plain full-logits forward, then load π_0 and π_{t−1} one at a time and
-score again, build the best/worst pairs with the same rewards and consistency (`trl_cream.artifacts.label_round`),
+score again, build the best/worst pairs with the same rewards and consistency (`trl_cream.core.labelling.label_round`),
 decode them into a text preference dataset and train one epoch with `DPOTrainer`, which tokenizes the texts, loads
 its own reference copy of π_t and recomputes the reference log-probs; save M3. TRL's sigmoid loss has no
 consistency weight, so the naive arm trains with C ≡ 1: the same compute, not the same loss.
@@ -38,8 +38,8 @@ from round_cost import ROUND, Setup, build_setup, cream_round, parser, plain_gen
 from transformers import GenerationConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from trl_cream.artifacts import RoundScores, label_round  # noqa: E402
-from trl_cream.sampling import tokenize_prompts  # noqa: E402
+from trl_cream.core.labelling import RoundScores, label_round  # noqa: E402
+from trl_cream.modeling.sampling import tokenize_prompts  # noqa: E402
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
-from trl_cream.artifacts import RoundScores
+from trl_cream.core.labelling import RoundScores
 
 CHAT = [[{"role": "user", "content": q}] for q in QUESTIONS]
 
@@ -49,6 +49,7 @@ def chat_prompts(rows: list | None = None) -> Dataset:
         ("gradient_accumulation_steps", 0, r"gradient_accumulation_steps=0 must be at least 1"),
         ("num_train_epochs", 0, r"num_train_epochs=0: .*M<t\+1> would equal M<t>.*num_train_epochs > 0"),
         ("hub_model_id", "bad repo id!!", r"hub_model_id='bad repo id!!' is not a valid Hub repo id.*'<user or org>/"),
+        ("max_length", None, r"max_length=None: CREAM truncates prompts.*Set max_length"),
     ],
 )
 def test_bad_config_values_are_refused_when_the_config_is_built(tmp_path, field, value, message):
@@ -184,7 +185,7 @@ def test_peft_config_with_a_model_that_is_already_a_peft_model_is_refused(tmp_pa
 
 def test_long_prompts_are_truncated_with_a_warning(tmp_path, m0, tokenizer, caplog):
     args = cream_args(tmp_path / "out", max_length=20, max_new_tokens=8, num_iterations=1)
-    with caplog.at_level(logging.WARNING, logger="trl_cream.validation"):
+    with caplog.at_level(logging.WARNING, logger="trl_cream.trainer.validation"):
         trainer = CreamTrainer(
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=chat_prompts(), processing_class=tokenizer
         )
@@ -322,6 +323,22 @@ def _rows(rows: list) -> Dataset:
     return Dataset.from_dict({"prompt": rows})
 
 
+class _Columns(dict):
+    """A dataset-like table by column (what `validate_prompts` accepts besides `datasets.Dataset`); unlike Arrow, it
+    can hold text that is not valid UTF-8."""
+
+    column_names = property(lambda self: list(self))
+    __len__ = lambda self: len(self["prompt"])  # noqa: E731
+
+
+def _wider(model):
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size = 64, 128
+    return LlamaForCausalLM(config)
+
+
 MODEL_AND_DATA_CASES = {
     "whitespace-only prompt": (
         dict(dataset=lambda: _rows(["  \n ", *QUESTIONS[1:]])),
@@ -351,6 +368,23 @@ MODEL_AND_DATA_CASES = {
     "an IterableDataset": (
         dict(dataset=lambda: chat_prompts().to_iterable_dataset()),
         r"is an IterableDataset \(streaming\).*Dataset.from_list\(list\(iterable_dataset\)\)",
+    ),
+    "a plain list of dicts": (
+        dict(dataset=lambda: [{"prompt": q} for q in QUESTIONS]),
+        r"`train_dataset` is a plain list of 8 rows; CREAM takes a `datasets.Dataset`.*Dataset.from_list\(rows\)",
+    ),
+    "a prompt that is not valid UTF-8": (
+        dict(dataset=lambda: _Columns(prompt=[*QUESTIONS[:5], "caf\udce9?", *QUESTIONS[6:]])),
+        r"row 5: the prompt .* is not valid UTF-8 \(character 3 is '\\udce9', a lone surrogate\)",
+    ),
+    "a chat prompt with only a system message": (
+        dict(dataset=lambda: _rows([*CHAT[:1], [{"role": "system", "content": "Be brief."}], *CHAT[2:]])),
+        r"row 1: .*has only system message\(s\): there is no question.*'role': 'user'",
+    ),
+    "a pi_0 of another width": (
+        dict(ref=_wider),
+        r"`ref_model` \(π_0\) is another architecture than `model`: model.embed_tokens.weight is \[384, 64\] in π_0 "
+        r"but \[384, 32\] in the policy",
     ),
     "pad token but no eos": (
         dict(tokenizer=_pad_but_no_eos),
@@ -392,6 +426,23 @@ def test_bad_models_tokenizers_and_prompt_rows_are_refused_before_any_write(tmp_
             processing_class=spec.get("tokenizer", lambda t: t)(tokenizer),
         )
     assert tree(out) == before  # nothing written, nothing removed
+
+
+def test_an_output_dir_that_is_a_file_or_empty_is_refused_when_the_config_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"output_dir='': give the folder the run is saved in"):
+        cream_args("")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ValueError, match=r"output_dir='\S+/out' is an existing file, not a folder.*Choose a folder"):
+        cream_args(tmp_path / "out")
+
+
+def test_half_precision_on_cpu_is_said(tmp_path, m0, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_cream.trainer.validation"):
+        CreamTrainer(
+            model=perturbed(m0), ref_model=m0, args=cream_args(tmp_path / "out", bf16=True, use_cpu=True),
+            train_dataset=chat_prompts(), processing_class=tokenizer,
+        )  # fmt: skip
+    assert "bf16=True has no effect in this CPU run" in caplog.text and "losses equal float32's" in caplog.text
 
 
 def test_a_4bit_model_whose_width_bitsandbytes_cannot_block_is_refused(tmp_path, m0, tokenizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -124,14 +125,21 @@ def test_package_import_and_cli_help_load_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
-    # in this process (torch already loaded): the lazy names and the 0.1 import paths resolve to the same classes
+    # in this process (torch already loaded): the lazy names resolve to the classes at their real paths
     import trl_cream
-    import trl_cream.cream_trainer as old
+    import trl_cream.trainer.trainer as real
     from trl_cream import CreamConfig, CreamTrainer
     from trl_cream.trainer.config import CreamConfig as config_class
 
-    assert old.CreamTrainer is CreamTrainer is trl_cream.CreamTrainer and CreamConfig is config_class
+    assert real.CreamTrainer is CreamTrainer is trl_cream.CreamTrainer and CreamConfig is config_class
     assert {"CreamConfig", "CreamTrainer"} <= set(dir(trl_cream))
+
+
+@pytest.mark.parametrize("old_path", ["trl_cream.cream_trainer", "trl_cream.sampling", "trl_cream.checkpointing"])
+def test_the_flat_0_1_module_paths_are_gone(old_path):
+    """No import shim: the pre-layout paths fail instead of silently aliasing the moved modules."""
+    with pytest.raises(ModuleNotFoundError, match=old_path):
+        importlib.import_module(old_path)
 
 
 def test_train_help_shows_cream_groups_before_the_inherited_fields(capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from trl_cream.consistency import average_ranks, consistency_rate, kendall_tau, spearman, top_order
+from trl_cream.core.consistency import average_ranks, consistency_rate, kendall_tau, spearman, top_order
 
 
 @pytest.fixture()

@@ -18,9 +18,9 @@ from conftest import perturbed, tiny_llama
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from trl_cream import distributed
-from trl_cream.artifacts import RoundScores
-from trl_cream.sampling import score_candidates
+from trl_cream import distributed, engines
+from trl_cream.core.labelling import RoundScores
+from trl_cream.modeling.sampling import score_candidates
 
 ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "dist_worker.py"
@@ -265,12 +265,15 @@ def test_weights_check_can_fail(tokenizer):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
 
 
-def test_zero3_gathered_state_dict_saves_a_from_pretrained_folder(monkeypatch, tmp_path, tokenizer):
+def test_zero3_full_state_dict_saves_a_from_pretrained_folder(monkeypatch, tmp_path, tokenizer):
     # No process group here: stand in for `deepspeed.zero.GatheredParameters` with a no-op (the weights are
-    # then already whole), and check the rest of the pre-engine save path: keys, values, and a folder that
-    # from_pretrained reloads to the same logits.
+    # then already whole), and check the rest of the pre-engine save path (`engines.full_state_dict`, the one
+    # gatherer `distributed.save_full_model` uses for ZeRO-3 and FSDP): keys, values, one parameter per gather, and a
+    # folder that from_pretrained reloads to the same logits.
     import contextlib
     import sys
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
     from transformers import AutoModelForCausalLM
 
@@ -283,15 +286,19 @@ def test_zero3_gathered_state_dict_saves_a_from_pretrained_folder(monkeypatch, t
     model = tiny_llama(tokenizer)
     for param in model.parameters():
         param.ds_id = 0  # what zero.Init marks partitioned parameters with
+    fake = ModuleType("deepspeed")  # with a spec and the engine class, for accelerate's unwrapping probe
+    fake.__spec__ = ModuleSpec("deepspeed", None)
+    fake.zero = SimpleNamespace(GatheredParameters=gathered)
+    fake.DeepSpeedEngine = type("DeepSpeedEngine", (torch.nn.Module,), {})
     with monkeypatch.context() as patch:  # only around the gathers: transformers probes for a real deepspeed
-        patch.setitem(sys.modules, "deepspeed", SimpleNamespace(zero=SimpleNamespace(GatheredParameters=gathered)))
-        state = distributed.gathered_state_dict(model, is_main_process=True)
-        assert distributed.gathered_state_dict(model, is_main_process=False) == {}  # other ranks join the gathers
+        patch.setitem(sys.modules, "deepspeed", fake)
+        state = engines.full_state_dict(model, is_main_process=True)
+        assert engines.full_state_dict(model, is_main_process=False) == {}  # other ranks join the gathers
     reference = model.state_dict()
-    assert set(state) <= set(reference) and len(calls) == 2 * len(state)
+    assert set(state) <= set(reference)
     assert not any("inv_freq" in name for name in state)
     assert all(torch.equal(state[name], reference[name]) for name in state)
-    assert sum(calls) == 2 * len(list(model.parameters()))  # every parameter gathered, buffers (no ds_id) not
+    assert calls == [1] * (2 * len(list(model.parameters())))  # every parameter gathered alone, buffers (no ds_id) not
     model.save_pretrained(tmp_path, state_dict=state)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.tensor([[5, 6, 7, 8]])

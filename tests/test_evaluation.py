@@ -14,7 +14,6 @@ from datasets import Dataset
 from scipy import stats
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from trl_cream import sampling
 from trl_cream.evaluation import (
     EvaluationResults,
     TaskResult,
@@ -25,6 +24,7 @@ from trl_cream.evaluation import (
     run_evaluation,
 )
 from trl_cream.evaluation.report import render_markdown, write_report
+from trl_cream.modeling import sampling
 
 PROMPTS = ["What is 12 plus 30?", "Name a mammal.", "Where does rain come from?", "Hello, how are you today?"]
 

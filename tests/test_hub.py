@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.hub import HubPublisher, HubPushError, HubSettings, RetryPolicy, is_pushed, marker_path
-from trl_cream.model_card import build_model_card
+from trl_cream.hub.model_card import build_model_card
 
 REPO = "tester/cream"
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -161,6 +161,65 @@ def test_lora_repo_strategy_with_merged_weights_and_round_datasets(tmp_path, fak
     assert {"consistency", "logp_policy", "logp_initial", "rank"} <= set(candidates.columns)
     assert json.loads(marker_path(out, 2).read_text())["rounds_repo_id"] == f"{REPO}-rounds"
     assert_no_token(fake_hub.token, out)
+
+
+def test_merged_weights_and_round_parquet_are_uploaded_from_files(tmp_path, fake_hub, m0, monkeypatch):
+    """Nothing is read into memory for an upload (an 8B merged model would double host memory): every commit
+    operation gets a file path; the merged weights and the parquet files are staged in a temporary folder that is
+    gone after the push, and what arrives on the Hub is what was staged."""
+    import huggingface_hub
+    from datasets import Dataset
+
+    base_dir = tmp_path / "base"
+    m0.save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**LORA))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    folder = tmp_path / "run" / "M1"
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text("# M1\n")
+    round_dir = tmp_path / "run" / "rounds" / "round_1"
+    Dataset.from_dict({"prompt": ["a", "b"], "consistency": [0.5, 0.25]}).save_to_disk(round_dir / "pairs")
+    (round_dir / "metrics.json").write_text('{"round": 1}')
+
+    uploads: dict[str, tuple[object, str]] = {}
+    real = huggingface_hub.CommitOperationAdd
+
+    def recording(path_in_repo, path_or_fileobj):
+        assert isinstance(path_or_fileobj, str), f"{path_in_repo} uploaded from {type(path_or_fileobj).__name__}"
+        uploads[path_in_repo] = (Path(path_or_fileobj), sha256(Path(path_or_fileobj)))
+        return real(path_in_repo=path_in_repo, path_or_fileobj=path_or_fileobj)
+
+    monkeypatch.setattr(huggingface_hub, "CommitOperationAdd", recording)
+    settings = HubSettings(
+        output_dir=tmp_path / "run", hub_model_id=REPO, token=fake_hub.token, strategy="repo",
+        push_merged_weights=True, push_round_datasets=True, base_model_id="org/tiny-base",
+    )  # fmt: skip
+    HubPublisher(settings).push(1, folder, round_dir)
+
+    assert {"adapter_model.safetensors", "merged/model.safetensors", "round_1/pairs.parquet"} <= set(uploads)
+    assert uploads["adapter_model.safetensors"][0] == folder / "adapter_model.safetensors"  # straight from M1
+    staged = [
+        uploads[name][0] for name in ("merged/model.safetensors", "adapter_config.json", "round_1/pairs.parquet")
+    ]
+    assert not any(path.exists() or path.is_relative_to(tmp_path) for path in staged)  # temporary, removed after
+    remote = download(fake_hub, tmp_path, "merged/model.safetensors", repo=f"{REPO}-M1")
+    assert sha256(remote) == uploads["merged/model.safetensors"][1]
+    download(fake_hub, tmp_path, "merged/config.json", repo=f"{REPO}-M1")
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(remote.parent)
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    pairs = pd.read_parquet(download(fake_hub, tmp_path, "round_1/pairs.parquet", repo=f"{REPO}-rounds",
+                                     repo_type="dataset"))  # fmt: skip
+    assert pairs["consistency"].tolist() == [0.5, 0.25]
+    assert (
+        json.loads(download(fake_hub, tmp_path, "adapter_config.json", repo=f"{REPO}-M1").read_text())[
+            "base_model_name_or_path"
+        ]
+        == "org/tiny-base"
+    )
 
 
 def make_iteration(folder: Path, seed: int = 0) -> dict[str, str]:

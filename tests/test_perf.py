@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from trl_cream import CreamTrainer
-from trl_cream.perf import frozen_gc, sampled_policy_scores
-from trl_cream.sampling import generate_candidates, score_candidates, tokenize_prompts
+from trl_cream.modeling.perf import frozen_gc, sampled_policy_scores
+from trl_cream.modeling.sampling import generate_candidates, score_candidates, tokenize_prompts
 
 
 class _Node:

@@ -24,8 +24,9 @@ from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
-from trl_cream.checkpointing import PhaseStore, atomic_dir
-from trl_cream.manifest import public_config
+from trl_cream.runs.files import atomic_dir
+from trl_cream.runs.manifest import public_config
+from trl_cream.runs.store import PhaseStore
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def test_cli_resume_from_checkpoint_redoes_only_what_is_missing(tmp_path, capsys
 
 def test_saved_scores_keep_the_external_reward_and_baseline(tmp_path):
     """A resume after the scoring phase must rank by the same reward-model / judge scores, not the implicit reward."""
-    from trl_cream.artifacts import RoundScores
+    from trl_cream.core.labelling import RoundScores
 
     store = PhaseStore(tmp_path, 1, is_main=True)
     base = torch.arange(6, dtype=torch.float32).view(2, 3)

@@ -10,8 +10,9 @@ from conftest import QUESTIONS, cream_args, perturbed
 from datasets import load_from_disk
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from trl_cream import CreamTrainer, reward_sources
-from trl_cream.reward_sources import JUDGE_FAILURE_SCORE, judge_scores, parse_judge_score, reward_model_scores
+from trl_cream import CreamTrainer
+from trl_cream.modeling import reward_sources
+from trl_cream.modeling.reward_sources import JUDGE_FAILURE_SCORE, judge_scores, parse_judge_score, reward_model_scores
 
 PROMPTS = [[{"role": "user", "content": q}] for q in QUESTIONS[:2]]
 COMPLETIONS = [["Seven.", "It is 7", "no idea"], ["A whale.", "cat", "Dogs are mammals."]]

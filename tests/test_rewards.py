@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from trl_cream.rewards import baseline_rewards, implicit_rewards, rank_descending, select_pairs
+from trl_cream.core.rewards import baseline_rewards, implicit_rewards, rank_descending, select_pairs
 
 
 def test_implicit_reward_is_policy_minus_initial():

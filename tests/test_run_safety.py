@@ -11,6 +11,9 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,11 @@ from conftest import QUESTIONS, cream_args, perturbed
 from datasets import Dataset
 
 from trl_cream import CreamConfig, CreamTrainer
+from trl_cream.runs.gate import RunInProgress
 from trl_cream.runs.integrity import DamagedFile
 from trl_cream.runs.manifest import build_manifest, manifest_differences, not_compared_fields
+from trl_cream.runs.store import PhaseStore
+from trl_cream.trainer.resume import unpushed_iterations
 
 
 def tree(folder: Path, skip: str | None = None) -> dict[str, str]:
@@ -33,7 +39,7 @@ def tree(folder: Path, skip: str | None = None) -> dict[str, str]:
 
 
 def make(out: Path, m0, tokenizer, prompts, model=None, ref=None, cls=CreamTrainer, **overrides) -> CreamTrainer:
-    args = cream_args(out, num_iterations=1, **overrides)
+    args = cream_args(out, **{"num_iterations": 1, **overrides})
     return cls(
         model=model if model is not None else perturbed(m0),
         ref_model=ref if ref is not None else m0,
@@ -219,7 +225,7 @@ def finished_run(finished_template, tmp_path) -> Path:
             "rounds/round_1/metrics.json",
             rf"metrics\.json {DAMAGED}.*Round 1 is finished \(M2 is saved\).*Delete it and resume",
         ),
-        ("M2/model.safetensors", r"M2/model\.safetensors cannot be read.*delete that folder and resume"),
+        ("M2/model.safetensors", r"M2: model\.safetensors differs from the digest.*delete \S+/M2 and resume"),
         ("cream_state/manifest.json", r"Cannot resume .*manifest\.json cannot be read.*overwrite_output_dir=True"),
     ],
 )
@@ -328,3 +334,102 @@ def test_a_users_own_later_iteration_folder_is_not_taken_as_the_runs_latest(tmp_
     assert settings.last_iteration == 3  # a 2-round run writes M1..M3
     assert latest_local_iteration(tmp_path, settings.last_iteration) == 2  # so `main` still follows M2, M3
     assert latest_local_iteration(tmp_path) == 9
+
+
+# ---------------------------------------------------------------- issue 23: one run per folder, finished runs, digests
+_HOLD_LOCK = """
+import sys, time
+from trl_cream.runs.gate import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_process_on_the_same_folder_is_refused_at_once_and_a_killed_holder_leaves_no_stale_lock(
+    tmp_path, m0, tokenizer, prompts
+):
+
+    out = tmp_path / "run"
+    user_files(out)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree(out)
+        with pytest.raises(
+            RunInProgress,
+            match=rf"output_dir='{out}': a CREAM run is in progress there \(process {holder.pid} on host "
+            rf"{socket.gethostname()} holds .*run\.lock\)\. One run folder holds one run at a time",
+        ):
+            make(out, m0, tokenizer, prompts).train()
+        assert tree(out) == before  # refused before writing anything
+    finally:
+        holder.kill()  # SIGKILL: the OS drops its lock
+        holder.wait()
+    make(out, m0, tokenizer, prompts).train()  # nothing stale blocks the next run
+    assert (out / "M2").is_dir() and not (out / "cream_state/run.owner.json").exists()
+
+
+def test_a_finished_run_is_not_redone_by_accident_and_overwrite_keeps_old_iterations_until_replaced(
+    finished_run, m0, tokenizer, prompts
+):
+    before = tree(finished_run)
+    with pytest.raises(
+        ValueError,
+        match=r"holds a finished CREAM run with these settings \(M1 to M2 are saved\).*resume_from_checkpoint=True"
+        r".*overwrite_output_dir=True to train it again",
+    ):
+        make(finished_run, m0, tokenizer, prompts).train()
+    assert tree(finished_run) == before
+
+    # overwrite_output_dir, stopped in round 1: the old M2 is still there (not a window with no M2) ...
+    old_m2 = (finished_run / "M2/model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        make(finished_run, m0, tokenizer, prompts, seed=1, overwrite_output_dir=True, cls=_FailsToSample).train()
+    assert (finished_run / "M2/model.safetensors").read_bytes() == old_m2
+    # ... and a resume does not take it for this run's M2: round 1 is trained and replaces it
+    trainer = make(finished_run, m0, tokenizer, prompts, seed=1, overwrite_output_dir=True)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.round_metrics[0]["train_steps"] > 0
+    assert (finished_run / "M2/model.safetensors").read_bytes() != old_m2
+    assert json.loads((finished_run / "cream_state/stale_iterations.json").read_text()) == []
+
+
+def test_an_iteration_whose_weights_were_replaced_is_named_before_it_is_loaded_or_pushed(
+    finished_run, m0, tokenizer, prompts
+):
+    shutil.copy(finished_run / "M2/model.safetensors", finished_run / "M1")  # valid weights: only the digest tells
+    before = tree(finished_run)
+    with pytest.raises(
+        DamagedFile, match=r"/M1: model\.safetensors differs from the digest recorded.*delete \S+/M1 and resume"
+    ):
+        make(finished_run, m0, tokenizer, prompts).train(resume_from_checkpoint=True)
+    assert tree(finished_run) == before
+    with pytest.raises(DamagedFile, match=r"/M1: model\.safetensors differs"):  # nothing damaged is pushed
+        unpushed_iterations(PhaseStore(finished_run), 1)
+    (finished_run / "M2/config.json").unlink()
+    with pytest.raises(DamagedFile, match=r"/M2: config\.json is missing"):
+        PhaseStore(finished_run).verify_iteration(2, "")
+
+
+def test_the_users_readme_in_output_dir_is_not_replaced_by_intra_round_checkpoints(tmp_path, m0, tokenizer, prompts):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("# my experiment notes\n")
+    make(out, m0, tokenizer, prompts, save_strategy="steps", save_steps=1).train()
+    assert (out / "README.md").read_text() == "# my experiment notes\n"
+    assert "CREAM" in (out / "M2/README.md").read_text()  # the run's own card, where the run owns the file
+
+
+def test_overwrite_after_a_lost_manifest_removes_the_longer_runs_later_iterations_and_rounds(
+    tmp_path, m0, tokenizer, prompts
+):
+    out = tmp_path / "run"
+    user_files(out)
+    mine = tree(out)
+    make(out, m0, tokenizer, prompts, num_iterations=2).train()
+    _truncate(out / "cream_state/manifest.json")
+    make(out, m0, tokenizer, prompts, overwrite_output_dir=True).train()  # 1 round
+    assert not (out / "M3").exists() and not (out / "rounds/round_2").exists()
+    assert (out / "M2").is_dir() and {k: v for k, v in tree(out).items() if k in mine} == mine

@@ -10,12 +10,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
 from trl_cream import CreamTrainer
-from trl_cream.sampling import (
-    PAGED_CPU_CACHE_BYTES,
+from trl_cream.modeling.paged import PAGED_CPU_CACHE_BYTES, paged_batching_config
+from trl_cream.modeling.sampling import (
+    GENERATION_BACKENDS,
+    SamplingSettings,
     generate_candidates,
     pad_pairs,
     pad_token_id,
-    paged_batching_config,
     sampling_generation_config,
     score_candidates,
     tokenize_prompts,
@@ -65,7 +66,9 @@ def test_only_the_cream_config_decides_how_candidates_are_sampled(tmp_path, toke
         model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     calls = _spy_logits_processors(inner, monkeypatch)
     args = cream_args(tmp_path, temperature=0.7, top_p=0.9)
-    config = sampling_generation_config(args, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    config = sampling_generation_config(
+        SamplingSettings.from_args(args), [tokenizer.eos_token_id], tokenizer.pad_token_id
+    )
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:2])
 
     generate_candidates(model, tokenizer, prompt_ids, 2, config, show_progress=False)
@@ -91,7 +94,9 @@ def test_generation_kwargs_and_the_config_fields_reach_the_sampler(tmp_path, tok
     args = cream_args(
         tmp_path, top_k=4, min_p=0.05, repetition_penalty=1.3, generation_kwargs={"no_repeat_ngram_size": 3}
     )
-    config = sampling_generation_config(args, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = sampling_generation_config(
+        SamplingSettings.from_args(args), tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     assert config.eos_token_id == [tokenizer.eos_token_id]
     generate_candidates(model, tokenizer, tokenize_prompts(tokenizer, prompts["prompt"][:1]), 2, config)
     effective, processors = calls[0]
@@ -151,7 +156,9 @@ def test_paged_backend_cuts_each_candidate_at_its_first_stop_token(m0, tokenizer
 
 def test_paged_backend_samples_n_candidates_per_prompt_reproducibly(m0, tokenizer, prompts, tmp_path):
     args = cream_args(tmp_path, generation_backend="paged", max_new_tokens=5)
-    config = sampling_generation_config(args, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    config = sampling_generation_config(
+        SamplingSettings.from_args(args), [tokenizer.eos_token_id], tokenizer.pad_token_id
+    )
     prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:4])
 
     def sample(seed: int) -> list:
@@ -194,3 +201,40 @@ def test_trainer_round_samples_through_the_paged_backend(tmp_path, m0, tokenizer
     assert calls == [len(QUESTIONS) * args.num_generations]  # one call, every prompt x N at once
     candidates = load_from_disk(str(tmp_path / "rounds" / "round_1" / "candidates"))
     assert len(candidates) == len(QUESTIONS) * args.num_generations
+
+
+def test_a_new_backend_is_one_function_and_one_table_entry(tmp_path, m0, tokenizer, prompts, monkeypatch):
+    """The trainer's `generate_candidates` hook reaches the backend named by `generation_backend` in one hop, with
+    the run's `SamplingSettings`; the rows it returns are cut at the stop token and grouped per prompt."""
+    seen: list[dict] = []
+    eos = tokenizer.eos_token_id
+
+    def echo(model, tok, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc, logps_out):
+        seen.append(
+            dict(
+                n=num_generations, config=generation_config, batch_size=batch_size, desc=desc, training=model.training
+            )
+        )
+        if logps_out is not None:
+            logps_out.extend([[-1.0 * k for k in range(num_generations)] for _ in prompt_ids])
+        return [[len(p), 100 + k, eos, 7, 7] for p in prompt_ids for k in range(num_generations)]
+
+    monkeypatch.setitem(GENERATION_BACKENDS, "generate", echo)  # as a vLLM backend would sit beside it
+    args = cream_args(tmp_path, num_generations=3, generation_batch_size=5, temperature=0.6, top_p=0.9, top_k=4)
+    trainer = CreamTrainer(
+        model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+    prompt_ids = tokenize_prompts(tokenizer, prompts["prompt"][:2])
+    sink: list[list[float]] = []
+    candidates = trainer.generate_candidates(prompt_ids, desc="round 1: sampling", logps_out=sink)
+
+    assert candidates == [[[len(p), 100 + k, eos] for k in range(3)] for p in prompt_ids]  # cut after eos, per prompt
+    assert sink == [[0.0, -1.0, -2.0]] * 2
+    (call,) = seen
+    assert (call["n"], call["batch_size"], call["desc"]) == (3, 5, "round 1: sampling")
+    assert (call["config"].temperature, call["config"].top_k, call["config"].max_new_tokens) == (0.6, 4, 8)
+    assert call["config"].use_cache and not call["training"]  # the table entry runs in eval mode, cache on
+    assert SamplingSettings.from_args(args) == SamplingSettings(
+        num_generations=3, temperature=0.6, top_p=0.9, top_k=4, min_p=None, repetition_penalty=1.0,
+        max_new_tokens=8, generation_kwargs=None, batch_size=5, backend="generate",
+    )  # fmt: skip

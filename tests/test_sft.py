@@ -10,7 +10,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
-from trl_cream.sft import build_sft_trainer, prepare_sft_dataset, supports_assistant_only_loss
+from trl_cream.trainer.sft import build_sft_trainer, prepare_sft_dataset, supports_assistant_only_loss
 
 SFT_ROWS = [[{"role": "user", "content": q}, {"role": "assistant", "content": "The answer is 7."}] for q in QUESTIONS]
 

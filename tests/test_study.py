@@ -207,30 +207,50 @@ def test_summarise_aggregates_over_seeds_with_standard_errors():
         assert len({line.count("|") for line in rows}) <= 1, rows
 
 
+def _exact_signed_rank(d: list[float]) -> tuple[float, float]:
+    """An independent exact Wilcoxon signed-rank test by enumeration: zero differences dropped, tied magnitudes at
+    their average rank, all ``2^n`` sign patterns equally likely; statistic ``min(W+, W−)``, two-sided p."""
+    nonzero = [x for x in d if x != 0]
+    order = sorted(abs(x) for x in nonzero)
+    ranks = [
+        sum(i + 1 for i, m in enumerate(order) if m == abs(x)) / sum(1 for m in order if m == abs(x)) for x in nonzero
+    ]
+    w_plus = sum(r for r, x in zip(ranks, nonzero) if x > 0)
+    null = [sum(r for j, r in enumerate(ranks) if signs >> j & 1) for signs in range(2 ** len(ranks))]
+    low = sum(w <= w_plus + 1e-9 for w in null) / len(null)
+    high = sum(w >= w_plus - 1e-9 for w in null) / len(null)
+    return min(w_plus, sum(ranks) - w_plus), min(1.0, 2 * min(low, high))
+
+
 @pytest.mark.parametrize(
     "cream, srlm",
     [
         ([0.455, 0.47, 0.52], [0.44, 0.43, 0.45]),  # 3 seeds, all positive
         ([0.61, 0.58, 0.70, 0.52, 0.66, 0.49, 0.73], [0.60, 0.61, 0.65, 0.50, 0.62, 0.515, 0.66]),  # mixed signs
         ([-0.2, 0.1, -0.45, 0.3, -0.05], [0.0, 0.0, 0.0, 0.0, 0.0]),  # τ-like values
+        ([0.1, -0.1, 0.2, 0.3, 0.0, 0.25], [0.0] * 6),  # a tie in magnitude and a zero difference
     ],
 )
-def test_paired_test_agrees_with_scipy(cream, srlm):
-    """The paired t-test and the exact Wilcoxon signed-rank test against scipy.stats on synthetic numbers."""
+def test_paired_test_agrees_with_the_textbook_formulas(cream, srlm):
+    """The paired t-test against ``mean / (std / √k)`` with Student's t CDF, and the exact Wilcoxon signed-rank test
+    against a brute-force enumeration of the sign patterns (both written here, independently of scipy.stats)."""
+    import math
     import statistics
 
-    from scipy import stats
+    from scipy.special import stdtr
 
     from trl_cream.recipes.study_report import paired_test
 
-    ours = paired_test([c - s for c, s in zip(cream, srlm)])
-    ttest = stats.ttest_rel(cream, srlm)
-    wilcoxon = stats.wilcoxon(cream, srlm, method="exact")
-    assert ours["t"] == pytest.approx(ttest.statistic, rel=1e-9) and ours["df"] == len(cream) - 1
-    assert ours["p_ttest"] == pytest.approx(ttest.pvalue, rel=1e-9)
-    assert ours["wilcoxon_statistic"] == pytest.approx(wilcoxon.statistic)
-    assert ours["p_wilcoxon"] == pytest.approx(wilcoxon.pvalue, rel=1e-9)
-    assert ours["std"] == pytest.approx(statistics.stdev([c - s for c, s in zip(cream, srlm)]))
+    d = [c - s for c, s in zip(cream, srlm)]
+    ours = paired_test(d)
+    k = len(d)
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(k))
+    assert ours["t"] == pytest.approx(t, rel=1e-9) and ours["df"] == k - 1
+    assert ours["p_ttest"] == pytest.approx(2 * stdtr(k - 1, -abs(t)), rel=1e-9)
+    statistic, p = _exact_signed_rank(d)
+    assert ours["wilcoxon_statistic"] == pytest.approx(statistic)
+    assert ours["p_wilcoxon"] == pytest.approx(p, rel=1e-9)
+    assert ours["std"] == pytest.approx(statistics.stdev(d))
 
 
 def test_paired_test_edge_cases():

@@ -14,9 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from trl_cream import CreamConfig, CreamTrainer
-from trl_cream.adapters import PREVIOUS_ADAPTER
-from trl_cream.artifacts import label_round, pairs_dataset
-from trl_cream.sampling import tokenize_prompts
+from trl_cream.core.labelling import label_round
+from trl_cream.modeling.adapters import PREVIOUS_ADAPTER
+from trl_cream.modeling.sampling import tokenize_prompts
+from trl_cream.runs.tables import pairs_dataset
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 

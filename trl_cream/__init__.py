@@ -12,10 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from ._compat import install as _install_moved_modules  # noqa: E402
-
-_install_moved_modules()
-
 if TYPE_CHECKING:
     from .trainer.config import CreamConfig
     from .trainer.trainer import CreamTrainer

@@ -1,5 +1,5 @@
-"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations), `demo` and
-`study` (SRLM vs CREAM over seeds).
+"""The `trl-cream` command: `train` (SFT + CREAM rounds), `eval` (Table 1 and 2 for saved iterations), `demo`,
+`study` (SRLM vs CREAM over seeds) and `inspect` (a run as one HTML page).
 
 Every subcommand is parsed by TRL's `TrlParser`, so `--config file.yaml` sets any field and command-line flags
 override the file, as with `trl sft`/`trl dpo`.
@@ -15,7 +15,7 @@ from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-USAGE = """usage: trl-cream {train,eval,demo,study} [--config FILE.yaml] [--field value ...]
+USAGE = """usage: trl-cream {train,eval,demo,study,inspect} [--config FILE.yaml] [--field value ...]
 
 CREAM: Consistency Regularized Self-Rewarding Language Models (ICLR 2025) on Hugging Face TRL.
 
@@ -24,6 +24,7 @@ commands:
   eval    accuracy of saved iterations (Table 1) and ranking consistency between them (Table 2)
   demo    the offline end-to-end demo: SmolLM2-135M, M0 -> M1 -> M2 -> M3, then Table 1 and Table 2
   study   SRLM vs CREAM from one shared M1 over seeds: Table 1/2 with mean ± std and standard errors
+  inspect one self-contained HTML page of a run or a study (read-only; also while it trains)
 
 Run `trl-cream <command> --help` for every option of a command.
 """
@@ -318,7 +319,29 @@ def study_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main, "study": study_main}
+def inspect_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="trl-cream inspect",
+        description="Write one self-contained HTML page of a CREAM run (or of a `trl-cream study`'s runs side by "
+        "side): lineage, plots, and every round's prompts with their candidates ranked under both models. Reads the "
+        "run without writing in it or taking its lock, so it also works while the run trains.",
+    )
+    parser.add_argument("output_dir", help="The output_dir of a `trl-cream train`/`demo` run or of a study.")
+    parser.add_argument("--output", default=None, help="Where to write the page (default: OUTPUT_DIR/inspect.html).")
+    args = parser.parse_args(argv)
+    from .inspection.page import write_page
+
+    try:
+        path = write_page(args.output_dir, args.output)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    print(f"Page written to {path}")
+    return 0
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main, "study": study_main, "inspect": inspect_main}
 
 
 def main(argv: list[str] | None = None) -> int:

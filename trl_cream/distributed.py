@@ -24,7 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
-from .engines import check_engine_requested, check_zero3_sampling, full_state_dict
+from .engines import check_engine_requested, check_zero3_sampling, full_state_dict, is_deepspeed, is_zero3
 from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
@@ -167,7 +167,7 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     `trl.models.utils.prepare_deepspeed` under DeepSpeed (ZeRO-3 shards it like the policy; ZeRO-1/2 keep a full copy
     per rank), `prepare_fsdp` under FSDP, otherwise a full copy on this rank's device (DDP: scoring is local)."""
     model.eval()
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+    if is_deepspeed(accelerator):
         from trl.models.utils import prepare_deepspeed
 
         return prepare_deepspeed(model, accelerator)
@@ -176,17 +176,6 @@ def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
 
         return prepare_fsdp(model, accelerator)
     return model.to(accelerator.device)  # not accelerator.prepare_model: it would keep a reference every round
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    """Whether the accelerator runs DeepSpeed (any ZeRO stage)."""
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
-
-
-def is_zero3(accelerator: Any) -> bool:
-    """Whether the accelerator runs DeepSpeed ZeRO stage 3."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
 
 
 def needs_lockstep(accelerator: Any) -> bool:
@@ -271,10 +260,10 @@ def save_full_model(
 
     Under DeepSpeed no ``engine`` exists when ``M<k>`` is saved (before round 1, and after each round's engine is
     released, see `trl_cream.engines`), so the unwrapped ``model`` is saved: ZeRO-3 weights are gathered one parameter
-    at a time (`gathered_state_dict`), ZeRO-1/2 weights are whole on every rank. FSDP: the full state dict, gathered
-    one tensor at a time (`engines.full_state_dict`). Otherwise ``save_model`` (`Trainer.save_model`)."""
+    at a time, ZeRO-1/2 weights are whole on every rank. FSDP: the full state dict, gathered one tensor at a time.
+    Both gather through `engines.full_state_dict`. Otherwise ``save_model`` (`Trainer.save_model`)."""
     if is_deepspeed(accelerator) and engine is None:
-        state = gathered_state_dict(model, accelerator.is_main_process) if is_zero3(accelerator) else None
+        state = full_state_dict(model, accelerator.is_main_process) if is_zero3(accelerator) else None
         if accelerator.is_main_process:
             model.save_pretrained(path, state_dict=state)
     elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
@@ -283,20 +272,3 @@ def save_full_model(
             model.save_pretrained(path, state_dict=state)
     else:
         save_model(str(path))
-
-
-def gathered_state_dict(model: torch.nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:
-    """Full state dict of a model whose weights are ZeRO-3-partitioned (``zero.Init``) but not yet in an engine,
-    gathered one parameter at a time (all ranks must call it); CPU tensors on the main process, empty elsewhere.
-    Non-persistent buffers (e.g. rotary ``inv_freq``) are left out, as in ``state_dict()``."""
-    import deepspeed
-
-    state: dict[str, torch.Tensor] = {}
-    saved = model.state_dict().keys()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name not in saved:
-            continue
-        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
-            if is_main_process:
-                state[name] = tensor.detach().cpu().clone()
-    return state

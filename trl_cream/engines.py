@@ -29,11 +29,13 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def _is_deepspeed(accelerator: Any) -> bool:
+def is_deepspeed(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed (any ZeRO stage)."""
     return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
 
-def _is_zero3(accelerator: Any) -> bool:
+def is_zero3(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed ZeRO stage 3."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
 
@@ -69,7 +71,7 @@ def check_zero3_sampling(accelerator: Any, ds3_gather_for_generation: bool) -> N
     """Refuse ZeRO-3 with ``ds3_gather_for_generation=False``: CREAM samples between engines (see the module
     docstring), where no ZeRO-3 hook fetches a layer's shards during the forward, so each rank must gather the
     weights to sample."""
-    if _is_zero3(accelerator) and not ds3_gather_for_generation:
+    if is_zero3(accelerator) and not ds3_gather_for_generation:
         raise ValueError(
             "ds3_gather_for_generation=False cannot run under DeepSpeed ZeRO-3 in CREAM: candidates are sampled "
             "outside the training engine (each round's engine is released after its training), where no ZeRO-3 hook "
@@ -83,14 +85,9 @@ def release_engine(trainer: Any) -> None:
     and point the Trainer back at the bare model, so that the next ``Trainer.train`` builds a fresh engine (a stale
     ``model_wrapped`` would make it skip `accelerator.prepare`, and backward would find no engine)."""
     trainer.accelerator.free_memory()  # destroys the DeepSpeed engine (optimizer state, ZeRO-3 hooks)
-    if _is_deepspeed(trainer.accelerator):
+    if is_deepspeed(trainer.accelerator):
         trainer.model_wrapped = trainer.model
         trainer.deepspeed = None
-
-
-def has_live_engine(trainer: Any) -> bool:
-    """Whether a DeepSpeed engine currently wraps the policy (only inside a round's training)."""
-    return getattr(trainer, "deepspeed", None) is not None
 
 
 @contextmanager
@@ -116,7 +113,7 @@ def scoring_policy(accelerator: Any, model: nn.Module, wrapped: nn.Module, is_fs
     Otherwise the bare model."""
     if is_fsdp:
         yield wrapped
-    elif _is_zero3(accelerator):
+    elif is_zero3(accelerator):
         with gathered(list(model.parameters())):
             yield model
     else:
@@ -138,16 +135,22 @@ def full_parameters(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def full_state_dict(model: nn.Module, is_main_process: bool) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model (FSDP2 ``DTensor`` or ZeRO-3 parameters), built one parameter at a
-    time on CPU: on the main process; empty elsewhere (all ranks must call it). Used instead of FSDP2's
+    """The whole state dict of a sharded model (FSDP2 ``DTensor`` or ZeRO-3 parameters, in an engine or not), built
+    one gathered parameter at a time on CPU: on the main process; empty elsewhere (all ranks must call it: each
+    gather is a collective, and the other ranks drop each tensor at once). Non-persistent buffers (e.g. rotary
+    ``inv_freq``) are left out, as in ``state_dict()``. Used instead of FSDP2's
     ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which on CPU returns tensors whose storage the
     reshard after the gather has already freed ("invalid python storage" when safetensors writes them)."""
     keys = set(model.state_dict().keys())
-    state = {name: tensor for name, tensor in full_parameters(model) if name in keys}
-    for name, buffer in model.named_buffers():
-        if name in keys:
-            state[name] = buffer.detach().to("cpu", copy=True)
-    return state if is_main_process else {}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in full_parameters(model):
+        if name in keys and is_main_process:
+            state[name] = tensor
+    if is_main_process:
+        for name, buffer in model.named_buffers():
+            if name in keys:
+                state[name] = buffer.detach().to("cpu", copy=True)
+    return state
 
 
 def same_weights(model: nn.Module, other: nn.Module) -> bool:

@@ -12,12 +12,10 @@ official implementation's ordinal tie-breaking biases τ; Kendall's τ-b correct
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-ConsistencyMeasure = Literal["kendall", "spearman", "toporder", "none"]
-Granularity = Literal["dataset", "sample"]
 MEASURES: tuple[str, ...] = ("kendall", "spearman", "toporder", "none")
 GRANULARITIES: tuple[str, ...] = ("dataset", "sample")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..runs.files import atomic_write_json
 from ..runs.layout import RunLayout, iteration_index, round_of_iteration
 from .model_card import build_model_card, load_round_metrics, run_urls, write_card
 from .utils import (
@@ -87,14 +87,9 @@ def is_pushed(output_dir: str | Path, index: int) -> bool:
 
 
 def write_marker(output_dir: str | Path, index: int, info: dict[str, Any]) -> Path:
-    """Write the push marker of ``M<index>`` atomically (temp file + rename)."""
+    """Write the push marker of ``M<index>`` atomically (`trl_cream.runs.files.atomic_write_json`)."""
     path = marker_path(output_dir, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, info)
     return path
 
 
@@ -232,16 +227,17 @@ class HubPublisher:
         """Push ``M<index>`` (synchronously, with retries) and write its marker. Returns the marker's content."""
         s = self.settings
         repo_id, revision = iteration_target(s.hub_model_id, s.strategy, index)
-        files = iteration_files(folder, s.base_model_id, s.push_merged_weights)
         message = f"CREAM iteration M{index}"
         self._retry(f"create_repo {repo_id}", lambda: self.api.create_repo(repo_id, private=s.private, exist_ok=True))
         if s.strategy == "branch":
             self._retry(
                 f"create_branch {revision}", lambda: self.api.create_branch(repo_id, branch=revision, exist_ok=True)
             )
-        commit = self._commit(repo_id, revision, files, message)
-        if s.strategy == "branch" and update_main:
-            self._commit(repo_id, "main", files, message)
+        with tempfile.TemporaryDirectory(prefix=f"trl-cream-M{index}-") as staging:
+            files = iteration_files(folder, Path(staging), s.base_model_id, s.push_merged_weights)
+            commit = self._commit(repo_id, revision, files, message)
+            if s.strategy == "branch" and update_main:
+                self._commit(repo_id, "main", files, message)
         info = {"iteration": index, "repo_id": repo_id, "revision": revision, "commit": commit, "time": time.time()}
         if s.push_round_datasets and round_dir is not None:
             info["rounds_repo_id"] = self.push_round(round_dir)
@@ -252,31 +248,32 @@ class HubPublisher:
         """Upload a round's ``candidates``/``pairs`` as parquet and its ``metrics.json`` to the rounds dataset repo."""
         s = self.settings
         repo_id = rounds_repo_id(s.hub_model_id)
-        files = round_files(round_dir)
         self._retry(
             f"create_repo {repo_id}",
             lambda: self.api.create_repo(repo_id, repo_type="dataset", private=s.private, exist_ok=True),
         )
-        self._commit(repo_id, "main", files, f"CREAM {round_dir.name} artifacts", repo_type="dataset", prune=False)
+        with tempfile.TemporaryDirectory(prefix=f"trl-cream-{round_dir.name}-") as staging:
+            files = round_files(round_dir, Path(staging))
+            message = f"CREAM {round_dir.name} artifacts"
+            self._commit(repo_id, "main", files, message, repo_type="dataset", prune=False)
         return repo_id
 
     def _commit(
         self,
         repo_id: str,
         revision: str,
-        files: dict[str, bytes | Path],
+        files: dict[str, Path],
         message: str,
         repo_type: str | None = None,
         prune: bool = True,
     ) -> str:
-        """One commit with every file; with ``prune``, files of the revision that ``files`` lacks are deleted so
-        that the revision mirrors the folder."""
+        """One commit with every file, each uploaded from its local path (``path_in_repo → file``); with ``prune``,
+        files of the revision that ``files`` lacks are deleted so that the revision mirrors the folder."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         def run() -> str:
             operations: list[Any] = [
-                CommitOperationAdd(path_in_repo=path, path_or_fileobj=_content(content))
-                for path, content in files.items()
+                CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)) for path, local in files.items()
             ]
             if prune:
                 remote = self.api.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
@@ -297,10 +294,6 @@ class HubPublisher:
             raise HubPushError(message) from None
         logger.warning("%s Training goes on (hub_push_failure='warn').", message)
         warnings.warn(message, stacklevel=2)
-
-
-def _content(content: bytes | Path) -> bytes | str:
-    return content if isinstance(content, bytes) else str(content)
 
 
 # ---------------------------------------------------------------- glue for CreamTrainer

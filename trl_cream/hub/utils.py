@@ -3,10 +3,8 @@ the file sets that go up (an iteration's files, merged LoRA weights, a round's d
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,13 +165,17 @@ def iteration_target(hub_model_id: str, strategy: str, index: int) -> tuple[str,
 
 
 # ---------------------------------------------------------------- what goes up
-def iteration_files(folder: Path, base_model_id: str | None = None, merged: bool = False) -> dict[str, bytes | Path]:
-    """``path_in_repo → content`` of ``M<k>``: every file but ``training_args.bin`` and hidden files; an adapter's
-    ``base_model_name_or_path`` set to ``base_model_id`` when given; with ``merged``, the merged weights under
-    ``merged/``. The folder itself is only read."""
+def iteration_files(
+    folder: Path, staging: Path, base_model_id: str | None = None, merged: bool = False
+) -> dict[str, Path]:
+    """``path_in_repo → local file`` of ``M<k>``: every file but ``training_args.bin`` and hidden files; an
+    adapter's ``base_model_name_or_path`` set to ``base_model_id`` when given; with ``merged``, the merged weights
+    under ``merged/``. What is not in ``folder`` as it goes up (the edited adapter config, the merged weights) is
+    written under ``staging``, an empty folder the caller removes after the upload: every file is uploaded from disk,
+    none is held in memory. ``folder`` itself is only read."""
     if not (folder / "README.md").is_file():
         raise FileNotFoundError(f"{folder} is not a saved CREAM iteration (no README.md model card).")
-    files: dict[str, bytes | Path] = {
+    files: dict[str, Path] = {
         p.relative_to(folder).as_posix(): p
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in NOT_UPLOADED and not p.name.startswith(".")
@@ -181,35 +183,35 @@ def iteration_files(folder: Path, base_model_id: str | None = None, merged: bool
     if "adapter_config.json" in files and base_model_id:
         config = json.loads((folder / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base_model_id
-        files["adapter_config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        files["adapter_config.json"] = staging / "adapter_config.json"
+        files["adapter_config.json"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if "adapter_config.json" in files and merged:
-        for name, content in merged_weights(folder).items():
-            files[f"{MERGED_SUBFOLDER}/{name}"] = content
+        for path in save_merged_weights(folder, staging / MERGED_SUBFOLDER):
+            files[f"{MERGED_SUBFOLDER}/{path.name}"] = path
     return files
 
 
-def merged_weights(folder: Path) -> dict[str, bytes]:
-    """The adapter in ``folder`` merged into its base model (``base_model_name_or_path``), saved with
-    `save_pretrained` into a temporary folder: ``file name → bytes``. Loads one extra model copy on the CPU."""
+def save_merged_weights(folder: Path, out: Path) -> list[Path]:
+    """Save the adapter in ``folder`` merged into its base model (``base_model_name_or_path``) with
+    `save_pretrained` into ``out``; returns the files written. Loads one extra model copy on the CPU."""
     from peft import AutoPeftModelForCausalLM
 
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder), device_map="cpu")
-    merged = model.merge_and_unload()
-    with tempfile.TemporaryDirectory() as tmp:
-        merged.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    model.merge_and_unload().save_pretrained(out)
+    return sorted(p for p in out.iterdir() if p.is_file())
 
 
-def round_files(round_dir: Path) -> dict[str, bytes | Path]:
-    """A round's ``candidates``/``pairs`` as ``round_<t>/<name>.parquet`` and its ``round_<t>/metrics.json``."""
+def round_files(round_dir: Path, staging: Path) -> dict[str, Path]:
+    """A round's ``candidates``/``pairs`` as ``round_<t>/<name>.parquet`` (written under ``staging``, which the
+    caller removes after the upload) and its ``round_<t>/metrics.json``."""
     from datasets import load_from_disk
 
-    files: dict[str, bytes | Path] = {}
+    files: dict[str, Path] = {}
     for name in ("candidates", "pairs"):
         if (round_dir / name).is_dir():
-            buffer = io.BytesIO()
-            load_from_disk(str(round_dir / name)).to_parquet(buffer)
-            files[f"{round_dir.name}/{name}.parquet"] = buffer.getvalue()
+            parquet = staging / f"{round_dir.name}-{name}.parquet"
+            load_from_disk(str(round_dir / name)).to_parquet(str(parquet))
+            files[f"{round_dir.name}/{name}.parquet"] = parquet
     if (round_dir / "metrics.json").is_file():
         files[f"{round_dir.name}/metrics.json"] = round_dir / "metrics.json"
     if not files:

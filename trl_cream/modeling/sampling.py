@@ -10,33 +10,92 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import maybe_apply_chat_template
+
+from .paged import generate_paged
 
 TokenIds = list[int]
 
 
-class SamplingSettings(Protocol):
-    """The decoding fields [`sampling_generation_config`] reads (a `CreamConfig` has them all)."""
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a CREAM round samples its candidates: the decoding fields, how many per prompt, and with which backend.
 
+    Build it from a `CreamConfig` with [`SamplingSettings.from_args`]; [`generation_config`] turns it into the
+    `GenerationConfig` that every backend receives.
+
+    Attributes:
+        num_generations (`int`): candidates per prompt (N).
+        temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens: the decoding fields of `CreamConfig`
+            (``top_k=None`` or ``0`` and ``repetition_penalty=1.0`` mean "off").
+        generation_kwargs (`dict` or `None`): any other `GenerationConfig` field, applied last.
+        batch_size (`int`): prompts per `generate` call (``generation_batch_size``; the paged backend schedules
+            sequences itself).
+        backend (`str`): a key of [`GENERATION_BACKENDS`] (``generation_backend``).
+    """
+
+    num_generations: int
     temperature: float
     top_p: float
     top_k: int | None
     min_p: float | None
     repetition_penalty: float
     max_new_tokens: int
-    generation_kwargs: dict[str, Any] | None
+    generation_kwargs: dict[str, Any] | None = None
+    batch_size: int = 8
+    backend: str = "generate"
+
+    @classmethod
+    def from_args(cls, args: Any) -> SamplingSettings:
+        """The sampling fields of a `CreamConfig` (or any object with its field names)."""
+        return cls(
+            num_generations=args.num_generations,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            max_new_tokens=args.max_new_tokens,
+            generation_kwargs=dict(args.generation_kwargs) if args.generation_kwargs else None,
+            batch_size=args.generation_batch_size,
+            backend=args.generation_backend,
+        )
+
+    def generation_config(self, tokenizer: PreTrainedTokenizerBase, eos_token_ids: Sequence[int]) -> GenerationConfig:
+        """[`sampling_generation_config`] for these settings, with ``tokenizer``'s pad and bos ids."""
+        return sampling_generation_config(self, eos_token_ids, tokenizer.pad_token_id, tokenizer.bos_token_id)
 
 
-# How candidates are sampled: `model.generate` on left-padded batches, transformers' continuous batching
-# (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding, or a vLLM
-# engine (`modeling.vllm_backend`, which the trainer holds across rounds: not a backend of `generate_candidates`).
-GENERATION_BACKENDS: tuple[str, ...] = ("generate", "paged", "vllm")
-MODEL_BACKENDS: tuple[str, ...] = ("generate", "paged")  # the backends that sample from a transformers model
+class GenerationBackend(Protocol):
+    """One way of sampling: ``num_generations`` completions per prompt, as raw token rows (prompt-major: the rows of
+    prompt ``p`` are ``rows[p * num_generations : (p + 1) * num_generations]``), not yet cut at the stop token.
+
+    ``generation_config`` is a private copy (``use_cache=True``) that the backend may change; the model is in eval
+    mode with its own generation config hidden. A backend that can record each candidate's summed log-prob under the
+    sampling model extends ``logps_out`` (when given) with one list of ``num_generations`` floats per prompt; one
+    that cannot leaves it empty, and π_t is then scored by a forward pass.
+    """
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: Sequence[TokenIds],
+        num_generations: int,
+        generation_config: GenerationConfig,
+        batch_size: int,
+        show_progress: bool,
+        desc: str,
+        logps_out: list[list[float]] | None,
+    ) -> list[TokenIds]: ...
+
+
 # What happens to a prompt too long for max_length − max_new_tokens: left-truncated, or an error.
 LONG_PROMPT_MODES: tuple[str, ...] = ("truncate", "error")
 
@@ -187,25 +246,26 @@ def generate_candidates(
     Returns:
         ``[num_prompts][num_generations]`` lists of completion token ids, each ending at its first stop token.
     """
-    if backend not in MODEL_BACKENDS:
+    run = GENERATION_BACKENDS.get(backend)
+    if run is None:
         hint = " (vLLM samples through trl_cream.modeling.vllm_backend.VLLMSampler)" if backend == "vllm" else ""
-        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(MODEL_BACKENDS)}{hint}.")
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(GENERATION_BACKENDS)}{hint}.")
     generation_config = copy.deepcopy(generation_config)
     generation_config.use_cache = True
     if not prompt_ids:
         return []
-    if logps_out is not None and backend == "generate":  # the raw (unprocessed) logits of every step
-        generation_config.output_logits = generation_config.return_dict_in_generate = True
     with eval_mode(model), isolated_generation_config(model):
-        if backend == "paged":  # no logits: `logps_out` stays empty and π_t is scored by a forward pass
-            rows = _generate_paged(
-                model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc
-            )
-        else:
-            rows = _generate_padded(
-                model, tokenizer, prompt_ids, num_generations, generation_config, batch_size, show_progress, desc,
-                logps_out,
-            )  # fmt: skip
+        rows = run(
+            model,
+            tokenizer,
+            prompt_ids,
+            num_generations,
+            generation_config,
+            batch_size,
+            show_progress,
+            desc,
+            logps_out,
+        )
     stop_ids, pad_id = _stop_ids(generation_config, tokenizer), pad_token_id(tokenizer)
     rows = [cut_at_stop(row, stop_ids, pad_id) for row in rows]
     return [rows[p * num_generations : (p + 1) * num_generations] for p in range(len(prompt_ids))]
@@ -222,6 +282,11 @@ def _generate_padded(
     desc: str,
     logps_out: list[list[float]] | None = None,
 ) -> list[TokenIds]:
+    """The ``"generate"`` backend: ``model.generate`` on left-padded batches of ``batch_size`` prompts (each repeated
+    ``num_generations`` times); with ``logps_out``, also the raw logits of every step (before temperature and top-p),
+    summed into each candidate's log-prob."""
+    if logps_out is not None:
+        generation_config.output_logits = generation_config.return_dict_in_generate = True
     pad_id, stop_ids = pad_token_id(tokenizer), _stop_ids(generation_config, tokenizer)
     device = next(model.parameters()).device
     rows: list[TokenIds] = []
@@ -241,74 +306,15 @@ def _generate_padded(
     return rows
 
 
-# Memory that the paged KV cache may take when the model is not on an accelerator. transformers sizes the cache from
-# the device's free memory, which on CPU means ~90 % of the machine's RAM (minutes of zero-filling, and a hazard on a
-# shared machine); off-accelerator the cache is sized to the workload instead, up to this budget.
-PAGED_CPU_CACHE_BYTES = 1 << 30
-
-
-def paged_batching_config(
-    model: PreTrainedModel, prompt_ids: Sequence[TokenIds], max_new_tokens: int, seed: int
-) -> ContinuousBatchingConfig:
-    """The continuous-batching settings of one `generate_batch` call.
-
-    ``seed`` seeds the engine's sampler (drawn from torch's global generator by the caller, so sampling is reproducible
-    under `transformers.set_seed`). On an accelerator the KV cache is left to transformers' sizing (a share of the free
-    memory); elsewhere it holds every sequence of the workload at once, capped at [`PAGED_CPU_CACHE_BYTES`] (requests
-    beyond it wait for a free block), and a batch holds at most 1024 tokens (longer prompts are prefilled in chunks).
-    """
-    cb_config = ContinuousBatchingConfig(seed=seed)
-    if next(model.parameters()).device.type != "cpu":
-        return cb_config
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    itemsize = next(model.parameters()).element_size()
-    block_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize * cb_config.page_size
-    blocks_per_sequence = [-(-(len(ids) + max_new_tokens) // cb_config.page_size) for ids in prompt_ids]
-    cb_config.num_blocks = max(
-        max(blocks_per_sequence), min(sum(blocks_per_sequence), PAGED_CPU_CACHE_BYTES // block_bytes)
-    )
-    cb_config.max_batch_tokens = min(1024, sum(len(ids) for ids in prompt_ids))
-    return cb_config
-
-
-def _generate_paged(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: Sequence[TokenIds],
-    num_generations: int,
-    generation_config: GenerationConfig,
-    batch_size: int,
-    show_progress: bool,
-    desc: str,
-) -> list[TokenIds]:
-    if not hasattr(model, "generate_batch"):
-        raise TypeError(
-            f"generation_backend='paged' needs transformers' continuous batching (`generate_batch`), which "
-            f"{type(model).__name__} does not have; use generation_backend='generate'."
-        )
-    inputs = [list(ids) for ids in prompt_ids for _ in range(num_generations)]
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    cb_config = paged_batching_config(model, inputs, generation_config.max_new_tokens or 0, seed)
-    warmup = next(model.parameters()).device.type == "cuda"  # warm-up captures CUDA graphs; on CPU it only costs
-    outputs = model.generate_batch(
-        inputs=inputs,
-        generation_config=generation_config,
-        continuous_batching_config=cb_config,
-        progress_bar=show_progress,
-        warmup=warmup,
-    )
-    results = list(outputs.values())
-    failed = [r.error for r in results if getattr(r, "error", None) is not None]
-    if len(results) != len(inputs) or failed:
-        raise RuntimeError(
-            f"{desc}: continuous batching returned {len(results)} of {len(inputs)} sequences"
-            + (f" ({len(failed)} failed, first error: {failed[0]})" if failed else "")
-            + "; generation_backend='generate' is the fallback."
-        )
-    return [list(r.generated_tokens) for r in results]
+# Where a generation backend plugs in: its name (`CreamConfig.generation_backend`, checked against these keys) and the
+# function that samples. `model.generate` on left-padded batches, or transformers' continuous batching
+# (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding. A new
+# backend is one function with the `GenerationBackend` signature and one entry here.
+GENERATION_BACKENDS: dict[str, GenerationBackend] = {"generate": _generate_padded, "paged": generate_paged}
+# Backends that are an engine the trainer holds across rounds rather than a function of a transformers model: vLLM
+# (`modeling/vllm_backend.py`, driven by `trainer/vllm_engine.py`). `generation_backend` takes any of BACKEND_NAMES.
+ENGINE_BACKENDS: tuple[str, ...] = ("vllm",)
+BACKEND_NAMES: tuple[str, ...] = (*GENERATION_BACKENDS, *ENGINE_BACKENDS)
 
 
 def _sampled_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor, lengths: Sequence[int]) -> list[float]:

@@ -157,41 +157,28 @@ def compare(table1: Mapping[str, Any], table2: Mapping[str, Any]) -> list[dict[s
 
 def paired_test(differences: Sequence[float]) -> dict[str, Any]:
     """Paired statistics of per-seed differences ``d_s = CREAM_s − SRLM_s``: their mean and sample std (ddof = 1),
-    the paired t-test (``t = mean / (std / √k)``, two-sided p from Student's t with ``k − 1`` degrees of freedom, as
-    ``scipy.stats.ttest_rel``) and the exact two-sided Wilcoxon signed-rank test (all ``2^k`` sign patterns of the
-    ranked non-zero differences, ties at average ranks; statistic ``min(W+, W−)``, as ``scipy.stats.wilcoxon``).
+    the paired t-test (`scipy.stats.ttest_rel` of the two arms, i.e. ``t = mean / (std / √k)`` with ``k − 1``
+    degrees of freedom, two-sided) and the exact two-sided Wilcoxon signed-rank test (`scipy.stats.wilcoxon` with
+    ``method="exact"``: zero differences dropped, ties at average ranks, statistic ``min(W+, W−)``).
 
     With 3 seeds the smallest possible Wilcoxon p is 0.25: it cannot reject at 5 %, and only the t-test (which
-    assumes normal differences) can. Undefined quantities are NaN.
+    assumes normal differences) can. Undefined quantities are NaN (no spread for t; no non-zero difference for
+    Wilcoxon).
     """
-    from scipy.special import stdtr
+    from scipy import stats
 
     d = [float(x) for x in differences if x is not None and math.isfinite(x)]
     k = len(d)
     out: dict[str, Any] = {"differences": d, "num_seeds": k, "mean": statistics.fmean(d) if d else math.nan}
     out["std"] = statistics.stdev(d) if k > 1 else math.nan
+    out.update(t=math.nan, df=k - 1, p_ttest=math.nan, wilcoxon_statistic=math.nan, p_wilcoxon=math.nan)
     if k > 1 and out["std"] > 0:
-        t = out["mean"] / (out["std"] / math.sqrt(k))
-        out.update(t=t, df=k - 1, p_ttest=float(2 * stdtr(k - 1, -abs(t))))
-    else:
-        out.update(t=math.nan, df=k - 1, p_ttest=math.nan)
-    out.update(_wilcoxon_exact(d))
+        ttest = stats.ttest_rel(d, [0.0] * k)
+        out.update(t=float(ttest.statistic), p_ttest=float(ttest.pvalue))
+    if any(x != 0 for x in d):
+        wilcoxon = stats.wilcoxon(d, method="exact")
+        out.update(wilcoxon_statistic=float(wilcoxon.statistic), p_wilcoxon=float(wilcoxon.pvalue))
     return out
-
-
-def _wilcoxon_exact(d: Sequence[float]) -> dict[str, float]:
-    nonzero = [x for x in d if x != 0]
-    if not nonzero or len(nonzero) > 20:
-        return {"wilcoxon_statistic": math.nan, "p_wilcoxon": math.nan}
-    magnitudes = sorted(abs(x) for x in nonzero)
-    rank = {m: statistics.fmean(i + 1 for i, v in enumerate(magnitudes) if v == m) for m in set(magnitudes)}
-    ranks = [rank[abs(x)] for x in nonzero]
-    w_plus = sum(r for r, x in zip(ranks, nonzero, strict=True) if x > 0)
-    total = sum(ranks)
-    null = [sum(r for j, r in enumerate(ranks) if signs >> j & 1) for signs in range(2 ** len(ranks))]
-    low = sum(w <= w_plus + 1e-9 for w in null) / len(null)
-    high = sum(w >= w_plus - 1e-9 for w in null) / len(null)
-    return {"wilcoxon_statistic": min(w_plus, total - w_plus), "p_wilcoxon": min(1.0, 2 * min(low, high))}
 
 
 def _average_accuracy(per_task: Mapping[str, Mapping[str, Any]]) -> float:

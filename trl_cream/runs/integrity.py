@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .layout import PARTIAL_SUFFIX, RunLayout
+from .layout import PARTIAL_SUFFIX, RunLayout, parse_iteration_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ def owned_paths(layout: RunLayout, manifests: list[dict[str, Any] | None]) -> li
     return found
 
 
+def stale_iterations(layout: RunLayout) -> set[int]:
+    """The ``k`` of the ``M<k>`` folders an overwritten run left in place (not this run's until it saves them)."""
+    try:
+        return {int(k) for k in json.loads(layout.stale_iterations_path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def recorded_paths(layout: RunLayout, sums: Checksums) -> list[Path]:
+    """The ``M<k>`` and ``rounds/round_<t>`` folders that ``checksums.json`` lists files of: what a run wrote, even
+    when its manifest is lost (a truncated manifest of a longer run)."""
+    found: set[Path] = set()
+    for key in sums.entries():
+        parts = key.split("/")
+        if parse_iteration_name(parts[0]) is not None:
+            found.add(layout.output_dir / parts[0])
+        elif len(parts) > 1 and parts[0] == layout.rounds_dir.name and parts[1].startswith("round_"):
+            found.add(layout.rounds_dir / parts[1])
+    return sorted(found)
+
+
 # ---------------------------------------------------------------- checksums
 def checksum(path: Path) -> str:
     """SHA-256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
@@ -77,10 +98,41 @@ class Checksums:
             logger.warning("%s is unreadable; saved phase files are loaded without verification.", self.path)
             return {}
 
+    def entries(self) -> dict[str, str]:
+        return self._load()
+
     def record(self, path: Path) -> None:
         sums = self._load()
         sums[path.relative_to(self.output_dir).as_posix()] = checksum(path)
         self._write(self.path, sums)
+
+    def record_folder(self, folder: Path) -> None:
+        """Record every file of ``folder`` on its own (an ``M<k>``): each file is read once, in 1 MiB blocks, so a
+        large model is never held in memory for it. Earlier entries under the folder are replaced."""
+        prefix = folder.relative_to(self.output_dir).as_posix() + "/"
+        sums = {k: v for k, v in self._load().items() if not k.startswith(prefix)}
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            sums[file.relative_to(self.output_dir).as_posix()] = checksum(file)
+        self._write(self.path, sums)
+
+    def verify_folder(self, folder: Path, what_to_do: str) -> None:
+        """Raise `DamagedFile` naming the folder and the first file that is missing or differs from the digest
+        recorded when ``folder`` was saved; a folder nothing was recorded for passes."""
+        prefix = folder.relative_to(self.output_dir).as_posix() + "/"
+        for key, expected in sorted(self._load().items()):
+            if not key.startswith(prefix):
+                continue
+            file = self.output_dir / key
+            if not file.is_file():
+                problem = "is missing"
+            elif checksum(file) != expected:
+                problem = (
+                    "differs from the digest recorded when the folder was saved (a partial copy, a bad disk, "
+                    "another run's file?)"
+                )
+            else:
+                continue
+            raise DamagedFile(f"{folder}: {file.relative_to(folder).as_posix()} {problem}. {what_to_do}")
 
     def verify(self, path: Path) -> None:
         """Raise `DamagedFile` when ``path`` differs from its recorded checksum (unrecorded files pass)."""

@@ -8,6 +8,9 @@ output_dir/
   cream_state/manifest.json               the run's configuration and data fingerprints
   cream_state/sft.json                    the SFT stage's metrics
   cream_state/pushed/M<k>.json            written once M<k> is fully on the Hub
+  cream_state/checksums.json              SHA-256 of every saved phase file and of every file of every M<k>
+  cream_state/stale_iterations.json       M<k> folders an overwritten run left, kept until this run replaces them
+  cream_state/run.lock                    held by the process running the run (one run per folder at a time)
 ```
 
 Round ``t`` starts from ``π_t = M<iteration_index(t)>`` and saves ``M<iteration_index(t + 1)>``; its ``π_{t−1}`` is
@@ -24,7 +27,6 @@ STATE_DIR = "cream_state"
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 ITERATION_NAME = re.compile(r"M(\d+)")
-_ITERATION_LEFTOVER = re.compile(r"\.?M\d+(\.partial|\.old)?")
 _TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -59,11 +61,6 @@ def parse_trainer_checkpoint(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_iteration_leftover(name: str) -> bool:
-    """``M<k>`` and the temporary ``.M<k>.partial`` / ``.M<k>.old`` folders an atomic save leaves behind."""
-    return _ITERATION_LEFTOVER.fullmatch(name) is not None
-
-
 class RunLayout:
     """The paths of the run in ``output_dir``."""
 
@@ -95,6 +92,10 @@ class RunLayout:
             return []
         found = (parse_iteration_name(p.name) for p in self.output_dir.iterdir() if p.is_dir())
         return sorted(k for k in found if k is not None)
+
+    @property
+    def stale_iterations_path(self) -> Path:
+        return self.state_dir / "stale_iterations.json"
 
     def push_marker_path(self, index: int) -> Path:
         return self.state_dir / "pushed" / f"{iteration_name(index)}.json"

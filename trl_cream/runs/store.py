@@ -11,9 +11,10 @@ is renamed into place (``os.replace``), so a crash leaves either the whole resul
 | training | ``rounds/round_<t>/trainer_checkpoints/checkpoint-<step>`` when ``save_strategy`` makes them | Trainer |
 | saving | ``M<t+1>/`` (round complete), then ``rounds/round_<t>/metrics.json`` | safetensors + JSON |
 
-``cream_state/manifest.json`` (`trl_cream.manifest`) records the configuration (secrets removed), dataset
-fingerprints and seeds; a resume with a different manifest, or a fresh start in a folder holding another run, is
-refused. Nothing here writes or reads a pickle.
+``cream_state/manifest.json`` (`trl_cream.runs.manifest`) records the configuration (secrets removed), dataset
+fingerprints and seeds; whether a run may start in a folder (a resume with a different manifest, or a fresh start in a
+folder holding another run, is refused) is decided by `trl_cream.runs.gate.RunGate`. Nothing here writes or reads a
+pickle.
 """
 
 from __future__ import annotations
@@ -31,20 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..core.labelling import RoundScores
-from .files import (  # noqa: F401  (re-exported: the store's public file helpers)
-    PARTIAL_SUFFIX,
-    _remove,
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_text,
-    read_json,
-    save_dataset,
-    save_tensors,
-)
-from .integrity import Checksums, DamagedFile, iteration_range, load_checked, owned_paths
+from .files import _remove, atomic_dir, atomic_write_json, read_json, save_dataset, save_tensors
+from .integrity import Checksums, DamagedFile, load_checked, stale_iterations
 from .layout import FIRST_ITERATION, RunLayout, iteration_index, parse_trainer_checkpoint
-from .manifest import manifest_differences
-from .weights import load_adapter_weights, load_full_weights  # noqa: F401  (their home before 0.2)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +67,6 @@ class PhaseStore:
         self.is_main = is_main
         self.barrier = barrier or (lambda: None)
         self.checksums = Checksums(self.output_dir, self.state_dir, atomic_write_json)
-        self._previous_manifest: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ layout
     @property
@@ -116,136 +105,23 @@ class PhaseStore:
         return result
 
     # ------------------------------------------------------------ the run as a whole
-    def holds_a_run(self) -> bool:
-        return self.manifest_path.exists() or self.layout.rounds_dir.exists()
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        """The folder's manifest, `None` when there is none; `DamagedFile` when it cannot be read."""
-        if not self.manifest_path.exists():
-            return None
-        manifest = load_checked(self.manifest_path, lambda: read_json(self.manifest_path))
-        if not isinstance(manifest, dict):
-            raise DamagedFile(f"{self.manifest_path} holds no manifest (a JSON object)")
-        return manifest
-
-    def finished_any_phase(self, manifest: dict[str, Any] | None) -> bool:
-        """Whether the run in the folder finished a phase (SFT, or any phase of a round): a run that finished none
-        (a failed start) is replaced by a new start without ``overwrite_output_dir``."""
-        first, rounds = iteration_range(manifest)
-        if self.layout.sft_metrics_path.exists():
-            return True
-        if any(self.iteration_dir(k).is_dir() for k in range(first + 1, first + rounds + 1)):
-            return True
-        results = ("samples", "scores.safetensors", "pairs", "metrics.json")
-        return any((self.round_dir(t) / name).exists() for t in range(1, rounds + 1) for name in results)
-
-    def check(self, manifest: dict[str, Any], resume: bool, overwrite: bool) -> bool:
-        """Check ``manifest`` against the folder's run, writing nothing (every process, before `record`).
-
-        Returns:
-            Whether a previous run must be cleared before this one starts.
-
-        Raises:
-            ValueError: resuming with a different manifest, from a folder without a run or with a damaged manifest;
-                starting afresh in a folder that holds a different run that finished a phase, or ``M<k>`` folders
-                no run recorded (unless ``overwrite``).
-        """
-        try:
-            old, damaged = self.read_manifest(), None
-        except DamagedFile as error:
-            old, damaged = None, error
-        self._previous_manifest = old
-        if resume:
-            if damaged is not None:
-                raise ValueError(
-                    f"Cannot resume the run in {self.output_dir}: {damaged}, so it cannot be checked that this is "
-                    "the same run. Restore the file, or start over with overwrite_output_dir=True (CLI: "
-                    "--overwrite_output_dir; it removes the run's M<k>, rounds/ and cream_state/ only)."
-                )
-            if old is None:
-                raise ValueError(
-                    f"resume_from_checkpoint: {self.output_dir} holds no CREAM run to resume ({self.manifest_path} "
-                    "is missing). Drop resume_from_checkpoint to start a new run there."
-                )
-            diffs = manifest_differences(old, manifest)
-            if diffs:
-                raise ValueError(
-                    f"Cannot resume the run in {self.output_dir}: its manifest differs in {len(diffs)} field(s): "
-                    + "; ".join(diffs)
-                    + ". Resume with the original settings, models and data, or start a new run in another "
-                    "output_dir."
-                )
-            logger.info("Resuming the CREAM run in %s", self.output_dir)
-            return False
-        if self.holds_a_run():
-            if damaged is not None:
-                diffs = [f"{damaged}"]
-            else:
-                diffs = manifest_differences(old, manifest) if old is not None else ["no manifest (an older run)"]
-            replaceable = not self.finished_any_phase(old or manifest)
-            if diffs and not overwrite and not replaceable:
-                raise ValueError(
-                    f"output_dir={str(self.output_dir)!r} already holds a different CREAM run ("
-                    + "; ".join(diffs[:10])
-                    + "). Resume it with resume_from_checkpoint=True (same settings), choose a new output_dir, or "
-                    "set overwrite_output_dir=True to replace it."
-                )
-            if self.is_main:
-                logger.warning(
-                    "output_dir %s holds %s; starting over and replacing its iterations and rounds "
-                    "(pass resume_from_checkpoint=True to keep finished phases).",
-                    self.output_dir,
-                    "an identical run"
-                    if not diffs
-                    else "a run that finished no phase"
-                    if replaceable
-                    else "another run (overwrite_output_dir=True)",
-                )
-            return True
-        stray = [p.name for p in owned_paths(self.layout, [manifest])[::3] if p.is_dir()]
-        if stray and not overwrite:
-            raise ValueError(
-                f"output_dir={str(self.output_dir)!r} holds {', '.join(stray)} but no CREAM run recorded them (no "
-                f"{self.manifest_path}): this run would replace them. Move them away, choose another output_dir, or "
-                "set overwrite_output_dir=True to replace them."
-            )
-        return bool(stray)
-
-    def record(self, manifest: dict[str, Any], clear: bool) -> None:
-        """A fresh start: clear a previous run if `check` said so, and write the manifest (main process only)."""
-        if not self.is_main:
-            return
-        if clear:
-            self.clear([self._previous_manifest, manifest])
-        atomic_write_json(self.manifest_path, manifest)
-
-    def clear(self, manifests: list[dict[str, Any] | None] | None = None) -> None:
-        """Remove what the runs of ``manifests`` wrote (default: the folder's readable manifest): their state, and
-        the ``M<k>`` and ``rounds/round_<t>`` folders their first iteration and number of rounds span; ``rounds/``
-        only once empty. Nothing else in ``output_dir`` is touched."""
-        if manifests is None:
-            try:
-                manifests = [self.read_manifest()]
-            except DamagedFile:
-                manifests = []
-        for path in owned_paths(self.layout, manifests):
-            _remove(path)
-        _remove(self.state_dir)
-        rounds = self.layout.rounds_dir
-        if rounds.is_dir() and not any(rounds.iterdir()):
-            rounds.rmdir()
-
     def last_complete_round(self, num_rounds: int) -> int:
         """The last round ``t`` with ``M<first+t>`` saved such that every earlier one is saved too (0: none)."""
         done = 0
         for t in range(1, num_rounds + 1):
-            if not self.iteration_dir(self.iteration(t + 1)).is_dir():
+            if not self.has_iteration(self.iteration(t + 1)):
                 break
             done = t
         return done
 
     def has_iteration(self, index: int) -> bool:
-        return self.iteration_dir(index).is_dir()
+        """Whether this run saved ``M<index>`` (an overwritten run's ``M<k>``, kept until replaced, is not)."""
+        return self.iteration_dir(index).is_dir() and index not in stale_iterations(self.layout)
+
+    def verify_iteration(self, index: int, what_to_do: str) -> None:
+        """Check every file of ``M<index>`` against the digests recorded when it was saved (`DamagedFile` names the
+        folder and the file)."""
+        self.checksums.verify_folder(self.iteration_dir(index), what_to_do)
 
     def is_pushed(self, index: int) -> bool:
         """Whether ``M<index>`` is fully on the Hub: its marker ``cream_state/pushed/M<index>.json`` exists."""
@@ -256,6 +132,11 @@ class PhaseStore:
         """Yield a temporary folder for ``M<index>``; it becomes ``M<index>`` once the block succeeds."""
         with atomic_dir(self.iteration_dir(index), self.is_main) as tmp:
             yield tmp
+        if self.is_main:  # the digest of every file, then the folder is this run's (no longer an old run's)
+            self.checksums.record_folder(self.iteration_dir(index))
+            stale = stale_iterations(self.layout)
+            if index in stale:
+                atomic_write_json(self.layout.stale_iterations_path, sorted(stale - {index}))
 
     # ------------------------------------------------------------ SFT
     def save_sft_metrics(self, metrics: dict[str, Any]) -> None:

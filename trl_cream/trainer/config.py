@@ -11,8 +11,14 @@ from trl.experimental.online_dpo import OnlineDPOConfig
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
-from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
-from .config_checks import check_optimization_settings, check_sampling_settings, check_vllm_settings
+from ..modeling.sampling import BACKEND_NAMES, LONG_PROMPT_MODES
+from .config_checks import (
+    check_logging_settings,
+    check_optimization_settings,
+    check_output_and_lengths,
+    check_sampling_settings,
+    check_vllm_settings,
+)
 from .schedule import whole_step_warmup
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
@@ -25,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "consistency_measure": MEASURES,
     "consistency_granularity": GRANULARITIES,
     "ref_policy": REF_POLICIES,
-    "generation_backend": GENERATION_BACKENDS,
+    "generation_backend": BACKEND_NAMES,
     "long_prompts": LONG_PROMPT_MODES,
     "round1_baseline": ROUND1_BASELINES,
     "reward_source": REWARD_SOURCES,
@@ -226,6 +232,19 @@ class CreamConfig(OnlineDPOConfig):
         hub_card_results (`str` or `None`, *optional*, defaults to `None`):
             Path of an evaluation `results.json` (`trl-cream eval`) whose tables go into the model cards.
 
+        > Parameters that control the completions tables (named as in TRL's `GRPOConfig`)
+
+        log_completions (`bool`, *optional*, defaults to `False`):
+            Log each round's completions as a table, at the round's step, to every tracker of `report_to` that takes
+            tables (a W&B table, a Trackio table, TensorBoard text): one row per prompt with each candidate, its
+            reward under π_t and under π_{t−1} (round 1: π_0's baseline), its rank under each, the chosen and rejected
+            candidate, the prompt's τ and C, and the C the loss used. Off: nothing is computed or logged.
+        num_completions_to_print (`int` or `None`, *optional*, defaults to `None`):
+            With `log_completions`, print the first this many rows of each round's table on the console (main
+            process; needs `rich`). `None` prints every row, `0` none.
+        log_unique_prompts (`bool`, *optional*, defaults to `False`):
+            With `log_completions`, keep only the first row of a prompt that occurs more than once in a round.
+
         > Parameters whose defaults differ from [`~trl.experimental.online_dpo.OnlineDPOConfig`]
 
         learning_rate (`float`, *optional*, defaults to `1e-6`):
@@ -273,7 +292,8 @@ class CreamConfig(OnlineDPOConfig):
         {
             "save_round_artifacts", "overwrite_output_dir", "freeze_gc", "save_strategy", "hub_iteration_strategy",
             "hub_push_failure", "hub_push_retries", "hub_push_backoff", "push_round_datasets",
-            "push_merged_weights", "hub_base_model_id", "hub_card_results",
+            "push_merged_weights", "hub_base_model_id", "hub_card_results", "log_completions",
+            "num_completions_to_print", "log_unique_prompts",
         }
     )  # fmt: skip
 
@@ -308,7 +328,7 @@ class CreamConfig(OnlineDPOConfig):
         metadata={
             "help": "Sampling engine: 'generate' (padded batches), 'paged' (continuous batching, generate_batch) or "
             "'vllm' (a vLLM engine in each process).",
-            "choices": list(GENERATION_BACKENDS),
+            "choices": list(BACKEND_NAMES),
         },
     )
     vllm_max_model_length: int | None = field(
@@ -429,6 +449,21 @@ class CreamConfig(OnlineDPOConfig):
         default=None,
         metadata={"help": "Path of an evaluation results.json whose tables go into the model cards."},
     )
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "Log each round's completions table (candidates, rewards and ranks under both models, chosen/"
+            "rejected, τ, C) to the report_to trackers that take tables (W&B, Trackio, TensorBoard text)."
+        },
+    )
+    num_completions_to_print: int | None = field(
+        default=None,
+        metadata={"help": "With log_completions: rows of each round's table printed on the console (None: all)."},
+    )
+    log_unique_prompts: bool = field(
+        default=False,
+        metadata={"help": "With log_completions: log a prompt that occurs several times in a round only once."},
+    )
     learning_rate: float = field(
         default=1e-6,
         metadata={"help": "The initial learning rate for AdamW (paper: 1e-6)."},
@@ -517,6 +552,8 @@ class CreamConfig(OnlineDPOConfig):
         check_sampling_settings(self)
         check_vllm_settings(self)
         check_optimization_settings(self)
+        check_output_and_lengths(self)
+        check_logging_settings(self)
         validate_settings(self)
 
     def __getstate__(self) -> dict:

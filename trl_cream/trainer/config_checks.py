@@ -48,6 +48,27 @@ def check_sampling_settings(args: Any) -> None:
         raise ValueError(f"{where('top_k')}: top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
 
 
+def check_output_and_lengths(args: Any) -> None:
+    """``output_dir`` names a folder (not ``""``, not an existing file) and ``max_length`` is set."""
+    from pathlib import Path
+
+    if args.output_dir is not None and not str(args.output_dir).strip():
+        raise ValueError(
+            f"output_dir={args.output_dir!r}: give the folder the run is saved in (M<k>/, rounds/, cream_state/), "
+            "e.g. output_dir='cream_run'."
+        )
+    if args.output_dir is not None and Path(args.output_dir).is_file():
+        raise ValueError(
+            f"output_dir={str(args.output_dir)!r} is an existing file, not a folder: the run saves M<k>/, rounds/ "
+            "and cream_state/ in it. Choose a folder path."
+        )
+    if args.max_length is None:
+        raise ValueError(
+            "max_length=None: CREAM truncates prompts to max_length - max_new_tokens and scores prompt + candidate "
+            "within max_length tokens, so it needs a number. Set max_length (the default is 1536)."
+        )
+
+
 def check_optimization_settings(args: Any) -> None:
     """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
     if args.learning_rate <= 0:
@@ -107,3 +128,20 @@ def check_vllm_settings(args: Any) -> None:
         )
     if args.vllm_max_num_seqs < 1:
         raise ValueError(f"vllm_max_num_seqs={args.vllm_max_num_seqs} must be a positive integer.")
+
+
+def check_logging_settings(args: Any) -> None:
+    """The completions-table settings (`log_completions` and the two that only mean something with it)."""
+    shown = args.num_completions_to_print
+    if shown is not None and (isinstance(shown, bool) or not isinstance(shown, int) or shown < 0):
+        raise ValueError(
+            f"num_completions_to_print={shown!r}: give the number of rows to print (0 or more), or None for all."
+        )
+    if not args.log_completions:
+        extra = [f"{name}={getattr(args, name)!r}" for name in ("num_completions_to_print", "log_unique_prompts")
+                 if getattr(args, name) not in (None, False)]  # fmt: skip
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)} only applies to the completions tables, which are off "
+                "(log_completions=False). Set log_completions=True, or drop the setting."
+            )

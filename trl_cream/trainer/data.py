@@ -1,4 +1,5 @@
-"""Datasets in and out of the trainer: prompt and SFT dataset checks, the round split and the pair collator."""
+"""Datasets in and out of the trainer: prompt and SFT dataset checks, the round split and the pair collator. A
+round's two tables (``pairs``, ``candidates``) are built in `trl_cream.runs.tables`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from datasets import Dataset
 
 from ..modeling.sampling import pad_pairs, truncate_prompts
+
+TokenIds = list[int]
 
 
 @dataclass
@@ -75,6 +78,11 @@ def check_dataset_type(dataset: Any, name: str) -> None:
     """A `datasets.Dataset` (or anything indexable by column), not a `DatasetDict` or a streamed `IterableDataset`."""
     from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
+    if isinstance(dataset, (list, tuple)):
+        raise TypeError(
+            f"`{name}` is a plain {type(dataset).__name__} of {len(dataset)} rows; CREAM takes a `datasets.Dataset`. "
+            f"Wrap it: {name}=Dataset.from_list(rows) (from datasets import Dataset)."
+        )
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         raise TypeError(
             f"`{name}` is a {type(dataset).__name__} with splits {list(dataset)}; pass one split, e.g. "
@@ -91,9 +99,9 @@ def check_dataset_type(dataset: Any, name: str) -> None:
 def prompt_problem(prompt: Any) -> str | None:
     """What is wrong with one prompt (a string, or chat messages with string `role` and `content`), or `None`."""
     if isinstance(prompt, str):
-        if prompt.strip():
-            return None
-        return "is only whitespace: drop it, e.g. dataset.filter(lambda r: r['prompt'].strip())."
+        if not prompt.strip():
+            return "is only whitespace: drop it, e.g. dataset.filter(lambda r: r['prompt'].strip())."
+        return _utf8_problem(prompt)
     if not isinstance(prompt, list):
         return (
             f"is a {type(prompt).__name__}; a prompt is a string or a list of chat messages "
@@ -118,8 +126,27 @@ def prompt_problem(prompt: Any) -> str | None:
             )
         if not isinstance(content, str):
             return f"has message {k} with content={content!r}; every message needs a string 'content'."
+        if (problem := _utf8_problem(content)) is not None:
+            return f"has message {k} that {problem}"
     if not any(m["content"].strip() for m in prompt):
         return "has only empty or whitespace messages: drop it."
+    if all(m["role"] == "system" for m in prompt):
+        return (
+            "has only system message(s): there is no question for the model to answer. Add the question as a "
+            "{'role': 'user', 'content': '...'} message."
+        )
+    return None
+
+
+def _utf8_problem(text: str) -> str | None:
+    """Text that cannot be encoded as UTF-8 (a lone surrogate, e.g. bytes decoded with errors='surrogateescape')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (
+            f"is not valid UTF-8 (character {error.start} is {text[error.start]!r}, a lone surrogate): re-read the "
+            "source with its real encoding, or clean it, e.g. text.encode('utf-8', 'replace').decode('utf-8')."
+        )
     return None
 
 

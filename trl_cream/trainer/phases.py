@@ -1,8 +1,9 @@
-"""The model-facing steps of a CREAM round, as functions of explicit values: sample candidates from the policy,
-score them under ``π_t``, ``π_0`` and ``π_{t−1}``, advance ``π_{t−1}``, save the policy.
+"""The model-facing steps of a CREAM round, as functions of explicit values: score candidates under ``π_t``, ``π_0``
+and ``π_{t−1}``, advance ``π_{t−1}``, save the policy.
 
-`CreamTrainer` calls them through its hook methods (``generate_candidates``, ``score_round``, ``save_policy``),
-which a vLLM or other backend overrides; the round's order (`CreamTrainer._run_round`) stays as it is.
+`CreamTrainer` calls them through its hook methods (``score_round``, ``save_policy``); sampling goes from the
+``generate_candidates`` hook straight to `trl_cream.modeling.sampling.generate_candidates`, whose
+``GENERATION_BACKENDS`` table is where a generation backend plugs in.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
-from trl.models.utils import unwrap_model_for_generation
 
 from .. import distributed, engines
 from ..core.labelling import RoundScores
-from ..modeling import adapters, sampling
+from ..modeling import adapters
 from ..modeling.perf import sampled_policy_scores
 from ..runs.weights import load_adapter_weights
 
@@ -71,29 +71,6 @@ class Policy:
     use_peft: bool
     is_fsdp: bool = False
     is_deepspeed: bool = False
-
-
-def generate(
-    policy: Policy, args: Any, prompt_ids: list[TokenIds], desc: str, logps_out: list[list[float]] | None = None
-) -> list[list[TokenIds]]:
-    """Sample ``args.num_generations`` candidates per prompt from the policy (KV cache on); with ``logps_out``, also
-    append each candidate's summed log-prob under the sampling pass to it (one row per prompt)."""
-    tokenizer = policy.tokenizer
-    with unwrap_model_for_generation(
-        policy.wrapped, policy.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
-    ) as unwrapped:
-        return sampling.generate_candidates(
-            unwrapped,
-            tokenizer,
-            prompt_ids,
-            args.num_generations,
-            sampling.sampling_generation_config(args, policy.eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id),
-            batch_size=args.generation_batch_size,
-            show_progress=policy.accelerator.is_local_main_process and not args.disable_tqdm,
-            desc=desc,
-            backend=args.generation_backend,
-            logps_out=logps_out,
-        )
 
 
 def score(

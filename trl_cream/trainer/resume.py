@@ -9,6 +9,8 @@ decided once, when the run opens, is returned as a [`RunStart`].
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import adapters
+from ..runs.gate import RunGate, RunInProgress, RunLock
 from ..runs.store import PhaseStore
 from ..runs.weights import load_adapter_weights, load_full_weights
 
@@ -65,6 +68,29 @@ class RunStart:
         return t > 1 and t == self.resumed_round
 
 
+@contextmanager
+def run_lock(output_dir: str | Path, accelerator: Accelerator) -> Iterator[RunLock]:
+    """Hold the run folder's lock (`trl_cream.runs.gate.RunLock`) for the block: the main process takes it, at once,
+    before anything is written; when another process holds it, every process raises `RunInProgress`."""
+    lock = RunLock(output_dir)
+    refusal: str | None = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunInProgress as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal], from_process=0)[0]
+    if refusal is not None:
+        raise RunInProgress(refusal)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def open_run(
     store: PhaseStore,
     manifest: dict[str, Any],
@@ -72,21 +98,31 @@ def open_run(
     resume_from_checkpoint: str | bool | None,
     num_rounds: int,
     overwrite: bool,
+    lock: RunLock | None = None,
 ) -> RunStart:
     """Check/record the manifest; on resume, find the finished rounds and load their metrics.
 
-    Every process checks the manifest; only the main one writes it, after all have read the old one.
+    Every process checks the manifest; only the main one writes it, after all have read the old one. A refused
+    start leaves the folder as it was (``lock``'s own files are removed).
     """
     resume = bool(resume_from_checkpoint)
-    chosen = chosen_checkpoint(store, num_rounds, resume_from_checkpoint)
-    clear = store.check(manifest, resume=resume, overwrite=overwrite)  # every process
+    gate = RunGate(store.output_dir, is_main=store.is_main)
+    try:
+        chosen = chosen_checkpoint(store, num_rounds, resume_from_checkpoint)
+        clear = gate.check(manifest, resume=resume, overwrite=overwrite)  # every process
+    except Exception:
+        if lock is not None:
+            lock.release(tidy=True)
+        raise
     accelerator.wait_for_everyone()  # all have read the old manifest before the main process replaces it
     if not resume:
-        store.record(manifest, clear)
+        gate.record(manifest, clear)
         accelerator.wait_for_everyone()
     if not (resume and store.has_iteration(store.iteration(1))):
         return RunStart(chosen_checkpoint=chosen)
     done = store.last_complete_round(num_rounds)
+    for k in sorted({store.iteration(max(done, 1)), store.iteration(done + 1)}):  # π_t and π_{t−1}, before loading
+        store.verify_iteration(k, _damaged_iteration_advice(store, k))
     for t in range(1, done + 1):
         store.drop_trainer_checkpoints(t)  # left over when a crash came right after M<t+1> was saved
     logger.info("Resuming the CREAM run in %s after %d finished round(s).", store.output_dir, done)
@@ -129,6 +165,20 @@ def restore_policy(model: nn.Module, use_peft: bool, path: Path) -> None:
 
 
 def unpushed_iterations(store: PhaseStore, done: int) -> list[int]:
-    """The saved iterations up to ``M<iteration_index(done + 1)>`` whose push marker is missing."""
+    """The saved iterations up to ``M<iteration_index(done + 1)>`` whose push marker is missing, each checked against
+    the digests recorded when it was saved (nothing damaged is pushed)."""
     indices = range(store.iteration(1), store.iteration(done + 1) + 1)
-    return [k for k in indices if store.has_iteration(k) and not store.is_pushed(k)]
+    found = [k for k in indices if store.has_iteration(k) and not store.is_pushed(k)]
+    for k in found:
+        store.verify_iteration(k, _damaged_iteration_advice(store, k))
+    return found
+
+
+def _damaged_iteration_advice(store: PhaseStore, index: int) -> str:
+    """What to do about a damaged ``M<index>``: delete it and resume (the round that saved it is redone)."""
+    t = index - store.first_iteration
+    redo = f"round {t} is redone from its saved phases" if t > 0 else "it is saved again from the model you pass"
+    return (
+        f"Restore the file, or delete {store.iteration_dir(index)} and resume with resume_from_checkpoint=True "
+        f"({redo}; the later iterations are then trained again)."
+    )

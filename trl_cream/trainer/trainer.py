@@ -22,15 +22,17 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+from trl.models.utils import unwrap_model_for_generation
 
-from .. import distributed, engines, hub
-from ..core.labelling import RoundScores, candidates_dataset, label_round, pairs_dataset
+from .. import distributed, engines, hub, inspection
+from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
-from ..modeling import reward_sources
+from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
-from ..modeling.sampling import completion_logps, tokenize_prompts
+from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
+from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
@@ -177,7 +179,11 @@ class CreamTrainer(TrlOnlineDPOBase):
         """
         check_single_train(self._train_called, self.args.output_dir)
         self._train_called = True
-        start = self._open_run(resume_from_checkpoint)
+        with resume.run_lock(self.args.output_dir, self.accelerator) as lock:  # one run per folder at a time
+            return self._train(resume_from_checkpoint, lock)
+
+    def _train(self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None) -> TrainOutput:
+        start = self._open_run(resume_from_checkpoint, lock)
         shards = self.split_prompts()
         first = self.store.iteration(1)
         if not start.resumed and not self.store.has_iteration(first):
@@ -219,6 +225,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         with _timed(timings, "pair"):
             pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
+        inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
         with _timed(timings, "train"):
             checkpoint = start.trainer_checkpoint(t, self.store)
             if t == start.resumed_round:
@@ -326,16 +333,31 @@ class CreamTrainer(TrlOnlineDPOBase):
             return TrainOutput(0, 0.0, {})
         return self.train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=self.args.seed + t)
 
-    # ---------------------------------------------------------------- hooks (a generation backend overrides these)
+    # ---------------------------------------------------------------- hooks (documented override points)
     def generate_candidates(
         self, prompt_ids: list[TokenIds], desc: str = "sampling", logps_out: list[list[float]] | None = None
     ) -> list[list[TokenIds]]:
-        """Sample ``num_generations`` candidates per prompt from the current policy (KV cache on); with
-        ``generation_backend="vllm"``, from this process's vLLM engine made to hold the round's ``M<k>``."""
+        """Sample ``num_generations`` candidates per prompt from the current policy: the one extension point for
+        sampling. It hands the unwrapped policy and the run's `SamplingSettings` to
+        `trl_cream.modeling.sampling.generate_candidates`, which runs the backend named by ``generation_backend``
+        (a key of ``sampling.GENERATION_BACKENDS``, where a new backend is registered). Override it to sample
+        elsewhere; with ``logps_out``, append each candidate's summed log-prob under the sampling pass (one row per
+        prompt), or leave it empty to have π_t scored by a forward pass. With ``generation_backend="vllm"`` the
+        candidates come from this process's vLLM engine (`trainer/vllm_engine.py`), made to hold the round's ``M<k>``:
+        it needs the run's state (the engine kept across rounds, the saved ``M<k>``), so it is not a table entry."""
         if self.args.generation_backend == "vllm":
             iteration_dir = self.store.iteration_dir(self.store.iteration(self.round))
             return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, iteration_dir, logps_out)
-        return phases.generate(self._policy(), self.args, prompt_ids, desc, logps_out)
+        settings, tokenizer = SamplingSettings.from_args(self.args), self.tokenizer
+        config = settings.generation_config(tokenizer, self.eos_ids)
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+        ) as model:
+            return sampling.generate_candidates(
+                model, tokenizer, prompt_ids, settings.num_generations, config,
+                batch_size=settings.batch_size, show_progress=self._shows_progress(), desc=desc,
+                backend=settings.backend, logps_out=logps_out,
+            )  # fmt: skip
 
     def score_round(
         self,
@@ -370,7 +392,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the run
-    def _open_run(self, resume_from_checkpoint: str | bool | None) -> resume.RunStart:
+    def _open_run(
+        self, resume_from_checkpoint: str | bool | None, lock: resume.RunLock | None = None
+    ) -> resume.RunStart:
         """Check/record the manifest; on resume reload the policy and the finished rounds' metrics, and push the saved
         iterations whose push did not finish."""
         args = self.args
@@ -379,7 +403,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         )
         start = resume.open_run(
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
-            args.overwrite_output_dir,
+            args.overwrite_output_dir, lock,
         )  # fmt: skip
         if start.resumed:
             self.sft_metrics = start.sft_metrics

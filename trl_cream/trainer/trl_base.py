@@ -11,7 +11,7 @@ and model cards. What it relies on, and nothing else:
 - ``self._tokenizer``: the tokenizer behind ``processing_class`` ([`TrlOnlineDPOBase.tokenizer`]);
 - ``self.eos_token_ids``: every id that ends a completion ([`TrlOnlineDPOBase.eos_ids`]);
 - ``self.stats`` and ``_maybe_log_save_evaluate``: per-step metrics, averaged into each log;
-- ``_save_checkpoint``: intra-round checkpoints (model card + Trainer checkpoint);
+- ``_save_checkpoint``: intra-round checkpoints; `create_model_card` writes no card in ``output_dir`` itself;
 - ``beta``, a property: replaced, since the parent indexes a β list by a float epoch;
 - ``training_step``: replaced by `transformers.Trainer.training_step`.
 
@@ -64,6 +64,7 @@ PARENT_METHODS: dict[str, tuple[str, ...]] = {
     "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
     "log": ("logs", "start_time"),
     "init_hf_repo": ("token", "private"),
+    "create_model_card": ("model_name", "dataset_name", "tags"),
     "save_model": ("output_dir", "_internal_call"),
     "train": ("resume_from_checkpoint",),
 }
@@ -177,6 +178,13 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Intra-round checkpoints are not pushed."""
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """No card in ``output_dir`` itself (TRL writes one at every intra-round checkpoint): the user's own
+        ``output_dir/README.md`` is never replaced. CREAM writes each iteration's card in ``M<k>/`` (`trl_cream.hub`).
+        """
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """An intra-round Trainer checkpoint, without the pickled ``training_args.bin`` (a resume never reads it).

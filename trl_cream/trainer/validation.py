@@ -104,6 +104,32 @@ def check_models_agree(model: Any, ref_model: Any | None, tokenizer: PreTrainedT
             "same vocabulary. Pass the model M1 was trained from as ref_model (resize both to len(tokenizer) if "
             "you added tokens)."
         )
+    if not is_peft_model(model) and not is_peft_model(ref_model):
+        ref_shapes = {n: _shape(p) for n, p in ref_model.named_parameters()}
+        for name, param in model.named_parameters():
+            if name in ref_shapes and ref_shapes[name] != _shape(param):
+                raise ValueError(
+                    f"`ref_model` (π_0) is another architecture than `model`: {name} is {list(ref_shapes[name])} in "
+                    f"π_0 but {list(_shape(param))} in the policy. π_0 is the model M0 the policy was trained from "
+                    "(same architecture and sizes): pass M0 as ref_model."
+                )
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the whole shape, not the local shard
+
+
+def warn_half_precision_on_cpu(args: Any) -> None:
+    """``bf16``/``fp16`` on a CPU-only run: said once, as the run then computes in float32 (the same numbers)."""
+    on_cpu = args.use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    flags = [name for name in ("bf16", "fp16") if getattr(args, name, False)]
+    if on_cpu and flags:
+        logger.warning(
+            "%s=True has no effect in this CPU run: the weights stay in the dtype the model was loaded in, and the "
+            "losses equal float32's. Set %s=False, or load the model with dtype=torch.bfloat16 to train in half "
+            "precision.",
+            flags[0], flags[0],
+        )  # fmt: skip
 
 
 def check_context_window(model: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
@@ -295,6 +321,7 @@ def check_inputs(
     check_model_inputs(model, peft_config)
     check_tokenizer(processing_class, train_dataset["prompt"])
     check_models_agree(model, ref_model, processing_class)
+    warn_half_precision_on_cpu(args)
     check_quantized_blocks(model)
     check_prompts_fit(model, processing_class, train_dataset["prompt"], args)
     if sft_dataset is not None:
