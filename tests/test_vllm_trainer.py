@@ -101,3 +101,32 @@ def test_lora_base_built_in_memory_is_refused(tmp_path):
     trainer = CreamTrainer(model=model, args=args, train_dataset=_prompts(4), processing_class=tokenizer)
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         trainer.train()
+
+
+def test_injected_candidates_give_the_same_pairs_and_c_with_either_backend(tmp_path):
+    from dist_worker import injected
+
+    class Injected(CreamTrainer):
+        def generate_candidates(self, prompt_ids, desc="sampling", logps_out=None):
+            low = max(self.tokenizer.all_special_ids) + 1
+            return [injected(ids, self.args.num_generations, len(self.tokenizer), low) for ids in prompt_ids]
+
+    tokenizer = tiny_tokenizer()
+    m0 = vllm_llama(tokenizer)
+    results = {}
+    for backend in ("generate", "vllm"):
+        args = cream_args(tmp_path / backend, generation_backend=backend, num_generations=4, num_iterations=1)
+        trainer = Injected(
+            model=perturbed(m0, 0.3), ref_model=m0, args=args, train_dataset=_prompts(), processing_class=tokenizer
+        )
+        metrics = trainer.train().metrics["rounds"][0]
+        pairs = load_from_disk(str(trainer.store.round_dir(1) / "pairs"))
+        results[backend] = (metrics["consistency"], pairs.to_dict())
+        assert trainer.vllm_engine.sampler is None
+    assert results["generate"][0] == pytest.approx(results["vllm"][0], abs=1e-6)
+    assert results["generate"][1].keys() == results["vllm"][1].keys()
+    for key, column in results["generate"][1].items():
+        if key.endswith("logps") or key == "consistency":
+            torch.testing.assert_close(torch.tensor(results["vllm"][1][key]), torch.tensor(column), atol=1e-5, rtol=0)
+        else:
+            assert results["vllm"][1][key] == column, key
