@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
 from trl_cream.core.labelling import RoundScores
+from trl_cream.trainer.phases import RoundState
 
 CHAT = [[{"role": "user", "content": q}] for q in QUESTIONS]
 
@@ -190,7 +191,9 @@ def test_long_prompts_are_truncated_with_a_warning(tmp_path, m0, tokenizer, capl
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=chat_prompts(), processing_class=tokenizer
         )
     assert "longer than max_length - max_new_tokens = 12 tokens" in caplog.text
-    prompt_ids = trainer.sample_phase(1, [CHAT[0]]).prompt_ids  # what round 1 samples from: the last 12 tokens
+    prompt_ids = trainer.sample_phase(
+        RoundState(1), [CHAT[0]]
+    ).prompt_ids  # what round 1 samples from: the last 12 tokens
     full = tokenizer.apply_chat_template(CHAT[0], add_generation_prompt=True, tokenize=True)
     full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
     assert len(full) > 12 and prompt_ids == [list(full[-12:])]

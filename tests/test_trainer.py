@@ -146,7 +146,6 @@ def test_first_step_of_a_round_has_loss_log2_for_every_pair(tmp_path, m0, tokeni
         trainer = CreamTrainer(
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
         )
-        trainer.round = 1
         shard = trainer.split_prompts()[0]
         prompt_ids = tokenize_prompts(tokenizer, shard)
         candidates = trainer.generate_candidates(prompt_ids)
@@ -204,7 +203,6 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, m0, tokenizer, p
     trainer = CreamTrainer(
         model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
     )
-    trainer.round = 1
     prompt_ids = tokenize_prompts(tokenizer, trainer.split_prompts()[0][:2])
     candidates = trainer.generate_candidates(prompt_ids)
     scores = trainer.score_round(1, prompt_ids, candidates)

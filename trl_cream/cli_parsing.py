@@ -13,9 +13,9 @@ from dataclasses import fields
 from typing import Any
 
 from trl import TrlParser
-from trl.experimental.online_dpo import OnlineDPOConfig
 
 from .trainer.config import CreamConfig
+from .trainer.trl_base import OnlineDPOConfig
 
 # CREAM's own options in `--help`, in this order; the inherited Trainer / online DPO fields come after them.
 CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
