@@ -15,7 +15,7 @@ from typing import Any
 from trl import TrlParser
 from trl.experimental.online_dpo import OnlineDPOConfig
 
-from .trainer.config import CreamConfig
+from ..trainer.config import CreamConfig
 
 # CREAM's own options in `--help`, in this order; the inherited Trainer / online DPO fields come after them.
 CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
