@@ -159,8 +159,8 @@ def train_parser() -> Any:
     """The `trl-cream train` parser: script arguments, every CreamConfig field and TRL's ModelConfig."""
     from trl import ModelConfig
 
-    from .cli_parsing import build_parser
-    from .trainer.config import CreamConfig
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser
 
     titles = {TrainScriptArguments: "data (trl-cream train)", ModelConfig: "model (TRL's ModelConfig)"}
     return build_parser((TrainScriptArguments, CreamConfig, ModelConfig), "trl-cream train", titles)
@@ -170,9 +170,9 @@ def train_main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
-    from .cli_parsing import setup_logging
-    from .hub.model_card import rounds_table
-    from .trainer.trainer import CreamTrainer
+    from ..hub.model_card import rounds_table
+    from ..trainer.trainer import CreamTrainer
+    from .parsing import setup_logging
 
     parser = train_parser()
     script, args, model_args = parser.parse_args_and_config(_bare_resume_flag(argv))
@@ -275,10 +275,10 @@ def eval_main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from .cli_parsing import build_parser
-    from .evaluation import run_evaluation
-    from .evaluation.report import render_markdown
-    from .recipes.demo_data import build_demo_datasets
+    from ..evaluation import run_evaluation
+    from ..evaluation.report import render_markdown
+    from ..recipes.demo_data import build_demo_datasets
+    from .parsing import build_parser
 
     parser = build_parser((EvalArguments,), "trl-cream eval")
     (args,) = parser.parse_args_and_config(argv)
@@ -326,9 +326,9 @@ def eval_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     import torch
 
-    from .cli_parsing import build_parser, setup_logging
-    from .recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
-    from .trainer.config import CreamConfig
+    from ..recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser, setup_logging
 
     parser = build_parser((DemoArguments, CreamConfig), "trl-cream demo", {DemoArguments: "demo"})
     parser.set_defaults(**DEMO_DEFAULTS, use_cpu=not torch.cuda.is_available())
@@ -341,9 +341,9 @@ def demo_main(argv: list[str]) -> int:
 def study_main(argv: list[str]) -> int:
     import torch
 
-    from .cli_parsing import build_parser, setup_logging
-    from .recipes.study import StudyArguments, run_study, study_defaults
-    from .trainer.config import CreamConfig
+    from ..recipes.study import StudyArguments, run_study, study_defaults
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser, setup_logging
 
     parser = build_parser((StudyArguments, CreamConfig), "trl-cream study", {StudyArguments: "study"})
     size, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # the preset's N as a default
@@ -366,7 +366,7 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("output_dir", help="The output_dir of a `trl-cream train`/`demo` run or of a study.")
     parser.add_argument("--output", default=None, help="Where to write the page (default: OUTPUT_DIR/inspect.html).")
     args = parser.parse_args(argv)
-    from .inspection.page import write_page
+    from ..inspection.page import write_page
 
     try:
         path = write_page(args.output_dir, args.output)
@@ -389,7 +389,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-cream: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
     return COMMANDS[command](rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
