@@ -87,6 +87,7 @@ def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
         (["--top_p", "1.5"], r"top_p=1.5 must lie in"),
         (["--learning_rate", "-1"], r"learning_rate=-1.0 must be > 0"),
         (["--push_to_hub", "--hub_model_id", "bad repo id!!"], r"not a valid Hub repo id"),
+        (["--max_prompts", "-3"], r"--max_prompts -3: give a positive number of prompts"),
     ],
 )
 def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
@@ -96,6 +97,17 @@ def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message
         train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_value_of_the_wrong_type_is_named(tmp_path, capsys):
+    from trl_cream.cli import train_parser
+
+    config = tmp_path / "config.yaml"
+    config.write_text("beta: [0.1, oops]\nnum_iterations: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_parser().parse_args_and_config(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "beta=[0.1, 'oops']: every β must be a number" in capsys.readouterr().err
 
 
 def test_repo_ids_derived_from_hub_model_id_are_checked_too(tmp_path):

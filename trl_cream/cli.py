@@ -56,6 +56,13 @@ class TrainScriptArguments:
         metadata={"help": "M1 as a LoRA adapter on `model_name_or_path` (π_0 = the base with adapters disabled)."},
     )
 
+    def __post_init__(self) -> None:
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(
+                f"--max_prompts {self.max_prompts}: give a positive number of prompts, or leave it out to use them "
+                "all."
+            )
+
 
 @dataclass
 class EvalArguments:
