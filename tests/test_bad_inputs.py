@@ -110,6 +110,11 @@ def test_a_yaml_value_of_the_wrong_type_is_named(tmp_path, capsys):
     assert "beta=[0.1, 'oops']: every β must be a number" in capsys.readouterr().err
 
 
+def test_a_hub_model_id_without_a_namespace_is_refused_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match=r"hub_model_id='cream' has no namespace.*Use e.g. 'your-name/cream'"):
+        cream_args(tmp_path / "out", push_to_hub=True, hub_model_id="cream")
+
+
 def test_repo_ids_derived_from_hub_model_id_are_checked_too(tmp_path):
     long_name = "org/" + "n" * 94  # a valid name of 94 characters; "-M3" makes it 97, past the Hub's limit of 96
     cream_args(tmp_path / "a", hub_model_id=long_name)
