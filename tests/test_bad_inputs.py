@@ -505,3 +505,16 @@ def test_cli_paths_and_data_files_are_named_before_any_hub_call(tmp_path, monkey
     with pytest.raises(ValueError, match=r"splits \['validation'\] but no 'train' split.*--dataset_train_split valid"):
         cli._load_dataset("saved", "train")
     assert len(cli._load_dataset("saved", "validation")) == len(CHAT)
+
+
+def test_cli_eval_on_a_folder_that_is_not_a_model_names_it(tmp_path, capsys):
+    from trl_cream import cli
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--checkpoints", f"M1={tmp_path / 'notes'}", "--output_dir", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--checkpoints M1=\S+notes: that folder holds no model \(neither config\.json", err)
+    assert not (tmp_path / "eval").exists()

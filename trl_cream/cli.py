@@ -303,6 +303,13 @@ def eval_main(argv: list[str]) -> int:
         "(--checkpoints M0=<base> M1=... M2=...).",
         flush=True,
     )
+    for name, path in checkpoints.items():  # before the tokenizer and data: a folder that is no model is named
+        folder = Path(path)
+        if folder.is_dir() and not ((folder / "config.json").exists() or (folder / "adapter_config.json").exists()):
+            parser.error(
+                f"--checkpoints {name}={path}: that folder holds no model (neither config.json nor "
+                "adapter_config.json). Give a saved model or adapter folder (e.g. output_dir/M2), or a Hub id."
+            )
     unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
     if unknown:
         parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")
