@@ -443,6 +443,8 @@ def test_an_iteration_whose_weights_were_replaced_is_named_before_it_is_loaded_o
     assert tree(finished_run) == before
     with pytest.raises(DamagedFile, match=r"/M1: model\.safetensors differs"):  # nothing damaged is pushed
         unpushed_iterations(PhaseStore(finished_run), 1)
+    (finished_run / "M2/README.md").write_text("a card rewritten when M2 is published again")
+    PhaseStore(finished_run).verify_iteration(2, "")  # the card is not part of the digests
     (finished_run / "M2/config.json").unlink()
     with pytest.raises(DamagedFile, match=r"/M2: config\.json is missing"):
         PhaseStore(finished_run).verify_iteration(2, "")

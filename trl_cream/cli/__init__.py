@@ -56,6 +56,13 @@ class TrainScriptArguments:
         metadata={"help": "M1 as a LoRA adapter on `model_name_or_path` (π_0 = the base with adapters disabled)."},
     )
 
+    def __post_init__(self) -> None:
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(
+                f"--max_prompts {self.max_prompts}: give a positive number of prompts, or leave it out to use them "
+                "all."
+            )
+
 
 @dataclass
 class EvalArguments:
@@ -296,6 +303,13 @@ def eval_main(argv: list[str]) -> int:
         "(--checkpoints M0=<base> M1=... M2=...).",
         flush=True,
     )
+    for name, path in checkpoints.items():  # before the tokenizer and data: a folder that is no model is named
+        folder = Path(path)
+        if folder.is_dir() and not ((folder / "config.json").exists() or (folder / "adapter_config.json").exists()):
+            parser.error(
+                f"--checkpoints {name}={path}: that folder holds no model (neither config.json nor "
+                "adapter_config.json). Give a saved model or adapter folder (e.g. output_dir/M2), or a Hub id."
+            )
     unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
     if unknown:
         parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")

@@ -162,6 +162,12 @@ def check_repo_ids(args: Any) -> None:
                 f"hub_model_id={args.hub_model_id!r} is not a valid Hub repo id ({repo_id!r}: {error}) Use "
                 "'<user or org>/<name>' with letters, digits, '-', '_' or '.', at most 96 characters in all."
             ) from None
+    if args.push_to_hub and "/" not in args.hub_model_id:
+        raise ValueError(
+            f"hub_model_id={args.hub_model_id!r} has no namespace: the branches, per-iteration repos and rounds "
+            f"dataset are addressed by '<user or org>/<name>', and without one the first push fails after M1 and M2 "
+            f"are trained. Use e.g. 'your-name/{args.hub_model_id}'."
+        )
 
 
 # ---------------------------------------------------------------- names

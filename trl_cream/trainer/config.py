@@ -541,6 +541,8 @@ class CreamConfig(OnlineDPOConfig):
                 "(and leave use_vllm=False) to sample the candidates with vLLM."
             )
         betas = self.beta if isinstance(self.beta, (list, tuple)) else [self.beta]
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+            raise ValueError(f"beta={self.beta!r}: every β must be a number, e.g. beta=0.1 or beta=[0.1, 0.05].")
         if len(betas) not in (1, self.num_iterations):
             raise ValueError(
                 f"beta={self.beta}: give one value, or one per round ({self.num_iterations} values for "
