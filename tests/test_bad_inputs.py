@@ -468,3 +468,23 @@ def test_a_4bit_model_whose_width_bitsandbytes_cannot_block_is_refused(tmp_path,
             tmp_path / "wide", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
         )
     )
+
+
+# ---------------------------------------------------------------- issue 23 item 7: the CLI's paths and data files
+def test_cli_paths_and_data_files_are_named_before_any_hub_call(tmp_path, monkeypatch):
+    from trl_cream import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in ("./no_such_model", str(tmp_path / "no_such_model"), "models/m1", "prompts.jsonl"):
+        with pytest.raises(ValueError, match=rf"--model_name_or_path '{re.escape(missing)}': that local path does"):
+            cli._check_local(missing, "--model_name_or_path")
+    cli._check_local("HuggingFaceTB/SmolLM2-135M-Instruct", "--model_name_or_path")  # a Hub id: left to the Hub
+
+    (tmp_path / "prompts.txt").write_text("What is 3 plus 4?\n")
+    with pytest.raises(ValueError, match=r"'prompts.txt': a .txt file is not a dataset format trl-cream reads"):
+        cli._load_dataset("prompts.txt", "train")
+    __import__("datasets").DatasetDict({"validation": chat_prompts()}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"splits \['validation'\] but no 'train' split.*--dataset_train_split valid"):
+        cli._load_dataset("saved", "train")
+    assert len(cli._load_dataset("saved", "validation")) == len(CHAT)

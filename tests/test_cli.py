@@ -181,3 +181,11 @@ def test_cli_logging_handler_is_info_unless_log_level_says_otherwise():
     finally:
         package.setLevel(before[0])
         package.handlers[:] = before[1]
+
+
+def test_eval_says_which_checkpoint_is_pi0(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoints", "M1=out/M1", "M2=out/M2", "M3=out/M3", "--tasks", "nope"])
+    out = capsys.readouterr().out
+    assert "the first checkpoint, M1 (out/M1), is taken as π_0" in out and "(2 pair(s))" in out
+    assert "list M0 first" in out

@@ -351,3 +351,15 @@ def test_run_evaluation(tok: PreTrainedTokenizerBase, tmp_path: Path, capsys, ca
     assert "| M3 vs M2 |" in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         run_evaluation({}, sets, None, None, tok)
+
+
+def _results(*modes: str) -> dict:
+    accuracy = {f"task{i}": {"accuracy": 0.5, "n": 10, "mode": mode} for i, mode in enumerate(modes)}
+    return {"iterations": ["M0"], "accuracy": {"M0": accuracy}, "consistency": {}}
+
+
+def test_loglikelihood_footnote_only_when_a_task_used_it():
+    generated = render_markdown(_results("generate", "generate"))
+    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)" in generated
+    mixed = render_markdown(_results("generate", "loglikelihood"))
+    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)" in mixed

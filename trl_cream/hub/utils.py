@@ -57,6 +57,16 @@ def local_cause(error: BaseException | None = None) -> str | None:
     return None
 
 
+def require_token(token: str | None) -> None:
+    """No token at all (no `hub_token`, HF_TOKEN or `hf auth login`): fail before any call, so that nothing is
+    retried and the message names the missing token rather than the network error a tokenless call gets."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    if not token and get_token() is None:
+        raise LocalTokenNotFoundError("no token")
+
+
 def is_retryable(error: BaseException) -> bool:
     """Network errors, timeouts, 408/429 and 5xx are retried; other HTTP errors, offline mode and a missing token
     are not."""

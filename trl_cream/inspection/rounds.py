@@ -1,5 +1,5 @@
 """A round seen prompt by prompt: each prompt's candidates ranked under both models, the pair trained on and the C the
-loss used. Built from the round's ``candidates`` table (`trl_cream.core.labelling.candidates_dataset`) and ``pairs``
+loss used. Built from the round's ``candidates`` table (`trl_cream.runs.tables.candidates_dataset`) and ``pairs``
 table, whether they come from memory (the trackers, during training) or from ``rounds/round_<t>/`` (the page).
 """
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.labelling import RoundScores, candidates_dataset, label_round
+from ..core.labelling import RoundScores, label_round
+from ..runs.tables import candidates_dataset
 from .rounds import PromptRow, prompt_rows, unique_prompts
 
 TABLE_KEY = "cream/completions"

@@ -1,4 +1,5 @@
-"""Datasets in and out of the trainer: prompt and SFT dataset checks, the round split and the pair collator."""
+"""Datasets in and out of the trainer: prompt and SFT dataset checks, the round split and the pair collator. A
+round's two tables (``pairs``, ``candidates``) are built in `trl_cream.runs.tables`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from datasets import Dataset
 
 from ..modeling.sampling import pad_pairs, truncate_prompts
+
+TokenIds = list[int]
 
 
 @dataclass
