@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..inspection.card import round_section
 from ..runs.files import atomic_write_json
 from ..runs.layout import RunLayout, iteration_index, round_of_iteration
 from .model_card import build_model_card, load_round_metrics, run_urls, write_card
@@ -407,6 +408,7 @@ def publish_iteration(
         evaluation=evaluation,
         wandb_url=wandb_url,
         trackio_url=trackio_url,
+        round_section=round_section(args.output_dir, round_of_iteration(index, first_index), folder),
     )
     write_card(card, folder)
     if publisher is not None:
