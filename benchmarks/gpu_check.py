@@ -8,10 +8,13 @@ Parts (each recorded, with its error if it fails, so one failure does not hide t
 1. ``qlora_round``: Llama-3-8B's architecture (config below, random weights), NF4 base + LoRA r=16 on every linear
    layer, one CREAM round of 32 prompts × N=5 × 256 new tokens; peak GPU memory of each phase (sample, score,
    train, save). Goal: ≤ 16 GiB, so that a round fits a 24 GB card.
-2. ``sampling``: ``generate`` vs ``generate_batch`` (paged) sequences/s, median of 3, on SmolLM2-135M's architecture
-   (bf16) and on the 8B QLoRA model.
+2. ``sampling``: ``generate`` vs ``generate_batch`` (paged) vs vLLM (when installed) sequences/s, median of 3, on
+   SmolLM2-135M's architecture (bf16); generate vs paged on the 8B QLoRA model.
 3. ``zero3_tiny``: examples/cream_llama3.py under DeepSpeed ZeRO-3 on 1 GPU, tiny model, SFT + 2 rounds.
 4. ``bf16_demo``: a 2-round bf16 run at the demo's size (SmolLM2-135M architecture, N=4, 48 new tokens).
+5. ``qlora_round_vllm``: part 1's round with ``generation_backend="vllm"`` (when vLLM is installed): the bf16 base
+   is saved once, loaded NF4 for training and bitsandbytes-quantized by vLLM, which samples with a `LoRARequest`
+   on ``M1``; GPU memory in use (``mem_get_info``, which sees vLLM's pool too) after each phase, with sleep mode on.
 
 Writes ``--out`` (JSON) and appends a dated section to benchmarks/RESULTS.md (``--no-results`` to skip).
 The tokenizer is the 384-token test tokenizer (tests/fixtures): prompt ids are small; sampled ids span the model's
@@ -191,8 +194,41 @@ def qlora_round(size: dict[str, int], arch: dict[str, Any], device: str, out: Pa
     return result
 
 
-def sampling_rates(model: nn.Module, vocab: int, size: dict[str, int], device: str) -> dict[str, Any]:
-    """Sequences/s of the two generation backends (greedy, so both do the same work), median of ``repeats``."""
+def vllm_rate(model: nn.Module, prompt_ids: list[list[int]], size: dict[str, int], device: str) -> float:
+    """Sequences/s of a vLLM engine built from ``model`` (saved to a temporary folder; start-up not timed), greedy."""
+    from types import SimpleNamespace
+
+    from trl_cream.modeling.vllm_backend import VLLMSampler
+
+    folder = tempfile.mkdtemp(prefix="gpu_check_vllm_")
+    model.save_pretrained(folder)
+    dtype = next(model.parameters()).dtype
+    sampler = VLLMSampler(
+        folder, max_model_len=64 + size["sample_tokens"], seed=0, dtype=dtype, gpu_memory_utilization=0.3
+    )
+    settings = SimpleNamespace(
+        num_generations=size["n"], temperature=1.0, top_p=1.0, top_k=1, min_p=None, repetition_penalty=1.0,
+        max_new_tokens=size["sample_tokens"], generation_kwargs=None,
+    )  # fmt: skip
+    try:
+        sampler.generate(prompt_ids, settings, [1], 1)  # warm-up
+        times = []
+        for _ in range(size["repeats"]):
+            synced(device)
+            start = time.perf_counter()
+            sampler.generate(prompt_ids, settings, [1], 1)
+            synced(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        sampler.close()
+    return round(len(prompt_ids) * size["n"] / statistics.median(times), 2)
+
+
+def sampling_rates(
+    model: nn.Module, vocab: int, size: dict[str, int], device: str, with_vllm: bool = False
+) -> dict[str, Any]:
+    """Sequences/s of the generation backends (greedy, so all do the same work), median of ``repeats``; vLLM too
+    with ``with_vllm`` when it is installed."""
     from transformers import GenerationConfig
 
     from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
@@ -226,7 +262,93 @@ def sampling_rates(model: nn.Module, vocab: int, size: dict[str, int], device: s
             rates[backend] = f"failed: {type(error).__name__}: {error}"[:300]
     if all(isinstance(rates.get(b), float) for b in GENERATION_BACKENDS):
         rates["paged_over_generate"] = round(rates["paged"] / rates["generate"], 3)
+    from trl_cream.modeling.vllm_backend import vllm_available
+
+    if with_vllm and vllm_available():
+        try:
+            rates["vllm"] = vllm_rate(model, prompt_ids, size, device)
+            if isinstance(rates.get("generate"), float):
+                rates["vllm_over_generate"] = round(rates["vllm"] / rates["generate"], 3)
+        except Exception as error:  # noqa: BLE001 - a GPU check records what failed and goes on
+            rates["vllm"] = f"failed: {type(error).__name__}: {error}"[:300]
+    elif with_vllm:
+        rates["vllm"] = "skipped: vLLM is not installed (pip install 'trl-cream[vllm]')"
     return rates
+
+
+def used_gib(device: str) -> float | None:
+    """GPU memory in use by anything (vLLM's memory pool included), GiB."""
+    if device != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / GIB, 2)
+
+
+def qlora_round_vllm(size: dict[str, int], arch: dict[str, Any], device: str, out: Path) -> dict[str, Any]:
+    """Part 1's round with generation_backend="vllm": NF4 + LoRA training, vLLM sampling with a LoRARequest."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trl_cream import CreamConfig, CreamTrainer
+    from trl_cream.modeling.vllm_backend import vllm_available
+
+    if not vllm_available():
+        return {"skipped": "vLLM is not installed (pip install 'trl-cream[vllm]')"}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base = out / "qlora_vllm_base"
+    plain_llama(arch, "cpu", dtype).save_pretrained(base)  # vLLM loads the base from a folder
+    tokenizer().save_pretrained(base)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=quantization, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"}
+    )
+    result: dict[str, Any] = {"model_loaded_used_gib": used_gib(device), "phases": {}}
+
+    class Measured(CreamTrainer):
+        def _measure(self, phase: str, fn: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            value = fn()
+            synced(device)
+            result["phases"][phase] = {"s": round(time.perf_counter() - start, 2), "used_gib": used_gib(device)}
+            return value
+
+        def sample_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("sample", lambda: super(Measured, self).sample_phase(*a, **k))
+
+        def score_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("score", lambda: super(Measured, self).score_phase(*a, **k))
+
+        def train_phase(self, *a: Any, **k: Any) -> Any:
+            return self._measure("train", lambda: super(Measured, self).train_phase(*a, **k))
+
+    prompts = [f"Question {i}: what is {i} plus {2 * i}? Explain briefly." for i in range(size["prompts"])]
+    args = CreamConfig(
+        output_dir=str(out / "qlora_round_vllm"), num_iterations=1, num_generations=size["n"],
+        max_new_tokens=size["new_tokens"], max_length=size["new_tokens"] + 64, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=2e-5, warmup_steps=0, bf16=device == "cuda",
+        use_cpu=device == "cpu", gradient_checkpointing=device == "cuda", scoring_batch_size=16,
+        save_round_artifacts=False, report_to="none", disable_tqdm=True, logging_steps=1,
+        generation_backend="vllm", vllm_gpu_memory_utilization=0.3, vllm_enable_sleep_mode=device == "cuda",
+        policy_logps_from_sampling=True,
+    )  # fmt: skip
+    trainer = Measured(
+        model=model, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer(),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    start = time.perf_counter()
+    metrics = trainer.train().metrics["rounds"][0]
+    result.update(
+        round_s=round(time.perf_counter() - start, 2),
+        num_pairs=metrics["num_pairs"],
+        engine=trainer.vllm_engine.timings,
+    )
+    used = [p["used_gib"] for p in result["phases"].values() if p["used_gib"] is not None]
+    result["max_used_gib"] = max(used) if used else None
+    trainer.accelerator.free_memory()
+    return result
 
 
 def plain_llama(arch: dict[str, Any], device: str, dtype: torch.dtype) -> nn.Module:
@@ -333,6 +455,7 @@ def results_section(report: dict[str, Any]) -> str:
         f"- sampling sequences/s: {json.dumps(s)}",
         f"- ZeRO-3 tiny 2-round run: {json.dumps(report['zero3_tiny'])[:300]}",
         f"- bf16 demo-size run: {json.dumps(report['bf16_demo'])[:300]}",
+        f"- QLoRA round with vLLM: {json.dumps(report.get('qlora_round_vllm'))[:400]}",
         "",
     ]
     return "\n".join(lines)
@@ -369,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 TINY["vocab_size"] if smoke else SMOLLM2_135M["vocab_size"],
                 size,
                 device,
+                with_vllm=True,
             ),
             "llama3_8b_qlora": sampling_rates(
                 with_lora(quantized_llama(big, device, torch.float32 if smoke else torch.bfloat16), 16),
@@ -383,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else zero3_tiny(device, work)
         ),
         "bf16_demo": lambda: bf16_demo(size, device, work),
+        "qlora_round_vllm": lambda: qlora_round_vllm(size, big, device, work),
     }
     for name, part in parts.items():
         print(f"gpu_check: {name}", flush=True)

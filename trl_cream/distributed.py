@@ -230,12 +230,19 @@ def check_supported(accelerator: Any, use_peft: bool) -> None:
 
 
 def check_generation_backend(accelerator: Any, backend: str, ds3_gather_for_generation: bool) -> None:
-    """Refuse ``generation_backend="paged"`` where a rank cannot generate on its own: under FSDP, or ZeRO-3 without
+    """Refuse ``generation_backend="vllm"`` under ZeRO-3/FSDP (the engine's weights are pushed whole), and
+    ``generation_backend="paged"`` where a rank cannot generate on its own: under FSDP, or ZeRO-3 without
     ``ds3_gather_for_generation``, every forward is a collective, and continuous batching (unlike ``generate``'s
     ``synced_gpus``) does not keep the ranks in step, so the run would hang."""
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if backend == "vllm" and (fsdp or is_zero3(accelerator)):
+        raise ValueError(
+            f"generation_backend='vllm' is not supported under {'FSDP' if fsdp else 'DeepSpeed ZeRO-3'}: the engine "
+            "would need the sharded weights gathered into it before every round. Use DDP or ZeRO-1/2 "
+            "(examples/accelerate_configs/multi_gpu.yaml, deepspeed_zero2.yaml), or generation_backend='generate'."
+        )
     if backend != "paged" or accelerator.state.num_processes < 2:
         return
-    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
     if fsdp or (is_zero3(accelerator) and not ds3_gather_for_generation):
         where = "FSDP" if fsdp else "DeepSpeed ZeRO-3 with ds3_gather_for_generation=False"
         raise ValueError(

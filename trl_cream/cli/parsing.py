@@ -14,8 +14,8 @@ from typing import Any
 
 from trl import TrlParser
 
-from .trainer.config import CreamConfig
-from .trainer.trl_base import OnlineDPOConfig
+from ..trainer.config import CreamConfig
+from ..trainer.trl_base import OnlineDPOConfig
 
 # CREAM's own options in `--help`, in this order; the inherited Trainer / online DPO fields come after them.
 CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (

