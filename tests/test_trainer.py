@@ -224,7 +224,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, m0, tokenizer, p
         ({"consistency_granularity": "batch"}, "consistency_granularity='batch' is unknown"),
         ({"ref_policy": "previous"}, "ref_policy='previous' is unknown"),
         ({"beta": [0.1, 0.2, 0.3]}, "one per round"),
-        ({"generation_backend": "vllm"}, "generation_backend='vllm' is unknown"),
+        ({"generation_backend": "sglang"}, "generation_backend='sglang' is unknown"),
         ({"generation_backend": "paged", "repetition_penalty": 1.2}, "not supported by generation_backend='paged'"),
     ],
 )
