@@ -145,11 +145,10 @@ def cream_round(setup: Setup, output_dir: Path, policy: torch.nn.Module, **overr
         train_dataset=Dataset.from_dict({"prompt": setup.prompts}),
         processing_class=setup.tokenizer,
     )
-    trainer.round = ROUND
     sync()
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer's PrinterCallback logs every dict
-        trainer._run_round(ROUND, list(setup.prompts))
+        trainer.run_round(ROUND, list(setup.prompts))
     sync()
     seconds = time.perf_counter() - start
     metrics = trainer.round_metrics[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -129,3 +130,22 @@ def cream_args(output_dir: Path, **overrides):
     )
     kwargs.update(overrides)
     return CreamConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def finished_full_run(tmp_path_factory) -> SimpleNamespace:
+    """One finished 2-round full fine-tuning run with `cream_args`' defaults (M1 = `perturbed(m0)`, π_0 = m0, the 8
+    `QUESTIONS`), trained once per session and shared by the tests that only READ its results (never write into
+    ``out``). Attributes: ``out`` (the output_dir), ``args``, ``output`` (what `train()` returned), ``log_history``."""
+    from trl_cream import CreamTrainer
+
+    tokenizer = tiny_tokenizer()
+    m0 = tiny_llama(tokenizer)
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
+    out = tmp_path_factory.mktemp("finished_full_run") / "run"
+    args = cream_args(out)
+    trainer = CreamTrainer(
+        model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+    output = trainer.train()
+    return SimpleNamespace(out=out, args=args, output=output, log_history=list(trainer.state.log_history))

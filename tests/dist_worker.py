@@ -5,6 +5,7 @@ run does not depend on any sampling RNG and a 1-process and a 2-process run see 
 prompts it was asked to sample to ``<output_dir>/sampled/rank<r>.jsonl``.
 
     python tests/dist_worker.py OUTPUT_DIR full,lora PER_DEVICE_BATCH    # one run per mode, in OUTPUT_DIR/<mode>
+    python tests/dist_worker.py OUTPUT_DIR full PER_DEVICE_BATCH resume   # resume the run in OUTPUT_DIR/full
 
 Modes: ``full`` (M1, π_0 built in memory), ``full_loaded`` (the same weights, saved and loaded back with
 ``from_pretrained`` after the config, so that ZeRO-3 partitions them at load), ``lora``.
@@ -72,7 +73,7 @@ def _record_identical_refused(initial, output_dir: Path, args, prompts, tokenize
         (output_dir / "identical_refused.json").write_text(json.dumps({"refused": refused}))
 
 
-def run(output_dir: Path, mode: str, batch: int) -> None:
+def run(output_dir: Path, mode: str, batch: int, resume: bool = False) -> None:
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)
     questions = QUESTIONS + [q.replace("?", " today?").replace(".", " now.") for q in QUESTIONS]
@@ -99,7 +100,7 @@ def run(output_dir: Path, mode: str, batch: int) -> None:
             if "lora_B" in name:  # M1 = a non-identity adapter, as after an SFT stage
                 param.data.copy_(perturbed_adapter[name].data)
         trainer = InjectedCandidates(model=model, args=args, train_dataset=prompts, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     if trainer.accelerator.is_main_process:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         (output_dir / "world.json").write_text(json.dumps({"world": world, "batch": batch}))
@@ -107,8 +108,9 @@ def run(output_dir: Path, mode: str, batch: int) -> None:
 
 def main() -> None:
     output_dir, modes, batch = Path(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
+    resume = sys.argv[4:] == ["resume"]
     for mode in modes:
-        run(output_dir / mode, mode, batch)
+        run(output_dir / mode, mode, batch, resume)
 
 
 if __name__ == "__main__":

@@ -83,9 +83,9 @@ class KillingTrainer(CreamTrainer):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"index": index}))
 
-    def save_policy(self, path):
-        super().save_policy(path)
-        if Path(path).name.startswith(".M3"):
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        if output_dir is not None and Path(output_dir).name.startswith(".M3"):  # M3's files written, not yet renamed
             self._die_if("saving")
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
 from trl_cream.core.labelling import RoundScores
+from trl_cream.trainer.phases import RoundState
 
 CHAT = [[{"role": "user", "content": q}] for q in QUESTIONS]
 
@@ -87,6 +88,7 @@ def test_inherited_fields_cream_ignores_are_accepted_at_their_default(tmp_path):
         (["--top_p", "1.5"], r"top_p=1.5 must lie in"),
         (["--learning_rate", "-1"], r"learning_rate=-1.0 must be > 0"),
         (["--push_to_hub", "--hub_model_id", "bad repo id!!"], r"not a valid Hub repo id"),
+        (["--max_prompts", "-3"], r"--max_prompts -3: give a positive number of prompts"),
     ],
 )
 def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message):
@@ -96,6 +98,22 @@ def test_the_cli_parser_refuses_the_same_values(tmp_path, capsys, flags, message
         train_parser().parse_args_and_config(["--output_dir", str(tmp_path / "out"), "--use_cpu", *flags])
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_value_of_the_wrong_type_is_named(tmp_path, capsys):
+    from trl_cream.cli import train_parser
+
+    config = tmp_path / "config.yaml"
+    config.write_text("beta: [0.1, oops]\nnum_iterations: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_parser().parse_args_and_config(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "beta=[0.1, 'oops']: every β must be a number" in capsys.readouterr().err
+
+
+def test_a_hub_model_id_without_a_namespace_is_refused_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match=r"hub_model_id='cream' has no namespace.*Use e.g. 'your-name/cream'"):
+        cream_args(tmp_path / "out", push_to_hub=True, hub_model_id="cream")
 
 
 def test_repo_ids_derived_from_hub_model_id_are_checked_too(tmp_path):
@@ -190,7 +208,9 @@ def test_long_prompts_are_truncated_with_a_warning(tmp_path, m0, tokenizer, capl
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=chat_prompts(), processing_class=tokenizer
         )
     assert "longer than max_length - max_new_tokens = 12 tokens" in caplog.text
-    prompt_ids = trainer.sample_phase(1, [CHAT[0]]).prompt_ids  # what round 1 samples from: the last 12 tokens
+    prompt_ids = trainer.sample_phase(
+        RoundState(1), [CHAT[0]]
+    ).prompt_ids  # what round 1 samples from: the last 12 tokens
     full = tokenizer.apply_chat_template(CHAT[0], add_generation_prompt=True, tokenize=True)
     full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
     assert len(full) > 12 and prompt_ids == [list(full[-12:])]
@@ -468,3 +488,36 @@ def test_a_4bit_model_whose_width_bitsandbytes_cannot_block_is_refused(tmp_path,
             tmp_path / "wide", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
         )
     )
+
+
+# ---------------------------------------------------------------- issue 23 item 7: the CLI's paths and data files
+def test_cli_paths_and_data_files_are_named_before_any_hub_call(tmp_path, monkeypatch):
+    from trl_cream import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in ("./no_such_model", str(tmp_path / "no_such_model"), "models/m1", "prompts.jsonl"):
+        with pytest.raises(ValueError, match=rf"--model_name_or_path '{re.escape(missing)}': that local path does"):
+            cli._check_local(missing, "--model_name_or_path")
+    cli._check_local("HuggingFaceTB/SmolLM2-135M-Instruct", "--model_name_or_path")  # a Hub id: left to the Hub
+
+    (tmp_path / "prompts.txt").write_text("What is 3 plus 4?\n")
+    with pytest.raises(ValueError, match=r"'prompts.txt': a .txt file is not a dataset format trl-cream reads"):
+        cli._load_dataset("prompts.txt", "train")
+    __import__("datasets").DatasetDict({"validation": chat_prompts()}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"splits \['validation'\] but no 'train' split.*--dataset_train_split valid"):
+        cli._load_dataset("saved", "train")
+    assert len(cli._load_dataset("saved", "validation")) == len(CHAT)
+
+
+def test_cli_eval_on_a_folder_that_is_not_a_model_names_it(tmp_path, capsys):
+    from trl_cream import cli
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--checkpoints", f"M1={tmp_path / 'notes'}", "--output_dir", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--checkpoints M1=\S+notes: that folder holds no model \(neither config\.json", err)
+    assert not (tmp_path / "eval").exists()

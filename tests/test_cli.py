@@ -135,7 +135,17 @@ def test_package_import_and_cli_help_load_no_torch():
     assert {"CreamConfig", "CreamTrainer"} <= set(dir(trl_cream))
 
 
-@pytest.mark.parametrize("old_path", ["trl_cream.cream_trainer", "trl_cream.sampling", "trl_cream.checkpointing"])
+def test_the_cli_package_runs_as_a_module_for_accelerate_launch():
+    """`accelerate launch -m trl_cream.cli train ...` (docs/scaling.md) needs the cli package's ``__main__``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_cream.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: trl-cream {train,eval"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "old_path", ["trl_cream.cream_trainer", "trl_cream.sampling", "trl_cream.checkpointing", "trl_cream.cli_parsing"]
+)
 def test_the_flat_0_1_module_paths_are_gone(old_path):
     """No import shim: the pre-layout paths fail instead of silently aliasing the moved modules."""
     with pytest.raises(ModuleNotFoundError, match=old_path):
@@ -143,7 +153,7 @@ def test_the_flat_0_1_module_paths_are_gone(old_path):
 
 
 def test_train_help_shows_cream_groups_before_the_inherited_fields(capsys):
-    from trl_cream.cli_parsing import CREAM_GROUPS, RESUME_HELP, cream_own_fields
+    from trl_cream.cli.parsing import CREAM_GROUPS, RESUME_HELP, cream_own_fields
 
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
@@ -163,7 +173,7 @@ def test_train_help_shows_cream_groups_before_the_inherited_fields(capsys):
 def test_cli_logging_handler_is_info_unless_log_level_says_otherwise():
     import logging
 
-    from trl_cream.cli_parsing import _StderrHandler, setup_logging
+    from trl_cream.cli.parsing import _StderrHandler, setup_logging
     from trl_cream.trainer.config import CreamConfig
 
     package = logging.getLogger("trl_cream")
@@ -181,3 +191,11 @@ def test_cli_logging_handler_is_info_unless_log_level_says_otherwise():
     finally:
         package.setLevel(before[0])
         package.handlers[:] = before[1]
+
+
+def test_eval_says_which_checkpoint_is_pi0(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--checkpoints", "M1=out/M1", "M2=out/M2", "M3=out/M3", "--tasks", "nope"])
+    out = capsys.readouterr().out
+    assert "the first checkpoint, M1 (out/M1), is taken as π_0" in out and "(2 pair(s))" in out
+    assert "list M0 first" in out

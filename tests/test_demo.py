@@ -40,6 +40,10 @@ def test_demo_pipeline_minimal(tmp_path, capsys):
     # A round moves the adapter unless its C is exactly 0.5, where the CREAM gradient vanishes at the round's start.
     assert all(r["weight_change"] > 0 or r["consistency"] == 0.5 for r in out["rounds"]) and "weights moved" in printed
     assert all(stats["weight_change"] is not None for stats in results["consistency"].values())
+    # the demo ends with the run's page (trl-cream inspect) and says where it is
+    assert out["page"] == tmp_path / "inspect.html" and f"Inspect the run: {out['page']}" in printed
+    page = out["page"].read_text(encoding="utf-8")
+    assert page.count('class="prompt-row"') == sum(r["num_prompts"] for r in out["rounds"])
 
 
 def test_report_says_how_far_each_round_moved_the_weights(tmp_path):

@@ -193,19 +193,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(out: Path, modes: str, processes: int, batch: int) -> None:
+def run_worker(out: Path, modes: str, processes: int, batch: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if processes == 1:
         command = [sys.executable, str(WORKER)]
     else:  # gloo on CPU; `accelerate launch --cpu --num_processes 2` would silently run one process
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         command += ["--master_port", str(_free_port()), str(WORKER)]
-    result = subprocess.run(command + [str(out), modes, str(batch)], env=env, capture_output=True, text=True)
+    result = subprocess.run(command + [str(out), modes, str(batch), *extra], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     # CreamConfig turns DDP's find_unused_parameters off (every trainable parameter is used): no warning per rank
     assert "find_unused_parameters=True was specified" not in result.stderr
     for mode in modes.split(","):
         assert json.loads((out / mode / "world.json").read_text()) == {"world": processes, "batch": batch}
+    return result
 
 
 def sampled(out: Path) -> dict[int, list[tuple]]:
@@ -254,6 +255,28 @@ def test_two_processes_match_one_process_fed_the_same_candidates(launched, mode)
         torch.testing.assert_close(final_two[key], final_one[key], atol=1e-4, rtol=1e-4)
     # Artifacts are written once, by the main process, with the whole round.
     assert len(load_from_disk(str(two / "rounds" / "round_2" / "candidates"))) == 32
+
+
+def test_a_two_process_run_resumed_on_one_process_keeps_the_global_batch_and_gives_the_same_m3(launched, tmp_path):
+    """Issue 23 item 4: killed while round 2 trains (its samples, scores and pairs saved; M3 not), then resumed on 1
+    process with the same per-device batch: gradient accumulation 1 -> 2 keeps the global batch of 4."""
+    import shutil
+
+    out = tmp_path / "elastic"
+    shutil.copytree(launched / "two" / "full", out / "full")
+    shutil.rmtree(out / "full" / "M3")  # the state a kill during round 2's training leaves
+    (out / "full" / "rounds" / "round_2" / "metrics.json").unlink()
+    result = run_worker(out, "full", 1, 2, "resume")
+    assert "Resuming on 1 process(es) instead of 2: gradient_accumulation_steps=2 (was 1) keeps the run's global " \
+        "batch of 4" in result.stderr  # fmt: skip
+    metrics = json.loads((out / "full" / "rounds" / "round_2" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 2 and "pair" in metrics["reused_phases"]
+    final, uninterrupted = (
+        load_file(str(out / "full" / "M3" / "model.safetensors")),
+        load_file(str(launched / "two" / "full" / "M3" / "model.safetensors")),
+    )
+    for key in uninterrupted:
+        torch.testing.assert_close(final[key], uninterrupted[key], atol=1e-4, rtol=1e-4)
 
 
 def test_weights_check_can_fail(tokenizer):

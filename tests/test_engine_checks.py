@@ -62,21 +62,15 @@ def test_zero3_without_gathering_for_generation_is_refused():
         engines.check_zero3_sampling(zero3, False)
 
 
-def test_release_engine_points_the_trainer_back_at_the_bare_model_under_deepspeed():
+def test_release_engine_frees_the_engine_and_says_whether_the_trainer_must_drop_it():
     freed = []
-    model, engine = torch.nn.Linear(2, 2), object()
     accelerator = _accelerator(DistributedType.DEEPSPEED, deepspeed=SimpleNamespace(zero_stage=2))
     accelerator.free_memory = lambda: freed.append(True)
-    trainer = SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=engine, deepspeed=engine)
-    engines.release_engine(trainer)
-    assert freed and trainer.model_wrapped is model and trainer.deepspeed is None
+    assert engines.release_engine(accelerator) is True and freed  # DeepSpeed: point model_wrapped back, drop it
     # DDP keeps its wrapper (re-used by the next round's Trainer.train, as before)
     ddp = _accelerator()
     ddp.free_memory = lambda: freed.append(True)
-    wrapper = object()
-    trainer = SimpleNamespace(accelerator=ddp, model=model, model_wrapped=wrapper, deepspeed=None)
-    engines.release_engine(trainer)
-    assert trainer.model_wrapped is wrapper and len(freed) == 2
+    assert engines.release_engine(ddp) is False and len(freed) == 2
 
 
 def test_same_weights_compares_whole_parameters(tokenizer):

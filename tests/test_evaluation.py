@@ -227,7 +227,7 @@ def handmade_results() -> EvaluationResults:
     accuracy = {
         "M0": {"arc": 0.30, "gsm8k": 0.02},
         "M1": {"arc": 0.35, "gsm8k": 0.02},
-        "M2": {"arc": 0.40, "gsm8k": 0.01},
+        "M2": {"arc": 0.55, "gsm8k": 0.01},
         "M3": {"arc": 0.38, "gsm8k": 0.05},
     }
     results = EvaluationResults(iterations=list(accuracy))
@@ -273,9 +273,14 @@ def test_write_report(tmp_path: Path) -> None:
 
     avg_se = math.sqrt(se(0.30) ** 2 + se(0.02) ** 2) / 2
     assert f"| M0 | 30.00 ± {se(0.30):.2f} | 2.00 ± {se(0.02):.2f} | 16.00 ± {avg_se:.2f} |" in markdown
-    assert f"| M1 | 35.00 ± {se(0.35):.2f} ↑ | 2.00 ± {se(0.02):.2f} |" in markdown
-    assert f"| M2 | 40.00 ± {se(0.40):.2f} ↑ | 1.00 ± {se(0.01):.2f} ↓ |" in markdown
-    assert f"| M3 | 38.00 ± {se(0.38):.2f} ↓ | 5.00 ± {se(0.05):.2f} ↑ |" in markdown
+    # ↑/↓ only beyond twice the change's standard error sqrt(se² + se_previous²): +5 on arc (2 SE = 13.2) and
+    # +4 on gsm8k (2 SE = 4.8) stay unmarked; +20 and −17 on arc (2 SE = 13.9, 13.7) are marked
+    assert 2 * math.hypot(se(0.30), se(0.35)) > 5 and 2 * math.hypot(se(0.01), se(0.05)) > 4
+    assert 2 * math.hypot(se(0.35), se(0.55)) < 20 and 2 * math.hypot(se(0.55), se(0.38)) < 17
+    assert f"| M1 | 35.00 ± {se(0.35):.2f} | 2.00 ± {se(0.02):.2f} |" in markdown
+    assert f"| M2 | 55.00 ± {se(0.55):.2f} ↑ | 1.00 ± {se(0.01):.2f} |" in markdown
+    assert f"| M3 | 38.00 ± {se(0.38):.2f} ↓ | 5.00 ± {se(0.05):.2f} |" in markdown
+    assert "beyond twice its standard error" in markdown
     assert "arc: 100 questions, greedy answer, extracted" in markdown
     assert data["accuracy"]["M0"]["arc"]["stderr"] == pytest.approx(se(0.30) / 100)
     assert "| M2 vs M1 | 0.73 ± 0.18 | 0.46 ± 0.36 | 0.73 ± 0.18 | 0.19 ± 0.39 | 64 (2) |" in markdown
@@ -312,7 +317,10 @@ def test_load_checkpoint(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "empty")
 
 
-def test_run_evaluation(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+def test_run_evaluation(tok: PreTrainedTokenizerBase, tmp_path: Path, capsys, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trl_cream.evaluation.harness")
     m0 = make_llama(tok, 0)
     make_llama(tok, 1).save_pretrained(tmp_path / "m1")
     checkpoints = {"M0": m0, "M1": tmp_path / "m1", "M2": make_llama(tok, 2), "M3": make_llama(tok, 3)}
@@ -326,8 +334,15 @@ def test_run_evaluation(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
         max_new_tokens=4,
         num_generations=3,
         generation_config=sampling_config(tok, 4),
-        show_progress=False,
+        show_progress=True,
     )
+    # one progress bar for the whole evaluation (4 accuracies + 2 pairs), not one per model x task x batch kind
+    bars = capsys.readouterr().err
+    assert "evaluation (Table 1, Table 2)" in bars and "6/6" in bars
+    assert "M0 accuracy arc" not in bars and "sampling" not in bars and "scoring" not in bars
+    # the per-task detail goes to the log
+    assert any(r.getMessage().startswith("M2 arc: accuracy") for r in caplog.records)
+    assert any(r.getMessage().startswith("Table 2, M3 vs M2: done") for r in caplog.records)
     assert results.iterations == ["M0", "M1", "M2", "M3"]
     assert all(set(results.accuracy[it]) == {"arc", "gsm8k"} for it in results.iterations)
     assert list(results.consistency) == ["M2 vs M1", "M3 vs M2"]
@@ -336,3 +351,15 @@ def test_run_evaluation(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     assert "| M3 vs M2 |" in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     with pytest.raises(ValueError, match="empty"):
         run_evaluation({}, sets, None, None, tok)
+
+
+def _results(*modes: str) -> dict:
+    accuracy = {f"task{i}": {"accuracy": 0.5, "n": 10, "mode": mode} for i, mode in enumerate(modes)}
+    return {"iterations": ["M0"], "accuracy": {"M0": accuracy}, "consistency": {}}
+
+
+def test_loglikelihood_footnote_only_when_a_task_used_it():
+    generated = render_markdown(_results("generate", "generate"))
+    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)" in generated
+    mixed = render_markdown(_results("generate", "loglikelihood"))
+    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)" in mixed

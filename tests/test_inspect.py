@@ -18,11 +18,13 @@ from scipy.stats import kendalltau
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.cli import main
 from trl_cream.inspection.page import write_page
+from trl_cream.inspection.rounds import readable_prompt
 from trl_cream.inspection.trackers import TABLE_KEY
 
 PROMPTS = ["What is 3 plus 4?", "Name a mammal.", "Where does rain come from?", "What do plants need?",
            "Which is bigger, 12 or 30?", "Say hello.", "What is the answer?", "Name a school subject."]  # fmt: skip
 TB_TAG = f"train/{TABLE_KEY}"
+PROMPTS_BY_TEXT = {q: q for q in PROMPTS}  # a chat prompt is shown as its message's text
 
 
 def _run(out: Path, **overrides) -> CreamTrainer:
@@ -140,7 +142,7 @@ def test_wandb_offline_run_gets_a_table(tmp_path, monkeypatch):
     assert {"prompt", "completion_0", "reward_0", "baseline_reward_0", "rank_0", "chosen", "tau"} <= set(columns)
     assert len(table["data"]) == len(set(candidates["prompt_index"]))
     prompts = [row[columns.index("prompt")] for row in table["data"]]
-    assert prompts == [candidates[i]["prompt"] for i in range(0, len(candidates), 3)]
+    assert prompts == [readable_prompt(candidates[i]["prompt"]) for i in range(0, len(candidates), 3)]
 
 
 @pytest.mark.parametrize(
@@ -228,7 +230,7 @@ def test_page_shows_every_round_prompt_and_candidate(logged_run, tmp_path):
         for row in rows:
             j = int(row["data-index"])
             mine = candidates.select([k for k, p in enumerate(candidates["prompt_index"]) if p == j])
-            assert row["prompt"] == mine[0]["prompt"]
+            assert row["prompt"] == readable_prompt(mine[0]["prompt"]) == PROMPTS_BY_TEXT[row["prompt"]]
             # τ cross-checked with scipy's τ-b on the saved rewards
             tau = kendalltau(mine["reward"], mine["baseline_reward"]).statistic
             assert (row["data-tau"] == "" and math.isnan(tau)) or float(row["data-tau"]) == pytest.approx(tau)
@@ -319,9 +321,9 @@ def _synthetic_run(folder: Path, num_prompts: int, n: int) -> None:
 
 def test_a_thousand_prompts_page_is_small_and_fast(tmp_path):
     _synthetic_run(tmp_path / "big", 1000, 5)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the wall time of a shared CI machine says more about its load
     page = write_page(tmp_path / "big")
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     size = page.stat().st_size
     assert size < 5 * 2**20, f"{size / 2**20:.1f} MB"
     assert seconds < 5, f"{seconds:.1f} s"
@@ -389,7 +391,9 @@ def test_trackio_local_run_gets_a_table(tmp_path, monkeypatch):
     assert table["_type"] == "trackio.table"
     rows = table["_value"]
     candidates, pairs = _round_table(tmp_path / "run", 1)
-    assert [r["prompt"] for r in rows] == [candidates[i]["prompt"] for i in range(0, len(candidates), 3)]
+    assert [r["prompt"] for r in rows] == [
+        readable_prompt(candidates[i]["prompt"]) for i in range(0, len(candidates), 3)
+    ]
     assert logs[0]["step"] == rows[0]["step"] == 1  # round 1's step: the run's first (no SFT stage here)
     for cand in candidates:
         row = rows[cand["prompt_index"]]
@@ -401,3 +405,27 @@ def test_trackio_local_run_gets_a_table(tmp_path, monkeypatch):
         row = rows[pair["prompt_index"]]
         assert (row["chosen"], row["rejected"]) == (pair["chosen_index"], pair["rejected_index"])
         assert row["loss_consistency"] == pytest.approx(pair["consistency"])
+
+
+# ------------------------------------------------------------------------------------------------ the model cards
+def test_each_iterations_card_shows_its_rounds_plot_and_most_inconsistent_prompts(logged_run):
+    import xml.etree.ElementTree as ET
+
+    from trl_cream.inspection.rounds import prompt_rows
+
+    out, _ = logged_run
+    assert "What round" not in (out / "M1" / "README.md").read_text(encoding="utf-8")  # M1: no round made it
+    for t in (1, 2):
+        folder = out / f"M{t + 1}"
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert f"## What round {t} rewarded" in card and "![Round" in card and "(cream_round.svg)" in card
+        assert ET.parse(folder / "cream_round.svg").getroot().tag.endswith("svg")
+        candidates, pairs = _round_table(out, t)
+        rows = prompt_rows(t, candidates, pairs)
+        lowest = sorted(rows, key=lambda r: (math.isnan(r.tau), 0.0 if math.isnan(r.tau) else r.tau))[:5]
+        section = card[card.index(f"## What round {t} rewarded") :].split("\n## ")[0]
+        table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| prompt")]
+        assert len(table) == len(lowest)
+        for line, row in zip(table, lowest):
+            assert line.startswith("| " + " ".join(row.prompt.split()).replace("|", "\\|")[:40])
+            assert (f"| {row.tau:.2f} |" if not math.isnan(row.tau) else "| — |") in line

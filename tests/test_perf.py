@@ -50,22 +50,24 @@ def test_frozen_gc_leaves_a_callers_freeze_and_can_be_disabled():
         gc.unfreeze()
 
 
-def test_freeze_gc_changes_no_number(tmp_path, m0, tokenizer, prompts):
-    """Two rounds with and without `freeze_gc`: the same pairs and bit-identical M2 and M3."""
-    for flag in (False, True):
-        CreamTrainer(
-            model=perturbed(m0),
-            ref_model=m0,
-            args=cream_args(tmp_path / str(flag), freeze_gc=flag),
-            train_dataset=prompts,
-            processing_class=tokenizer,
-        ).train()
+def test_freeze_gc_changes_no_number(finished_full_run, tmp_path, m0, tokenizer, prompts):
+    """Two rounds with and without `freeze_gc`: the same pairs and bit-identical M2 and M3 (the shared finished run
+    has `freeze_gc=True`, the default)."""
+    assert finished_full_run.args.freeze_gc
+    CreamTrainer(
+        model=perturbed(m0),
+        ref_model=m0,
+        args=cream_args(tmp_path / "False", freeze_gc=False),
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    ).train()
     assert gc.get_freeze_count() == 0
+    runs = {False: tmp_path / "False", True: finished_full_run.out}
     for m in ("M2", "M3"):
-        a, b = (load_file(str(tmp_path / str(flag) / m / "model.safetensors")) for flag in (False, True))
+        a, b = (load_file(str(runs[flag] / m / "model.safetensors")) for flag in (False, True))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    before = load_file(str(tmp_path / "True" / "M1" / "model.safetensors"))
-    after = load_file(str(tmp_path / "True" / "M3" / "model.safetensors"))
+    before = load_file(str(runs[True] / "M1" / "model.safetensors"))
+    after = load_file(str(runs[True] / "M3" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the runs did train
 
 

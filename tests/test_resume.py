@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 from trl_cream import CreamTrainer
 from trl_cream.runs.files import atomic_dir
-from trl_cream.runs.manifest import public_config
+from trl_cream.runs.manifest import manifest_differences, public_config
 from trl_cream.runs.store import PhaseStore
+from trl_cream.trainer.resume import elastic_accumulation
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +251,29 @@ def test_saved_scores_keep_the_external_reward_and_baseline(tmp_path):
     store.save_scores(2, RoundScores(policy=base, initial=-base, previous=base + 1, lengths=lengths))
     implicit = store.load_scores(2)
     assert implicit.reward is None and implicit.baseline is None and torch.equal(implicit.previous, base + 1)
+
+
+# ---------------------------------------------------------------- issue 23 item 4: another number of processes
+def _world(processes: int, batch: int = 2, accumulation: int = 1) -> dict:
+    config = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation, "seed": 0}
+    return {"config": config, "world": {"num_processes": processes}}
+
+
+def test_a_resume_on_another_process_count_keeps_the_global_batch_or_is_refused_naming_both_counts():
+    old = _world(2)
+    new = _world(1)
+    assert elastic_accumulation(old, new, 1) == 2  # 2 x 1 x 2 processes = 2 x 2 x 1 process
+    assert manifest_differences(old, new) == []  # the run's own record is compared, not the new count
+    assert elastic_accumulation(_world(4, accumulation=2), _world(8, accumulation=2), 8) == 1
+    assert elastic_accumulation(old, _world(2), 2) is None  # the same count: nothing changes
+    with pytest.raises(
+        ValueError,
+        match=r"on 3 process\(es\): it was started on 2 with a global batch of 4 \(per_device_train_batch_size=2 x "
+        r"gradient_accumulation_steps=1 x 2 processes\).*4 is not a multiple of 6.*Resume on 2 processes",
+    ):
+        elastic_accumulation(old, _world(3), 3)
+    with pytest.raises(ValueError, match=r"DeepSpeed's engine fixes the batch"):
+        elastic_accumulation(old, _world(1), 1, deepspeed=True)
+    older = {"config": old["config"]}  # recorded before the process count was: resumed as before
+    assert elastic_accumulation(older, _world(1), 1) is None
+    assert manifest_differences(older, _world(1)) == []

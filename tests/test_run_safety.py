@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,14 @@ import pytest
 import torch
 from conftest import QUESTIONS, cream_args, perturbed
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.runs.gate import RunInProgress
 from trl_cream.runs.integrity import DamagedFile
 from trl_cream.runs.manifest import build_manifest, manifest_differences, not_compared_fields
 from trl_cream.runs.store import PhaseStore
+from trl_cream.runs.weights import load_full_weights
 from trl_cream.trainer.resume import unpushed_iterations
 
 
@@ -300,7 +303,39 @@ def test_a_missing_token_is_not_retried_and_is_named(tmp_path, monkeypatch):
         HubPushError, match=r"cannot be used: no token: run hf auth login or set HF_TOKEN.*--resume_from_checkpoint"
     ):
         HubPublisher(settings, api=api).check_access()
-    assert api.calls == 1 and sleeps == []  # not retried: no 14-21 s of back-off
+    assert api.calls == 0 and sleeps == []  # no token anywhere: no call at all, no 14-21 s of back-off
+
+
+class _Unreachable(_NoTokenApi):
+    def whoami(self, token=None):
+        self.calls += 1
+        raise ConnectionError("ConnectError: [Errno 101] Network is unreachable")
+
+    create_repo = whoami
+
+
+def test_warn_mode_without_any_token_names_the_token_and_retries_nothing(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from trl_cream.hub import HubPublisher, HubSettings, RetryPolicy
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    sleeps: list[float] = []
+    api = _Unreachable()
+    settings = HubSettings(
+        output_dir=tmp_path, hub_model_id="me/cream", failure="warn", policy=RetryPolicy(3, 2.0, sleeps.append)
+    )
+    publisher = HubPublisher(settings, api=api)
+    with pytest.warns(UserWarning, match=r"cannot be used: no token: run hf auth login"):
+        publisher.check_access()
+    (tmp_path / "M1").mkdir()
+    (tmp_path / "M1" / "config.json").write_text("{}")
+    (tmp_path / "M1" / "README.md").write_text("a card")
+    with pytest.warns(UserWarning, match=r"Pushing M1 to .* failed: no token: run hf auth login.*\(not retried\)"):
+        publisher.submit(1, tmp_path / "M1").result()
+    assert api.calls == 0 and sleeps == [] and "ConnectError" not in str(publisher.failed)
 
 
 def test_offline_mode_is_named_without_any_call(tmp_path, monkeypatch):
@@ -408,6 +443,8 @@ def test_an_iteration_whose_weights_were_replaced_is_named_before_it_is_loaded_o
     assert tree(finished_run) == before
     with pytest.raises(DamagedFile, match=r"/M1: model\.safetensors differs"):  # nothing damaged is pushed
         unpushed_iterations(PhaseStore(finished_run), 1)
+    (finished_run / "M2/README.md").write_text("a card rewritten when M2 is published again")
+    PhaseStore(finished_run).verify_iteration(2, "")  # the card is not part of the digests
     (finished_run / "M2/config.json").unlink()
     with pytest.raises(DamagedFile, match=r"/M2: config\.json is missing"):
         PhaseStore(finished_run).verify_iteration(2, "")
@@ -433,3 +470,45 @@ def test_overwrite_after_a_lost_manifest_removes_the_longer_runs_later_iteration
     make(out, m0, tokenizer, prompts, overwrite_output_dir=True).train()  # 1 round
     assert not (out / "M3").exists() and not (out / "rounds/round_2").exists()
     assert (out / "M2").is_dir() and {k: v for k, v in tree(out).items() if k in mine} == mine
+
+
+def test_an_iteration_holding_nan_weights_is_named_not_blamed_on_half_precision(finished_run, m0):
+    path = finished_run / "M1" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(
+        DamagedFile, match=r"M1/model\.safetensors holds NaN or inf in 1 tensor\(s\) \(first: model\.norm\.weight\)"
+    ):
+        load_full_weights(copy.deepcopy(m0), finished_run / "M1")
+
+
+_HANGING_PUSH = """
+import os, signal, sys, threading
+from pathlib import Path
+from trl_cream.hub import HubPublisher, HubSettings
+
+class Hangs:
+    endpoint = "https://huggingface.co"
+    def create_repo(self, *args, **kwargs):
+        print("pushing", flush=True)
+        threading.Event().wait()  # a push that never returns
+
+folder = Path(sys.argv[1]) / "M1"
+folder.mkdir(parents=True)
+(folder / "README.md").write_text("a card")
+publisher = HubPublisher(HubSettings(output_dir=folder.parent, hub_model_id="me/cream", token="hf_x"), api=Hangs())
+publisher.submit(1, folder)
+threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # the user's first Ctrl-C
+publisher.wait()
+"""
+
+
+def test_a_first_ctrl_c_while_a_push_hangs_stops_the_run_and_says_the_push_is_retried_on_resume(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "0"}
+    child = subprocess.run(
+        [sys.executable, "-c", _HANGING_PUSH, str(tmp_path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert child.returncode != 0 and "KeyboardInterrupt" in child.stderr, child.stderr[-2000:]
+    assert "Interrupted while pushing M1 to the Hub: the run stops now" in child.stderr
+    assert "retried when the run is resumed" in child.stderr

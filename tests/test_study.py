@@ -284,3 +284,27 @@ def test_round1_baselines_use_the_round_statistics(tmp_path) -> None:
         assert got["num_defined"] == stats["num_defined"] == 2
         assert got["kendall_tau"] == pytest.approx(stats["kendall_tau"]["mean"])
         assert got["consistency"] == pytest.approx(stats["consistency"]["mean"])
+
+
+def test_study_plot_keeps_coinciding_methods_apart_and_c_bars_within_0_1():
+    from trl_cream.recipes.study_report import PAIRS, study_figure
+
+    same = {"mean": 0.9, "std": 0.3}  # SRLM and CREAM identical; mean + std would reach 1.2
+    average = {"Average": {"mean": 0.4, "std": 0.01, "stderr": 0.02}}
+    table1 = {"M0": average, "M1": average, **{f"{m} {k}": average for m in ("srlm", "cream") for k in ("M2", "M3")}}
+    results = {
+        "settings": {"methods": ["srlm", "cream"]},
+        "summary": {
+            "table1": table1,
+            "table2": {m: {p: {"consistency": same} for p in PAIRS} for m in ("srlm", "cream")},
+        },
+    }
+    acc_axes, c_axes = study_figure(results).axes
+    for axes in (acc_axes, c_axes):
+        lines = [container.lines[0] for container in axes.containers]
+        xs = [tuple(line.get_xdata()) for line in lines]
+        assert len(xs) == 2 and xs[0] != xs[1]  # side by side, not on top of each other
+        assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    for container in c_axes.containers:
+        for segment in container.lines[2][0].get_segments():
+            assert 0.0 <= min(segment[:, 1]) and max(segment[:, 1]) <= 1.0 + 1e-12

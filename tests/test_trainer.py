@@ -84,19 +84,13 @@ def check_run(out: Path, num_prompts: int, n: int, log_history: list[dict]) -> l
     return all_metrics
 
 
-def test_two_rounds_full_finetuning(tmp_path, m0, tokenizer, prompts):
-    args = cream_args(tmp_path / "a")
-    trainer = CreamTrainer(
-        model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
-    )
-    output = trainer.train()
-    metrics = check_run(tmp_path / "a", len(QUESTIONS), args.num_generations, trainer.state.log_history)
-    assert [r["round"] for r in output.metrics["rounds"]] == [1, 2]
-    logged = [e for e in trainer.state.log_history if "cream/kendall_tau_mean" in e]
+def test_two_rounds_full_finetuning(finished_full_run, tmp_path, m0, tokenizer, prompts):
+    run = finished_full_run
+    metrics = check_run(run.out, len(QUESTIONS), run.args.num_generations, run.log_history)
+    assert [r["round"] for r in run.output.metrics["rounds"]] == [1, 2]
+    logged = [e for e in run.log_history if "cream/kendall_tau_mean" in e]
     assert len(logged) == 2 and logged[0]["cream/kendall_tau_mean"] == pytest.approx(metrics[0]["kendall_tau_mean"])
-    assert any(
-        "loss" in e and "rewards/margins" in e and "cream/batch_consistency" in e for e in trainer.state.log_history
-    )
+    assert any("loss" in e and "rewards/margins" in e and "cream/batch_consistency" in e for e in run.log_history)
 
     # Same seed, fresh models: identical pairs.
     again = CreamTrainer(
@@ -108,7 +102,7 @@ def test_two_rounds_full_finetuning(tmp_path, m0, tokenizer, prompts):
     )
     again.train()
     for t in (1, 2):
-        a = load_from_disk(str(tmp_path / "a" / "rounds" / f"round_{t}" / "pairs"))
+        a = load_from_disk(str(run.out / "rounds" / f"round_{t}" / "pairs"))
         b = load_from_disk(str(tmp_path / "b" / "rounds" / f"round_{t}" / "pairs"))
         assert a["chosen_input_ids"] == b["chosen_input_ids"] and a["rejected_input_ids"] == b["rejected_input_ids"]
 
@@ -152,7 +146,6 @@ def test_first_step_of_a_round_has_loss_log2_for_every_pair(tmp_path, m0, tokeni
         trainer = CreamTrainer(
             model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
         )
-        trainer.round = 1
         shard = trainer.split_prompts()[0]
         prompt_ids = tokenize_prompts(tokenizer, shard)
         candidates = trainer.generate_candidates(prompt_ids)
@@ -210,7 +203,6 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, m0, tokenizer, p
     trainer = CreamTrainer(
         model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
     )
-    trainer.round = 1
     prompt_ids = tokenize_prompts(tokenizer, trainer.split_prompts()[0][:2])
     candidates = trainer.generate_candidates(prompt_ids)
     scores = trainer.score_round(1, prompt_ids, candidates)

@@ -7,10 +7,7 @@ imported on first access, so that ``trl-cream --help`` answers without loading t
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 if TYPE_CHECKING:
     from .trainer.config import CreamConfig

@@ -80,14 +80,13 @@ def check_zero3_sampling(accelerator: Any, ds3_gather_for_generation: bool) -> N
         )
 
 
-def release_engine(trainer: Any) -> None:
-    """End of a round's training: free the accelerator's references and, under DeepSpeed, destroy the round's engine
-    and point the Trainer back at the bare model, so that the next ``Trainer.train`` builds a fresh engine (a stale
-    ``model_wrapped`` would make it skip `accelerator.prepare`, and backward would find no engine)."""
-    trainer.accelerator.free_memory()  # destroys the DeepSpeed engine (optimizer state, ZeRO-3 hooks)
-    if is_deepspeed(trainer.accelerator):
-        trainer.model_wrapped = trainer.model
-        trainer.deepspeed = None
+def release_engine(accelerator: Any) -> bool:
+    """End of a round's training: free the accelerator's references (under DeepSpeed this destroys the round's engine:
+    optimizer state, ZeRO-3 hooks). Returns whether the Trainer must now point ``model_wrapped`` back at the bare
+    model and drop its ``deepspeed`` engine (DeepSpeed), so that the next ``Trainer.train`` builds a fresh engine (a
+    stale ``model_wrapped`` would make it skip `accelerator.prepare`, and backward would find no engine)."""
+    accelerator.free_memory()
+    return is_deepspeed(accelerator)
 
 
 @contextmanager

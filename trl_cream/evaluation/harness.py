@@ -12,12 +12,15 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import sampling
@@ -26,6 +29,8 @@ from .answers import is_correct, predict
 from .loglikelihood import evaluate_loglikelihood, resolve_modes
 from .ranking import _as_messages, ranking_consistency
 from .results import TaskResult
+
+logger = logging.getLogger(__name__)
 
 ModelOrPath = PreTrainedModel | torch.nn.Module | str | Path
 
@@ -207,7 +212,8 @@ def run_evaluation(
         max_new_tokens (`int`, *optional*, defaults to `256`): Greedy budget for accuracy.
         num_generations, generation_config, max_length, batch_size, seed: See `ranking_consistency`.
         device (`str` or `torch.device`, *optional*): Where loaded checkpoints go.
-        show_progress (`bool`, *optional*, defaults to `True`): Progress bars for every phase.
+        show_progress (`bool`, *optional*, defaults to `True`): One progress bar for the whole evaluation (a step per
+            checkpoint's accuracy and per Table 2 pair); each task's accuracy and time go to the log (INFO).
         eval_mode (`str` or `Mapping[str, str]`, *optional*, defaults to `"generate"`): ``"generate"`` (greedy
             answer + extraction, the paper's protocol) or ``"loglikelihood"`` (option scoring, see
             `trl_cream.evaluation.loglikelihood`), for every multiple-choice task, or a task -> mode mapping. Tasks
@@ -221,7 +227,7 @@ def run_evaluation(
     if not names:
         raise ValueError("`checkpoints` is empty; pass e.g. {'M0': model_or_path, 'M1': ...}.")
     pair_kwargs = {"num_generations": num_generations, "generation_config": generation_config, "seed": seed}
-    pair_kwargs.update(max_length=max_length, batch_size=batch_size, show_progress=show_progress)
+    pair_kwargs.update(max_length=max_length, batch_size=batch_size, show_progress=False)  # one bar, below
     modes = resolve_modes(eval_sets, eval_mode)
     settings = _settings(pair_kwargs, eval_sets, modes, max_new_tokens, chat_template, consistency_prompts)
     pair_kwargs["round1_baseline"] = round1_baseline
@@ -235,13 +241,23 @@ def run_evaluation(
             loaded[name] = load_checkpoint(spec, base, device) if isinstance(spec, str | Path) else spec
         return loaded[name]
 
+    num_pairs = max(len(names) - 2, 0) if consistency_prompts else 0
+    bar = tqdm(total=len(names) + num_pairs, desc="evaluation (Table 1, Table 2)", disable=not show_progress)
     for k, name in enumerate(names):
+        bar.set_postfix_str(f"{name} accuracy")
+        start = time.perf_counter()
         results.accuracy[name] = _accuracy(
             get(name), name, tokenizer, eval_sets, modes, max_new_tokens, batch_size, max_length, chat_template,
-            show_progress,
+            False,
         )  # fmt: skip
+        for task, result in results.accuracy[name].items():
+            logger.info("%s %s: accuracy %.1f %% of %d (%s)", name, task, 100 * result.accuracy, result.n, result.mode)
+        logger.info("%s: accuracy on %d tasks in %.1f s", name, len(eval_sets), time.perf_counter() - start)
+        bar.update()
         if k >= 2 and consistency_prompts:
             label = f"{name} vs {names[k - 1]}"
+            bar.set_postfix_str(label)
+            start = time.perf_counter()
             old, initial = get(names[k - 1]), get(names[0])
             results.consistency[label] = ranking_consistency(
                 get(name), old, initial, tokenizer, consistency_prompts, **pair_kwargs, desc=label
@@ -250,9 +266,12 @@ def run_evaluation(
                 checkpoints[n] if isinstance(checkpoints[n], str | Path) else get(n) for n in (names[k - 1], name)
             ]
             results.consistency[label]["weight_change"] = weight_change(*specs)
+            logger.info("Table 2, %s: done in %.1f s", label, time.perf_counter() - start)
+            bar.update()
         for stale in [n for n in loaded if n not in (names[0], name)]:
             del loaded[stale]  # keep π_0 and the current checkpoint (the next one's predecessor)
         gc.collect()
+    bar.close()
     if output_dir is not None:
         from .report import write_report
 

@@ -116,10 +116,16 @@ def format_change(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.1e}"
 
 
-def _arrow(value: float, previous: float | None) -> str:
-    if previous is None or round(value, 2) == round(previous, 2):
+def _arrow(value: float, previous: float | None, error: float, previous_error: float | None) -> str:
+    """↑/↓ only for a change beyond twice its standard error, ``sqrt(se² + se_previous²)`` (the two iterations'
+    accuracies taken as independent): with 50 questions a task one question moves the accuracy by 2 points, under a
+    third of that, and must not read as an effect."""
+    if previous is None or previous_error is None:
         return ""
-    return " ↑" if value > previous else " ↓"
+    change, spread = value - previous, math.hypot(error, previous_error)
+    if abs(change) <= 2 * spread:
+        return ""
+    return " ↑" if change > 0 else " ↓"
 
 
 def _mean_std(stat: Mapping[str, Any] | None) -> str:
@@ -132,7 +138,8 @@ def render_markdown(results: Any) -> str:
     """Tables 1 and 2 as a Markdown string (also what ``results.md`` contains).
 
     Table 1: one row per iteration, exact-match accuracy (%) per task and on average, with ↑/↓ against the previous
-    iteration as in the paper. Table 2: one row per consecutive pair ("M2 vs M1", ...), mean ± std over prompts.
+    iteration (as in the paper) only where the change exceeds twice its standard error. Table 2: one row per
+    consecutive pair ("M2 vs M1", ...), mean ± std over prompts.
     """
     data = _as_dict(results)
     lines = ["## Table 1: accuracy (%) ± standard error", ""]
@@ -147,7 +154,8 @@ def render_markdown(results: Any) -> str:
     )
     note = (
         "± is lm-evaluation-harness's standard error, sqrt(p(1-p)/(n-1)) (the sample std of the 0/1 scores over √n): "
-        "a difference smaller than about twice it is noise."
+        "a difference smaller than about twice it is noise. ↑/↓ mark only a change from the previous iteration beyond "
+        "twice its standard error, sqrt(se² + se_previous²); a smaller change is left unmarked."
     )
     if loglikelihood:  # only when some task was scored by log-likelihood
         note = (
@@ -182,11 +190,17 @@ def _accuracy_lines(data: Mapping[str, Any], key: str) -> list[str]:
     tasks = [t for t in _tasks(data) + ["Average"] if any(t in row for row in table.values())]
     lines = ["| Iteration | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     previous: dict[str, float] = {}
+    previous_err: dict[str, float] = {}
     for iteration in data["iterations"]:
         row, err = table[iteration], errors[iteration]
-        cells = [f"{row[t]:.2f} ± {err[t]:.2f}{_arrow(row[t], previous.get(t))}" if t in row else "–" for t in tasks]
+        cells = [
+            f"{row[t]:.2f} ± {err[t]:.2f}{_arrow(row[t], previous.get(t), err[t], previous_err.get(t))}"
+            if t in row
+            else "–"
+            for t in tasks
+        ]
         lines.append(f"| {iteration} | " + " | ".join(cells) + " |")
-        previous = row
+        previous, previous_err = row, err
     return lines
 
 

@@ -161,6 +161,7 @@ def build_model_card(
     evaluation: dict[str, Any] | None = None,
     wandb_url: str | None = None,
     trackio_url: str | None = None,
+    round_section: str | None = None,
 ) -> ModelCard:
     """The card of ``M<index>``: TRL's language-model card (tags, trainer name, paper, citation, W&B / Trackio links)
     with CREAM's lineage, evaluation and loading sections before "Training procedure", and the configuration and
@@ -193,6 +194,8 @@ def build_model_card(
     before = [_lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics)]
     if evaluation:
         before.append(_evaluation_section(evaluation))
+    if round_section:  # the round's plot and its most inconsistent prompts (`trl_cream.inspection.card`)
+        before.append(round_section)
     before.append(
         load_instructions(repo_id, revision, peft, base_model, peft and getattr(args, "push_merged_weights", False))
     )

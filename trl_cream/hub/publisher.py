@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..inspection.card import round_section
 from ..runs.files import atomic_write_json
 from ..runs.layout import RunLayout, iteration_index, round_of_iteration
 from .model_card import build_model_card, load_round_metrics, run_urls, write_card
@@ -46,6 +49,7 @@ from .utils import (
     iteration_target,
     local_cause,
     redact,
+    require_token,
     round_files,
     validate_settings,
     with_retries,
@@ -147,7 +151,8 @@ class HubPublisher:
 
         self.settings = settings
         self.api = api if api is not None else HfApi(token=settings.token)
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._pending: list[tuple[int, Future]] = []
         self._latest = 0
         self.failed: dict[int, str] = {}
@@ -162,6 +167,7 @@ class HubPublisher:
                 from huggingface_hub.errors import OfflineModeIsEnabled
 
                 raise OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
+            require_token(self.settings.token)
             return with_retries(lambda: self.api.whoami(token=s.token), "start-up check (whoami)", s.policy, s.token)
         except Exception as error:
             cause = local_cause(error) or redact(describe(error), s.token)
@@ -178,20 +184,45 @@ class HubPublisher:
     def submit(self, index: int, folder: Path, round_dir: Path | None = None) -> Future:
         """Schedule the push of ``folder`` (``M<index>``) and, with `push_round_datasets`, of ``round_dir``."""
         self.raise_failures()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cream-hub-push")
+        if self._worker is None:  # a daemon thread: a push that hangs never keeps a stopped run's process alive
+            self._worker = threading.Thread(target=self._work, name="cream-hub-push", daemon=True)
+            self._worker.start()
         # main follows the latest iteration: never move it back to an older one (e.g. a resumed run pushing a
         # missing M1 when M3 is saved already)
         local = latest_local_iteration(self.settings.output_dir, self.settings.last_iteration)
         self._latest = max(self._latest, index, local)
-        future = self._executor.submit(self._push_safely, index, folder, round_dir, index >= self._latest)
+        future: Future = Future()
+        update_main = index >= self._latest
+        self._queue.put((lambda: self._push_safely(index, folder, round_dir, update_main), future))
         self._pending.append((index, future))
         return future
 
+    def _work(self) -> None:
+        """The worker thread: run the scheduled pushes one at a time, in order."""
+        while True:
+            push, future = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(push())
+            except BaseException as error:  # handed to the main thread by `raise_failures`
+                future.set_exception(error)
+
     def wait(self) -> None:
-        """Block until every scheduled push is done, then raise the first failure (`"raise"` mode)."""
-        for _, future in self._pending:
-            future.exception()
+        """Block until every scheduled push is done, then raise the first failure (`"raise"` mode). A Ctrl-C stops
+        the wait (and the run) at once; the pushes not finished are retried when the run is resumed."""
+        try:
+            for _, future in self._pending:
+                future.exception()
+        except KeyboardInterrupt:
+            waiting = [f"M{i}" for i, f in self._pending if not f.done()]
+            logger.warning(
+                "Interrupted while pushing %s to the Hub: the run stops now. Its saved iterations are intact, and the "
+                "pushes that did not finish are retried when the run is resumed (train(resume_from_checkpoint=True), "
+                "CLI: --resume_from_checkpoint).",
+                ", ".join(waiting) or "the last iteration",
+            )
+            raise
         self.raise_failures()
 
     def raise_failures(self) -> None:
@@ -287,6 +318,7 @@ class HubPublisher:
         return self._retry(f"commit to {repo_id}@{revision}", run)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        require_token(self.settings.token)
         return with_retries(fn, what, self.settings.policy, self.settings.token)
 
     def _fail(self, message: str, error: BaseException) -> None:
@@ -376,6 +408,7 @@ def publish_iteration(
         evaluation=evaluation,
         wandb_url=wandb_url,
         trackio_url=trackio_url,
+        round_section=round_section(args.output_dir, round_of_iteration(index, first_index), folder),
     )
     write_card(card, folder)
     if publisher is not None:

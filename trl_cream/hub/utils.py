@@ -57,6 +57,16 @@ def local_cause(error: BaseException | None = None) -> str | None:
     return None
 
 
+def require_token(token: str | None) -> None:
+    """No token at all (no `hub_token`, HF_TOKEN or `hf auth login`): fail before any call, so that nothing is
+    retried and the message names the missing token rather than the network error a tokenless call gets."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    if not token and get_token() is None:
+        raise LocalTokenNotFoundError("no token")
+
+
 def is_retryable(error: BaseException) -> bool:
     """Network errors, timeouts, 408/429 and 5xx are retried; other HTTP errors, offline mode and a missing token
     are not."""
@@ -152,6 +162,12 @@ def check_repo_ids(args: Any) -> None:
                 f"hub_model_id={args.hub_model_id!r} is not a valid Hub repo id ({repo_id!r}: {error}) Use "
                 "'<user or org>/<name>' with letters, digits, '-', '_' or '.', at most 96 characters in all."
             ) from None
+    if args.push_to_hub and "/" not in args.hub_model_id:
+        raise ValueError(
+            f"hub_model_id={args.hub_model_id!r} has no namespace: the branches, per-iteration repos and rounds "
+            f"dataset are addressed by '<user or org>/<name>', and without one the first push fails after M1 and M2 "
+            f"are trained. Use e.g. 'your-name/{args.hub_model_id}'."
+        )
 
 
 # ---------------------------------------------------------------- names

@@ -5,6 +5,7 @@ table, whether they come from memory (the trackers, during training) or from ``r
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -86,7 +87,7 @@ def prompt_rows(t: int, candidates: Dataset, pairs: Dataset | None, measure: str
     for k, j in enumerate(table["prompt_index"]):
         row = rows.get(j)
         if row is None:
-            row = rows[j] = PromptRow(t, j, table["prompt"][k], math.nan, math.nan)
+            row = rows[j] = PromptRow(t, j, readable_prompt(table["prompt"][k]), math.nan, math.nan)
         row.candidates.append(
             Candidate(
                 index=table["candidate_index"][k], completion=table["completion"][k],
@@ -105,6 +106,22 @@ def prompt_rows(t: int, candidates: Dataset, pairs: Dataset | None, measure: str
             if j in rows:
                 rows[j].chosen, rows[j].rejected, rows[j].loss_consistency = pos, neg, float(c)
     return ordered
+
+
+def readable_prompt(prompt: str) -> str:
+    """A prompt as a reader wants it: a chat prompt (saved as JSON messages) as its messages' text, one per line with
+    its role when there are several; a plain prompt as it is."""
+    if not prompt.startswith("["):
+        return prompt
+    try:
+        messages = json.loads(prompt)
+    except ValueError:
+        return prompt
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+        return prompt
+    if len(messages) == 1:
+        return str(messages[0]["content"])
+    return "\n".join(f"{m.get('role', '?')}: {m['content']}" for m in messages)
 
 
 def _add_consistency(rows: list[PromptRow], measure: str) -> None:

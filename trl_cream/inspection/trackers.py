@@ -91,6 +91,7 @@ def log_round_completions(trainer: Any, t: int, rows: list[PromptRow], step: int
         rows = unique_prompts(rows)
     frame = completions_frame(rows, step)
     for callback in trainer.callback_handler.callbacks:
+        callback = getattr(callback, "integration", callback)  # held in `trainer.run_log.RunEndDeferred`
         name = type(callback).__name__
         if name not in _TABLE_CALLBACKS:
             continue
@@ -101,7 +102,7 @@ def log_round_completions(trainer: Any, t: int, rows: list[PromptRow], step: int
             if module is None:
                 continue
             value = module.Table(dataframe=frame)
-        with trainer.steps.pinned(step), trainer.steps.applied(trainer.state):
+        with trainer.at_run_step(step):
             callback.on_log(trainer.args, trainer.state, trainer.control, model=trainer.model, logs={TABLE_KEY: value})
     if args.num_completions_to_print != 0:
         print_completions(rows, t, args.num_completions_to_print)

@@ -150,7 +150,21 @@ def run_demo(demo: DemoArguments, args: CreamConfig) -> dict[str, Any]:
     print("\n".join(round_lines(round_metrics)) + "\n")
     print("Wall time per phase (s): " + ", ".join(f"{k}={v}" for k, v in timings.items()))
     print(f"Report: {', '.join(str(p) for p in files.values())}")
-    return {"results": results, "timings": timings, "rounds": round_metrics}
+    page = _inspect_page(out)
+    return {"results": results, "timings": timings, "rounds": round_metrics, "page": page}
+
+
+def _inspect_page(out: Path) -> Path | None:
+    """``<output_dir>/inspect.html`` (`trl-cream inspect`): the rounds' prompts and candidates, C, τ, length drift."""
+    from ..inspection.page import write_page
+
+    try:
+        page = write_page(out)
+    except ImportError as error:  # matplotlib missing: the demo's results stand without the page
+        print(f"Inspect page not written: {error}")
+        return None
+    print(f"Inspect the run: {page} (open it in a browser; `trl-cream inspect {out}` rewrites it)")
+    return page
 
 
 def _demo_data(demo: DemoArguments, args: CreamConfig) -> tuple[str, Any]:

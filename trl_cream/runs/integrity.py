@@ -21,6 +21,7 @@ from .layout import PARTIAL_SUFFIX, RunLayout, parse_iteration_name
 logger = logging.getLogger(__name__)
 
 CHECKSUMS_NAME = "checksums.json"
+CARD_NAME = "README.md"  # an iteration's model card: written after the weights, and again on resume
 T = TypeVar("T")
 
 
@@ -108,10 +109,11 @@ class Checksums:
 
     def record_folder(self, folder: Path) -> None:
         """Record every file of ``folder`` on its own (an ``M<k>``): each file is read once, in 1 MiB blocks, so a
-        large model is never held in memory for it. Earlier entries under the folder are replaced."""
+        large model is never held in memory for it. Earlier entries under the folder are replaced. The model card
+        (``README.md``, rewritten whenever the iteration is published) is left out."""
         prefix = folder.relative_to(self.output_dir).as_posix() + "/"
         sums = {k: v for k, v in self._load().items() if not k.startswith(prefix)}
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CARD_NAME):
             sums[file.relative_to(self.output_dir).as_posix()] = checksum(file)
         self._write(self.path, sums)
 

@@ -201,6 +201,8 @@ def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     diffs = []
     for section in sorted((set(old) | set(new)) - {"settings"}):
         a, b = old.get(section), new.get(section)
+        if section == "world" and (a is None or b is None):
+            continue  # a run recorded before the process count was
         if section == "models":
             if isinstance(a, dict) and isinstance(b, dict):
                 diffs += _model_differences(a, b)

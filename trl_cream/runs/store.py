@@ -91,18 +91,21 @@ class PhaseStore:
         return iteration_index(t, self.first_iteration)
 
     # ------------------------------------------------------------ one phase
-    def load_or_compute(self, load: Callable[[], T | None], compute: Callable[[], T], save: Callable[[T], None]) -> T:
-        """A phase's result: ``load()`` it when an earlier attempt saved it, else ``compute()`` and ``save`` it.
+    def load_or_compute(
+        self, load: Callable[[], T | None], compute: Callable[[], T], save: Callable[[T], None]
+    ) -> tuple[T, bool]:
+        """A phase's result and whether it was reused: ``load()`` it when an earlier attempt saved it (``True``), else
+        ``compute()`` and ``save`` it (``False``).
 
         Every process looks before the main process may write (``barrier``), so a process never reads a result that
         is being replaced; ``save`` writes on the main process only (the others return the computed value)."""
         loaded = load()
         self.barrier()
         if loaded is not None:
-            return loaded
+            return loaded, True
         result = compute()
         save(result)
-        return result
+        return result, False
 
     # ------------------------------------------------------------ the run as a whole
     def last_complete_round(self, num_rounds: int) -> int:

@@ -29,7 +29,11 @@ def _weight_files(path: Path, adapter: bool) -> list[Path]:
 
 def _load_weights(file: Path, folder: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_checked(file, lambda: load_file(str(file)))
+        tensors = load_checked(file, lambda: load_file(str(file)))
+        bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise DamagedFile(f"{file} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]})")
+        return tensors
     except DamagedFile as error:
         raise DamagedFile(
             f"{error}. The saved iteration {folder} is damaged: delete that folder and resume; the round that saved "

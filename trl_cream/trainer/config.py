@@ -6,8 +6,6 @@ import copy
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar
 
-from trl.experimental.online_dpo import OnlineDPOConfig
-
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
 from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
@@ -20,6 +18,7 @@ from .config_checks import (
     check_vllm_settings,
 )
 from .schedule import whole_step_warmup
+from .trl_base import OnlineDPOConfig
 
 REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
 BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
@@ -115,7 +114,7 @@ class CreamConfig(OnlineDPOConfig):
     (``C``), and trains on best/worst pairs with ``C · DPO(y+, y−) + (1 − C) · DPO(y−, y+)``.
 
     This class only documents the parameters that CREAM adds or whose defaults differ from
-    [`~trl.experimental.online_dpo.OnlineDPOConfig`]; everything else keeps its TRL meaning.
+    TRL's `OnlineDPOConfig` (`trl_cream.trainer.trl_base`); everything else keeps its TRL meaning.
 
     Parameters:
         > Parameters that control the rounds
@@ -245,7 +244,7 @@ class CreamConfig(OnlineDPOConfig):
         log_unique_prompts (`bool`, *optional*, defaults to `False`):
             With `log_completions`, keep only the first row of a prompt that occurs more than once in a round.
 
-        > Parameters whose defaults differ from [`~trl.experimental.online_dpo.OnlineDPOConfig`]
+        > Parameters whose defaults differ from TRL's `OnlineDPOConfig` (`trl_cream.trainer.trl_base`)
 
         learning_rate (`float`, *optional*, defaults to `1e-6`):
             Learning rate of AdamW (paper: 1e-6). Each round starts a fresh optimizer and schedule.
@@ -542,6 +541,8 @@ class CreamConfig(OnlineDPOConfig):
                 "(and leave use_vllm=False) to sample the candidates with vLLM."
             )
         betas = self.beta if isinstance(self.beta, (list, tuple)) else [self.beta]
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+            raise ValueError(f"beta={self.beta!r}: every β must be a number, e.g. beta=0.1 or beta=[0.1, 0.05].")
         if len(betas) not in (1, self.num_iterations):
             raise ValueError(
                 f"beta={self.beta}: give one value, or one per round ({self.num_iterations} values for "

@@ -9,9 +9,10 @@ and ``π_{t−1}``, advance ``π_{t−1}``, save the policy.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,50 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .. import distributed, engines
 from ..core.labelling import RoundScores
 from ..modeling import adapters
 from ..modeling.perf import sampled_policy_scores
 from ..runs.weights import load_adapter_weights
+from .resume import RunStart
+
+logger = logging.getLogger(__name__)
 
 TokenIds = list[int]
+
+
+@dataclass
+class RoundState:
+    """One round's own bookkeeping, created by `CreamTrainer.run_round` and passed from phase to phase (instead of
+    being written on the trainer by one phase and read back by another).
+
+    Attributes:
+        t (`int`): the round, 1-based (π_t = ``M<iteration_index(t)>``).
+        start (`RunStart`): how the run started: on a resume, which round it re-enters and from which checkpoint.
+        reused (`list[str]`): the phases (``"generate"``, ``"score"``, ``"pair"``) a resume loaded instead of
+            running, in order (``reused_phases`` in the round's metrics).
+        timings (`dict[str, float]`): seconds per phase.
+    """
+
+    t: int
+    start: RunStart = field(default_factory=RunStart)
+    reused: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this is the round a resumed run re-enters."""
+        return self.t == self.start.resumed_round
+
+    def note_reuse(self, phase: str, what: str, reused: bool, where: Path) -> None:
+        """Record (for the console line, metrics.json and the card) and log whether a resume reused ``phase``."""
+        if reused:
+            self.reused.append(phase)
+            logger.info("Resuming round %d: %s reused from %s.", self.t, what, where)
+        elif self.resuming:
+            logger.info("Resuming round %d: %s recomputed.", self.t, what)
 
 
 @dataclass
@@ -75,36 +112,39 @@ class Policy:
 
 def score(
     policy: Policy,
-    args: Any,
     t: int,
     prompt_ids: list[TokenIds],
     candidates: list[list[TokenIds]],
     previous_dir: Path | None,
     policy_logps: list[list[float]] | None = None,
+    *,
+    max_length: int,
+    batch_size: int,
+    show_progress: bool,
 ) -> RoundScores:
     """Σ log-probs of these candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank calls it.
 
     Args:
         policy: the models.
-        args: the `CreamConfig` (``max_length``, ``scoring_batch_size``).
         t: the round (π_{t−1} is scored from round 2 on).
         prompt_ids, candidates: this rank's share of the round.
         previous_dir: ``M<t−1>`` for full fine-tuning (loaded, scored, freed); LoRA scores its ``previous`` adapter.
         policy_logps: π_t's scores recorded while sampling, used instead of the π_t forward when they fit.
+        max_length: prompt + completion tokens per sequence (longer prompts are left-truncated).
+        batch_size: sequences per forward (``scoring_batch_size``).
+        show_progress: whether to show the progress bars.
     """
     model, accelerator = policy.model, policy.accelerator
 
     def run(m: nn.Module, who: str) -> torch.Tensor:
         return distributed.score_shard(
-            accelerator, m, prompt_ids, candidates, policy.tokenizer.pad_token_id, args.max_length,
-            batch_size=args.scoring_batch_size,
-            show_progress=accelerator.is_local_main_process and not args.disable_tqdm,
-            desc=f"round {t}: scoring {who}",
+            accelerator, m, prompt_ids, candidates, policy.tokenizer.pad_token_id, max_length, batch_size=batch_size,
+            show_progress=show_progress, desc=f"round {t}: scoring {who}",
         )  # fmt: skip
 
     if distributed.needs_lockstep(accelerator):  # ZeRO-3/FSDP: every rank must run the π_t forwards, or a rank
         policy_logps = None  # falling back (prompt + candidate > max_length) would wait for the others forever
-    scores_t = sampled_policy_scores(policy_logps, prompt_ids, candidates, args.max_length)
+    scores_t = sampled_policy_scores(policy_logps, prompt_ids, candidates, max_length)
     if scores_t is None:
         with engines.scoring_policy(accelerator, model, policy.wrapped, policy.is_fsdp) as scored:  # ZeRO-3: gathered
             scores_t = run(scored, "π_t")
@@ -142,18 +182,22 @@ def restore_previous(policy: Policy, path: Path) -> None:
     adapters.freeze_adapter(model, adapters.PREVIOUS_ADAPTER)
 
 
-def save_policy(policy: Policy, path: Path, save_full_model: Callable[[Path], None]) -> None:
-    """Save the current policy (full model through ``save_full_model``, or only the policy adapter) and the tokenizer
-    to ``path``, once (main process)."""
+def save_policy(policy: Policy, path: Path, save_model: Callable[[str], None], engine: Any | None = None) -> None:
+    """Save the current policy and the tokenizer to ``path``, once (every rank calls it; the main process writes):
+    LoRA, the policy adapter alone; full fine-tuning, a ``from_pretrained`` folder through
+    `distributed.save_full_model` (ZeRO-3: consolidated 16-bit weights; otherwise ``save_model``, the Trainer's).
+
+    The Trainer's pickled ``training_args.bin`` is left out (the run's config is in the manifest, as JSON), so the
+    folder holds only safetensors and JSON."""
     model, accelerator = policy.model, policy.accelerator
     if policy.use_peft:
         if accelerator.is_main_process:
             adapters.save_adapter(model, adapters.policy_adapter_name(model), path)
-            policy.tokenizer.save_pretrained(path)
     else:
-        save_full_model(path)  # ZeRO-3: consolidated 16-bit weights
-        if accelerator.is_main_process:
-            policy.tokenizer.save_pretrained(path)
+        distributed.save_full_model(accelerator, model, engine, save_model, path)
+    if accelerator.is_main_process:
+        policy.tokenizer.save_pretrained(path)
+        (path / TRAINING_ARGS_NAME).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
 

@@ -15,7 +15,17 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 PHASES: tuple[str, ...] = ("generate", "score", "pair", "train", "save")
-REUSED = "reused"  # the value of ``phase_status[phase]`` for a phase a resume loaded instead of running
+REUSED = "reused"  # what a phase a resume loaded instead of running is marked as
+
+# The paper, as cited on every model card (TRL's ``_paper``).
+CITATION = """\
+@inproceedings{wang2025cream,
+    title        = {{CREAM: Consistency Regularized Self-Rewarding Language Models}},
+    author       = {Zhaoyang Wang and Weilei He and Zhiyuan Liang and Xuchao Zhang and Chetan Bansal and Ying Wei
+                    and Weitong Zhang and Huaxiu Yao},
+    year         = 2025,
+    booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
+}"""
 
 
 class LearningRateProbe(TrainerCallback):

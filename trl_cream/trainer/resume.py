@@ -37,6 +37,8 @@ class RunStart:
             ``resume_from_checkpoint``, with its round.
         round_metrics (`list[dict]`): the finished rounds' metrics.
         sft_metrics (`dict`): the SFT stage's metrics, if it ran.
+        gradient_accumulation_steps (`int` or `None`): the accumulation that keeps the run's global batch on this
+            resume's number of processes, when it differs from the configured one (`elastic_accumulation`).
     """
 
     done: int = 0
@@ -44,6 +46,7 @@ class RunStart:
     chosen_checkpoint: tuple[int, Path] | None = None
     round_metrics: list[dict[str, Any]] = field(default_factory=list)
     sft_metrics: dict[str, Any] = field(default_factory=dict)
+    gradient_accumulation_steps: int | None = None
 
     @property
     def resumed_round(self) -> int:
@@ -107,8 +110,15 @@ def open_run(
     """
     resume = bool(resume_from_checkpoint)
     gate = RunGate(store.output_dir, is_main=store.is_main)
+    manifest["world"] = {"num_processes": accelerator.num_processes}
+    accumulation = None
     try:
         chosen = chosen_checkpoint(store, num_rounds, resume_from_checkpoint)
+        if resume:
+            deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+            accumulation = elastic_accumulation(
+                _readable(gate), manifest, accelerator.num_processes, deepspeed, store.output_dir
+            )
         clear = gate.check(manifest, resume=resume, overwrite=overwrite)  # every process
     except Exception:
         if lock is not None:
@@ -119,7 +129,7 @@ def open_run(
         gate.record(manifest, clear)
         accelerator.wait_for_everyone()
     if not (resume and store.has_iteration(store.iteration(1))):
-        return RunStart(chosen_checkpoint=chosen)
+        return RunStart(chosen_checkpoint=chosen, gradient_accumulation_steps=accumulation)
     done = store.last_complete_round(num_rounds)
     for k in sorted({store.iteration(max(done, 1)), store.iteration(done + 1)}):  # π_t and π_{t−1}, before loading
         store.verify_iteration(k, _damaged_iteration_advice(store, k))
@@ -132,7 +142,61 @@ def open_run(
         chosen_checkpoint=chosen,
         round_metrics=[store.load_round_metrics(t) for t in range(1, done + 1)],
         sft_metrics=store.load_sft_metrics(),
+        gradient_accumulation_steps=accumulation,
     )
+
+
+def _readable(gate: RunGate) -> dict[str, Any] | None:
+    try:
+        return gate.read_manifest()
+    except ValueError:  # a damaged manifest: `RunGate.check` names it
+        return None
+
+
+def elastic_accumulation(
+    old: dict[str, Any] | None,
+    manifest: dict[str, Any],
+    num_processes: int,
+    deepspeed: bool = False,
+    folder: str | Path = "output_dir",
+) -> int | None:
+    """On resume, the gradient accumulation that keeps the run's global batch (per-device batch × accumulation ×
+    processes) on ``num_processes`` processes; `None` when nothing changes.
+
+    When the process count differs and the global batch divides, ``manifest`` is given the run's recorded process
+    count and accumulation (so that the manifest check passes) and the new accumulation is returned; when it does not
+    divide (or under DeepSpeed, whose engine fixes the batch), a `ValueError` names both counts and the global batch.
+    """
+    world = (old or {}).get("world")
+    if not isinstance(world, dict):  # a run recorded before the process count was: nothing to compare
+        manifest.pop("world", None)
+        return None
+    before = int(world.get("num_processes", num_processes))
+    old_config, config = old.get("config") or {}, manifest.get("config") or {}
+    batch, accumulation = old_config.get("per_device_train_batch_size"), old_config.get("gradient_accumulation_steps")
+    if before == num_processes or batch != config.get("per_device_train_batch_size") or not accumulation:
+        return None  # the same count, or another per-device batch (the manifest check names that)
+    total, per_step = batch * accumulation * before, batch * num_processes
+    if total % per_step or deepspeed:
+        why = "DeepSpeed's engine fixes the batch" if deepspeed else f"{total} is not a multiple of {per_step}"
+        raise ValueError(
+            f"Cannot resume the run in {folder} on {num_processes} process(es): "
+            f"it was started on {before} with a global batch of {total} (per_device_train_batch_size={batch} x "
+            f"gradient_accumulation_steps={accumulation} x {before} processes), which {num_processes} process(es) "
+            f"cannot keep ({why}). Resume on {before} processes, or on a count P with {total} a multiple of "
+            f"{batch} x P."
+        )
+    steps = total // per_step
+    if config.get("gradient_accumulation_steps") not in (accumulation, steps):
+        return None  # another global batch asked for: the manifest check refuses it
+    manifest["world"], config["gradient_accumulation_steps"] = dict(world), accumulation
+    logger.warning(
+        "Resuming on %d process(es) instead of %d: gradient_accumulation_steps=%d (was %d) keeps the run's global "
+        "batch of %d. A round whose candidates were not saved yet is sampled again with this process count's per-rank "
+        "seeds, so it draws other candidates than the first attempt would have.",
+        num_processes, before, steps, accumulation, total,
+    )  # fmt: skip
+    return steps
 
 
 def chosen_checkpoint(

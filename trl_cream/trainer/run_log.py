@@ -10,7 +10,8 @@ Trackio ends its run at every ``on_train_end``. Here:
   the bookkeeping values ``epoch`` and ``cream/round`` twice at a stage's last step: with that step and with the
   end-of-training summary.)
 - `attach` points TensorBoard at ``output_dir/runs/<date>_<host>`` (unless ``TENSORBOARD_LOGGING_DIR`` is set) and
-  holds back the integrations' end-of-training hook (which closes the writer / finishes the run) until the run ends.
+  wraps the integrations whose end-of-training hook closes the writer / finishes the run in `RunEndDeferred`, a
+  `TrainerCallback` that holds that hook back until the run ends (`end_run`).
 - `SFTLogForwarder` sends the SFT stage's logs into the CREAM trainer's integrations, as ``sft/<name>``.
 """
 
@@ -21,8 +22,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+from transformers.trainer_callback import CallbackHandler
 
 # Integrations whose `on_train_end` ends the run (closes the writer, finishes the Trackio run).
 _RUN_ENDING = ("TensorBoardCallback", "TrackioCallback")
@@ -70,27 +72,54 @@ class StepAxis:
             state.global_step = saved
 
 
-def attach(callbacks: list[TrainerCallback], output_dir: str) -> None:
-    """One TensorBoard folder under ``output_dir``; run-ending hooks deferred to `end_run`."""
+class RunEndDeferred(TrainerCallback):
+    """A logging integration whose end-of-training hook (closing the TensorBoard writer, finishing the Trackio run)
+    waits for the end of the CREAM run: every other event is passed on as it comes; a round's ``on_train_end`` is
+    not (a round's end is not the run's end), and `end_run` passes the last one on."""
+
+    def __init__(self, integration: TrainerCallback) -> None:
+        self.integration = integration
+
+    def end_run(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """The run's end: the integration's own ``on_train_end``."""
+        self.integration.on_train_end(args, state, control, **kwargs)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """A round's end: held back."""
+
+
+def _forward(event: str) -> Callable[..., Any]:
+    def forward(self: RunEndDeferred, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.integration, event)(*args, **kwargs)
+
+    forward.__name__ = event
+    return forward
+
+
+for _event in [name for name in vars(TrainerCallback) if name.startswith("on_") and name != "on_train_end"]:
+    setattr(RunEndDeferred, _event, _forward(_event))
+
+
+def attach(handler: CallbackHandler, output_dir: str) -> None:
+    """One TensorBoard folder under ``output_dir``; the integrations that end the run at ``on_train_end`` are wrapped
+    in `RunEndDeferred`, in place, so that they end it once (`end_run`)."""
     folder = os.path.join(output_dir, default_logdir())
-    for callback in callbacks:
+    for i, callback in enumerate(handler.callbacks):
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = folder
-        if type(callback).__name__ in _RUN_ENDING and "_cream_train_end" not in vars(callback):
-            callback._cream_train_end = callback.on_train_end
-            callback.on_train_end = _skip
+        if type(callback).__name__ in _RUN_ENDING:
+            handler.callbacks[i] = RunEndDeferred(callback)
 
 
-def end_run(callbacks: list[TrainerCallback], args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+def end_run(
+    handler: CallbackHandler, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+) -> None:
     """Call the integrations' deferred ``on_train_end`` once, after the last round."""
-    for callback in callbacks:
-        train_end = vars(callback).get("_cream_train_end")
-        if train_end is not None:
-            train_end(args, state, control, **kwargs)
-
-
-def _skip(*args: Any, **kwargs: Any) -> None:
-    """A round's end is not the run's end."""
+    for callback in handler.callbacks:
+        if isinstance(callback, RunEndDeferred):
+            callback.end_run(args, state, control, **kwargs)
 
 
 class SFTLogForwarder(TrainerCallback):

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 from trl.models.utils import unwrap_model_for_generation
 
@@ -53,15 +53,6 @@ logger = logging.getLogger(__name__)
 
 TokenIds = list[int]
 
-_CITATION = """\
-@inproceedings{wang2025cream,
-    title        = {{CREAM: Consistency Regularized Self-Rewarding Language Models}},
-    author       = {Zhaoyang Wang and Weilei He and Zhiyuan Liang and Xuchao Zhang and Chetan Bansal and Ying Wei
-                    and Weitong Zhang and Huaxiu Yao},
-    year         = 2025,
-    booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
-}"""
-
 
 class CreamTrainer(TrlOnlineDPOBase):
     """Consistency Regularized sElf-rewarding lAnguage Models (CREAM), on top of TRL's online DPO trainer.
@@ -92,7 +83,7 @@ class CreamTrainer(TrlOnlineDPOBase):
     _paper = {
         "title": "CREAM: Consistency Regularized Self-Rewarding Language Models",
         "id": "2410.12735",
-        "citation": _CITATION,
+        "citation": report.CITATION,
     }
 
     def __init__(
@@ -141,8 +132,6 @@ class CreamTrainer(TrlOnlineDPOBase):
         )
         self.lr_probe = report.LearningRateProbe()  # tells a round that ran at learning rate 0
         self.add_callback(self.lr_probe)
-        run_log.attach(self.callback_handler.callbacks, args.output_dir)  # one logging run for SFT + every round
-        self.phase_status: dict[str, str] = {}  # phase -> "reused" when a resume loaded it
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -160,10 +149,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         losses = cream_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, inputs["consistency"], self.beta)
         with torch.no_grad():
-            metrics = pair_metrics(chosen, rejected, ref_chosen, ref_rejected, inputs["consistency"], self.beta)
-            for key, value in metrics.items():
-                gathered = self.accelerator.gather_for_metrics(value.detach().float())
-                self.stats.setdefault(key, []).append(gathered.mean().item())
+            self.record_metrics(
+                pair_metrics(chosen, rejected, ref_chosen, ref_rejected, inputs["consistency"], self.beta)
+            )
         return losses.mean()
 
     # ---------------------------------------------------------------- Algorithm 1
@@ -192,15 +180,14 @@ class CreamTrainer(TrlOnlineDPOBase):
                 self.store.save_sft_metrics(self.sft_metrics)
             self.save_iteration(first)
             self.push_iteration(first)
-        output = TrainOutput(self.steps.offset, 0.0, {})
+        output = TrainOutput(self.run_steps, 0.0, {})
         try:
             for t, prompts in enumerate(shards, start=1):  # line 4: for t = 1..T
                 if t > start.done:
-                    self.round = t
-                    output = self._run_round(t, prompts, start)
+                    output = self.run_round(t, prompts, start)
         finally:
             self.vllm_engine.close()  # before anything destroys the process group
-        run_log.end_run(self.callback_handler.callbacks, self.args, self.state, self.control, model=self.model)
+        self.end_logging_run()
         if self._hub is not None:
             self._hub.wait()
         output.metrics["rounds"] = self.round_metrics
@@ -208,38 +195,35 @@ class CreamTrainer(TrlOnlineDPOBase):
             output.metrics["sft"] = self.sft_metrics
         return output
 
-    def _run_round(self, t: int, prompts: list[Any], start: resume.RunStart | None = None) -> TrainOutput:
-        """Round ``t``: M_t → M_{t+1}. Each phase's result is saved as soon as it is computed, and loaded instead of
-        recomputed when an earlier attempt of the run finished it."""
-        start = start or resume.RunStart()
-        args, timings, step = self.args, {}, self.steps.round_start()  # the round's own metrics go to `step`
-        self.phase_status, _ = {}, self.lr_probe.reset()
+    def run_round(self, t: int, prompts: list[Any], start: resume.RunStart | None = None) -> TrainOutput:
+        """Round ``t``: M_t → M_{t+1} on ``prompts`` (what `train` runs for each round not finished yet; callable on
+        its own, e.g. by a benchmark, once ``M<iteration_index(t)>`` exists). Each phase's result is saved as soon as
+        it is computed, and loaded instead of recomputed when an earlier attempt of the run finished it."""
+        args, state = self.args, phases.RoundState(t, start or resume.RunStart())
+        step = self.start_round(t)  # the round's own metrics are logged at its first training step
+        self.lr_probe.reset()
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
-        with _timed(timings, "generate"):
-            samples = self.sample_phase(t, prompts, start)  # line 5: N responses per prompt from π_t
-        with _timed(timings, "score"), frozen_gc(args.freeze_gc):
-            scores = self.score_phase(t, samples, start)  # lines 6, 8: log π_t, log π_0, log π_{t−1}
+        with _timed(state, "generate"):
+            samples = self.sample_phase(state, prompts)  # line 5: N responses per prompt from π_t
+        with _timed(state, "score"), frozen_gc(args.freeze_gc):
+            scores = self.score_phase(state, samples)  # lines 6, 8: log π_t, log π_0, log π_{t−1}
         phases.advance_previous(self._policy())  # π_t becomes round t + 1's π_{t−1}
-        with _timed(timings, "pair"):
-            pairs, metrics = self.label_phase(t, samples, scores, start)  # lines 9-12: rankings, C, pairs
+        with _timed(state, "pair"):
+            pairs, metrics = self.label_phase(state, samples, scores)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
         inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
-        with _timed(timings, "train"):
-            checkpoint = start.trainer_checkpoint(t, self.store)
-            if t == start.resumed_round:
-                how = f"continues from {checkpoint}" if checkpoint else "runs from the round's start"
-                logger.info("Resuming round %d: training %s.", t, how)
-            output = self.train_phase(t, pairs, checkpoint)  # lines 13-14
+        with _timed(state, "train"):
+            output = self.train_phase(state, pairs)  # lines 13-14
         check_training_finite(self.accelerator, self.model, output.training_loss, t, args)  # before M_{t+1} is saved
         metrics.update(train_loss=output.training_loss if output.global_step else None, train_steps=output.global_step)
         report.flag_no_op(t, metrics, self.lr_probe)  # warns once and marks a round that learnt nothing
-        with _timed(timings, "save"):
+        with _timed(state, "save"):
             self.save_iteration(self.store.iteration(t + 1))  # M_{t+1}
         self.store.drop_trainer_checkpoints(t)
-        metrics.update({f"time_{k}_s": v for k, v in timings.items()})
-        metrics = report.tidy({**metrics, "reused_phases": sorted(self.phase_status)})
+        metrics.update({f"time_{k}_s": v for k, v in state.timings.items()})
+        metrics = report.tidy({**metrics, "reused_phases": sorted(state.reused)})
         self.store.save_round_metrics(t, metrics)
         self.log_at({f"cream/{k}": float(v) for k, v in metrics.items() if k.startswith("time_")}, step)
         if self.is_world_process_zero():
@@ -249,10 +233,10 @@ class CreamTrainer(TrlOnlineDPOBase):
         return output
 
     # ---------------------------------------------------------------- the phases
-    def sample_phase(self, t: int, prompts: list[Any], start: resume.RunStart | None = None) -> RoundSamples:
+    def sample_phase(self, state: phases.RoundState, prompts: list[Any]) -> RoundSamples:
         """The round's prompts as token ids and ``num_generations`` candidates each. Every rank samples its share
         (seed from ``seed``, ``t`` and its rank); all get the whole round."""
-        args = self.args
+        args, t = self.args, state.t
         prompt_ids = fit_prompts(
             tokenize_prompts(self.processing_class, prompts), args.max_length, args.max_new_tokens,
             args.long_prompts, f"round {t}'s prompts",
@@ -261,26 +245,28 @@ class CreamTrainer(TrlOnlineDPOBase):
 
         def sample() -> list[list[TokenIds]]:
             shard = distributed.start_round(self.accelerator, len(prompt_ids), args.seed, t)
+            self.vllm_engine.policy_dir = self.store.iteration_dir(self.store.iteration(t))  # π_t, saved before
             sink: list[list[float]] | None = [] if args.policy_logps_from_sampling else None
             extra = {"logps_out": sink} if sink is not None else {}
             local = self.generate_candidates(shard.select(prompt_ids), desc=f"round {t}: sampling", **extra)
             sampled["logps"] = sink
             return distributed.gather_candidates(shard, local)
 
-        candidates = self.store.load_or_compute(
-            lambda: self._noted(t, "generate", "samples", self.store.load_samples(t, prompt_ids), start),
-            sample,
-            lambda c: self.store.save_samples(t, prompt_ids, c),
+        store = self.store
+        candidates, reused = store.load_or_compute(
+            partial(store.load_samples, t, prompt_ids), sample, partial(store.save_samples, t, prompt_ids)
         )
+        state.note_reuse("generate", "samples", reused, self.store.round_dir(state.t))
         return RoundSamples(list(prompts), prompt_ids, candidates, sampled["logps"])
 
-    def score_phase(self, t: int, samples: RoundSamples, start: resume.RunStart) -> RoundScores:
+    def score_phase(self, state: phases.RoundState, samples: RoundSamples) -> RoundScores:
         """Every candidate's Σ log-prob under π_t, π_0 and π_{t−1} (each rank its share, then gathered), plus the
         external reward/baseline when configured; refused if not finite."""
+        t = state.t
 
         def compute() -> RoundScores:
             policy = self._policy()
-            if start.restores_previous(t):
+            if state.start.restores_previous(t):
                 phases.restore_previous(policy, self.store.iteration_dir(self.store.iteration(t - 1)))
             shard = distributed.round_shard(self.accelerator, len(samples.prompt_ids))  # the split of sampling
             local = shard.select(samples.candidates)
@@ -296,23 +282,23 @@ class CreamTrainer(TrlOnlineDPOBase):
             check_finite_scores(named, t, next(policy.model.parameters()).dtype)
             return scores
 
-        return self.store.load_or_compute(
-            lambda: self._noted(t, "score", "scores", self.store.load_scores(t), start),
-            compute,
-            lambda s: self.store.save_scores(t, s),
+        scores, reused = self.store.load_or_compute(
+            partial(self.store.load_scores, t), compute, partial(self.store.save_scores, t)
         )
+        state.note_reuse("score", "scores", reused, self.store.round_dir(state.t))
+        return scores
 
     def label_phase(
-        self, t: int, samples: RoundSamples, scores: RoundScores, start: resume.RunStart | None = None
+        self, state: phases.RoundState, samples: RoundSamples, scores: RoundScores
     ) -> tuple[Dataset, dict[str, Any]]:
         """Rewards, both rankings, C and the best/worst pairs (Algorithm 1 lines 9-12), with the round's metrics."""
-        args = self.args
+        args, t = self.args, state.t
 
         def label() -> tuple[Dataset, dict[str, Any], Dataset | None]:
             self.store.drop_trainer_checkpoints(t)  # they would belong to pairs that are no longer on disk
             labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
             pairs = pairs_dataset(t, samples.prompt_ids, samples.candidates, scores, labels, args.ref_policy)
-            metrics = {"round": t, "beta": self.beta, **labels.metrics}
+            metrics = {"round": t, "beta": args.beta_for_round(t), **labels.metrics}
             table = None
             if args.save_round_artifacts and self.accelerator.is_main_process:
                 decode = self.processing_class.batch_decode
@@ -321,14 +307,21 @@ class CreamTrainer(TrlOnlineDPOBase):
             return pairs, metrics, table
 
         def load() -> tuple[Dataset, dict[str, Any], None] | None:
-            loaded = self._noted(t, "pair", "pairs", self.store.load_pairs(t), start)
+            loaded = self.store.load_pairs(t)
             return None if loaded is None else (*loaded, None)
 
-        pairs, metrics, _ = self.store.load_or_compute(load, label, lambda r: self.store.save_pairs(t, *r))
+        (pairs, metrics, _), reused = self.store.load_or_compute(load, label, lambda r: self.store.save_pairs(t, *r))
+        state.note_reuse("pair", "pairs", reused, self.store.round_dir(state.t))
         return pairs, metrics
 
-    def train_phase(self, t: int, pairs: Dataset, checkpoint: Path | None = None) -> TrainOutput:
-        """Train π_t on the round's pairs with the CREAM loss (reference: the scoring pass's log-probs)."""
+    def train_phase(self, state: phases.RoundState, pairs: Dataset) -> TrainOutput:
+        """Train π_t on the round's pairs with the CREAM loss (reference: the scoring pass's log-probs), from the
+        round's intra-round Trainer checkpoint when a resume has one."""
+        t = state.t
+        checkpoint = state.start.trainer_checkpoint(t, self.store)
+        if state.resuming:
+            how = f"continues from {checkpoint}" if checkpoint else "runs from the round's start"
+            logger.info("Resuming round %d: training %s.", t, how)
         if len(pairs) == 0:  # `report.flag_no_op` says why and marks the round
             return TrainOutput(0, 0.0, {})
         return self.train_on_pairs(pairs, self.store.trainer_checkpoint_dir(t), checkpoint, seed=self.args.seed + t)
@@ -346,8 +339,7 @@ class CreamTrainer(TrlOnlineDPOBase):
         candidates come from this process's vLLM engine (`trainer/vllm_engine.py`), made to hold the round's ``M<k>``:
         it needs the run's state (the engine kept across rounds, the saved ``M<k>``), so it is not a table entry."""
         if self.args.generation_backend == "vllm":
-            iteration_dir = self.store.iteration_dir(self.store.iteration(self.round))
-            return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, iteration_dir, logps_out)
+            return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, logps_out)
         settings, tokenizer = SamplingSettings.from_args(self.args), self.tokenizer
         config = settings.generation_config(tokenizer, self.eos_ids)
         with unwrap_model_for_generation(
@@ -368,17 +360,10 @@ class CreamTrainer(TrlOnlineDPOBase):
     ) -> RoundScores:
         """Σ log-probs of this rank's candidates under π_t, π_0 and π_{t−1} (Algorithm 1 lines 6 and 8); every rank."""
         previous_dir = self.store.iteration_dir(self.store.iteration(t - 1))
-        return phases.score(self._policy(), self.args, t, prompt_ids, candidates, previous_dir, policy_logps)
-
-    def save_policy(self, path: Path) -> None:
-        """Save the current policy (full model, or only the policy adapter) and the tokenizer to ``path``, once."""
-        policy = self._policy()
-        engine = getattr(self, "deepspeed", None)
-        phases.save_policy(
-            policy,
-            path,
-            lambda p: distributed.save_full_model(self.accelerator, policy.model, engine, self.save_model, p),
-        )
+        return phases.score(
+            self._policy(), t, prompt_ids, candidates, previous_dir, policy_logps, max_length=self.args.max_length,
+            batch_size=self.args.scoring_batch_size, show_progress=self._shows_progress(),
+        )  # fmt: skip
 
     def push_iteration(self, index: int) -> None:
         """Write the model card of ``output_dir/M<index>`` and, with ``push_to_hub``, push it in the background (main
@@ -405,27 +390,20 @@ class CreamTrainer(TrlOnlineDPOBase):
             self.store, manifest, self.accelerator, resume_from_checkpoint, args.num_iterations,
             args.overwrite_output_dir, lock,
         )  # fmt: skip
+        if start.gradient_accumulation_steps is not None:  # another process count: the global batch is kept
+            args.gradient_accumulation_steps = start.gradient_accumulation_steps
         if start.resumed:
             self.sft_metrics = start.sft_metrics
             resume.restore_policy(
                 self._policy().model, self.use_peft, self.store.iteration_dir(self.store.iteration(start.done + 1))
             )
             self.round_metrics.extend(start.round_metrics)
-            self.steps.finish_stage(int(start.sft_metrics.get("sft_steps", 0)) + start.train_steps)
+            self.count_steps(int(start.sft_metrics.get("sft_steps", 0)) + start.train_steps)
             if self._pushes_to_hub():
                 for index in resume.unpushed_iterations(self.store, start.done):
                     logger.info("Resuming: M%d was saved but its push did not finish; pushing it now.", index)
                     self.push_iteration(index)
         return start
-
-    def _noted(self, t: int, phase: str, what: str, loaded: Any, start: resume.RunStart | None) -> Any:
-        """Record (for the console line, metrics.json and the card) and log whether a resume reused a phase."""
-        if loaded is not None:
-            self.phase_status[phase] = report.REUSED
-            logger.info("Resuming round %d: %s reused from %s.", t, what, self.store.round_dir(t))
-        elif start is not None and t == start.resumed_round:
-            logger.info("Resuming round %d: %s recomputed.", t, what)
-        return loaded
 
     def _shows_progress(self) -> bool:
         """Sampling/scoring/judge bars: on the local main process, unless ``disable_tqdm``."""
@@ -445,29 +423,18 @@ class CreamTrainer(TrlOnlineDPOBase):
         )
         self.sft_metrics["time_sft_s"] = round(time.perf_counter() - start, 3)
         check_distinct_from_initial(model, self.ref_model, None)
-        self.steps.finish_stage(int(self.sft_metrics.get("sft_steps", 0)))
+        self.count_steps(int(self.sft_metrics.get("sft_steps", 0)))
         numbers = {f"cream/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))}
-        self.log_at(numbers, self.steps.offset)
+        self.log_at(numbers, self.run_steps)
         return self.sft_metrics
 
     def save_iteration(self, index: int) -> None:
-        """Save the policy as ``output_dir/M<index>``: written to a temporary folder, then renamed into place.
-
-        The Trainer's pickled ``training_args.bin`` is left out (the run's config is in the manifest, as JSON), so an
-        iteration holds only safetensors and JSON."""
-        with self.store.writing_iteration(index) as tmp:
-            self.save_policy(tmp)
-            if self.accelerator.is_main_process:
-                (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        """Save the policy (full model, or only the policy adapter) and the tokenizer as ``output_dir/M<index>``: the
+        one extension point for saving. Written to a temporary folder by `phases.save_policy`, then renamed into
+        place; an iteration holds only safetensors and JSON (the run's config is in the manifest)."""
+        with self.store.writing_iteration(index) as folder:
+            phases.save_policy(self._policy(), folder, self.save_model, engine=getattr(self, "deepspeed", None))
         self.accelerator.wait_for_everyone()
-
-    @property
-    def first_iteration(self) -> int:
-        """Index of the starting policy in the M0, M1, ... naming (1: the model after SFT)."""
-        return self.store.iteration(1)
-
-    def iteration_dir(self, index: int) -> Path:
-        return self.store.iteration_dir(index)
 
     def round_dir(self, t: int) -> Path:
         return self.store.round_dir(t)
@@ -497,9 +464,9 @@ class CreamTrainer(TrlOnlineDPOBase):
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+def _timed(state: phases.RoundState, name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = round(time.perf_counter() - start, 3)
+        state.timings[name] = round(time.perf_counter() - start, 3)

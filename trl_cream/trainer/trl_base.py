@@ -1,28 +1,37 @@
 """Everything trl-cream takes from TRL's experimental `OnlineDPOTrainer`, in one place.
 
-`OnlineDPOTrainer` lives in `trl.experimental`, which carries no stability guarantee. CREAM runs its own rounds
-(sampling N candidates, scoring, pairing) and uses the parent only for what a TRL trainer gives every subclass:
-the constructor (model/PEFT/reference set-up, accelerator, callbacks), `Trainer.train` on a pairs dataset, logging
-and model cards. What it relies on, and nothing else:
+`OnlineDPOTrainer` lives in `trl.experimental`, which carries no stability guarantee ("promote or remove, no
+deprecation cycle"). This module is the only one that imports `trl.experimental` (ruff's TID251 refuses the import
+anywhere else; see pyproject.toml), and it silences TRL's notice for that import only. CREAM runs its own rounds
+(sampling N candidates, scoring, pairing) and uses the parent only for what a TRL trainer gives every subclass: the
+constructor (model/PEFT/reference set-up, accelerator, callbacks), `Trainer.train` on a pairs dataset, logging and
+model cards. What it relies on, and nothing else:
 
 - ``__init__(model, ref_model, reward_funcs, args, train_dataset, processing_class, peft_config, callbacks,
-  optimizers)``: building the trainer, with ``reward_funcs=[]``;
+  optimizers)``: building the trainer, with ``reward_funcs=[]``; given a `PeftModel` and no reference it would
+  deep-copy the model as π_0, hence the `_AdapterReference` placeholder; a full reference is kept as given (eval
+  mode, placed by the accelerator);
 - ``self.ref_model``: π_0 for full fine-tuning (`None` with PEFT: π_0 is the adapter-free base);
 - ``self._tokenizer``: the tokenizer behind ``processing_class`` ([`TrlOnlineDPOBase.tokenizer`]);
 - ``self.eos_token_ids``: every id that ends a completion ([`TrlOnlineDPOBase.eos_ids`]);
-- ``self.stats`` and ``_maybe_log_save_evaluate``: per-step metrics, averaged into each log;
+- ``self.stats``: the parent averages each of its lists into every training log; CREAM empties it and logs its own
+  per-step metrics as TRL's stable `DPOTrainer` does (`record_metrics` into ``_metrics``, averaged in `log`);
 - ``_save_checkpoint``: intra-round checkpoints; `create_model_card` writes no card in ``output_dir`` itself;
 - ``beta``, a property: replaced, since the parent indexes a β list by a float epoch;
 - ``training_step``: replaced by `transformers.Trainer.training_step`.
 
-`tests/test_trl_contract.py` names each of them, so that a TRL release that changes one fails there with a clear
-message; moving to another TRL base (e.g. `trl.DPOTrainer`) means changing this module only.
+`tests/test_trl_contract.py` checks each of them, names and behaviour, so that a TRL release that changes one fails
+there with a clear message; moving to another base (`trl.DPOTrainer`, or `transformers.Trainer`: see
+docs/architecture.md) means changing this module only.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +42,17 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
-from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+from trl.import_utils import TRLExperimentalWarning
 
 from .. import engines
 from ..modeling.perf import frozen_gc
 from . import run_log
+
+# The only import of `trl.experimental` in trl-cream (ruff's TID251 refuses it anywhere else). Its notice that the API
+# is unstable is silenced here, for this import only: the user's process environment is left alone.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", TRLExperimentalWarning)
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 # The parent's constructor parameters CreamTrainer passes (the contract test checks they still exist).
 PARENT_INIT_PARAMETERS: tuple[str, ...] = (
@@ -56,7 +71,6 @@ PARENT_ATTRIBUTES: tuple[str, ...] = ("ref_model", "_tokenizer", "eos_token_ids"
 # Methods of the parent (and of transformers' Trainer below it) that CREAM calls through super() or replaces, with
 # the parameters it passes or receives.
 PARENT_METHODS: dict[str, tuple[str, ...]] = {
-    "_maybe_log_save_evaluate": ("tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval"),
     "_save_checkpoint": ("model", "trial"),
     "_get_output_dir": ("trial",),
     "_push_from_checkpoint": ("checkpoint_folder",),
@@ -125,10 +139,12 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
         )
         if placeholder:
             self.ref_model = None
-        self.stats: dict[str, list[float]] = {}  # CREAM's own keys; the parent's fixed ones would stay empty
-        self.round = 0  # the round being run (0 before the first), shown as cream/round in every log
-        self.steps = run_log.StepAxis()  # one step axis across the SFT stage and every round
+        self.stats = {}  # the parent averages this dict into each training log: empty, it adds nothing
+        self._metrics: dict[str, list[float]] = defaultdict(list)  # per-step metrics, averaged into each log (log())
+        self._round = 0  # the round being run (0 before the first), shown as cream/round in every log
+        self._steps = run_log.StepAxis()  # one step axis across the SFT stage and every round
         self._round_output_dir: str | None = None  # where the current round's Trainer checkpoints go
+        run_log.attach(self.callback_handler, args.output_dir)  # one logging run for SFT + every round
 
     # ---------------------------------------------------------------- what CREAM reads from the parent
     @property
@@ -145,7 +161,33 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
     @property
     def beta(self) -> float:
         """β of the current round (the parent indexes a β list by a float epoch, which crashes)."""
-        return self.args.beta_for_round(max(self.round, 1))
+        return self.args.beta_for_round(max(self._round, 1))
+
+    # ---------------------------------------------------------------- the run's rounds and steps
+    @property
+    def round(self) -> int:
+        """The round being run (0 before the first), set by [`start_round`]."""
+        return self._round
+
+    @property
+    def run_steps(self) -> int:
+        """Optimizer steps of the finished stages (the SFT stage and the rounds) of this run."""
+        return self._steps.offset
+
+    def start_round(self, t: int) -> int:
+        """Round ``t`` starts: its β, its ``cream/round`` in every log; returns the run step of the round's own
+        metrics (its first optimizer step)."""
+        self._round = t
+        return self._steps.round_start()
+
+    def count_steps(self, steps: int) -> None:
+        """A stage that ran ``steps`` optimizer steps outside `train_on_pairs` (the SFT stage, the finished rounds
+        of a resumed run)."""
+        self._steps.finish_stage(steps)
+
+    def end_logging_run(self) -> None:
+        """The run is over: the logging integrations' end-of-training hooks, held back at each round's end, run."""
+        run_log.end_run(self.callback_handler, self.args, self.state, self.control, model=self.model)
 
     # ---------------------------------------------------------------- parent fixes
     def training_step(
@@ -155,18 +197,31 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
         parent's step, which samples 2 completions inline and back-propagates an unscaled loss."""
         return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
-    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
-        self.stats = {k: v for k, v in self.stats.items() if v}  # an empty list would divide by zero
-        super()._maybe_log_save_evaluate(*args, **kwargs)
+    # ---------------------------------------------------------------- metrics and logs (as TRL's DPOTrainer)
+    def record_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Store one training step's metrics (each gathered across processes and averaged); the next log averages
+        every value stored since the previous one."""
+        for key, value in metrics.items():
+            self._metrics[key].append(self.accelerator.gather_for_metrics(value.detach().float()).mean().item())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Log at the run's step (`trl_cream.trainer.run_log`), so report_to integrations see one ordered run."""
-        with self.steps.applied(self.state):
-            super().log({**logs, "cream/round": self.round}, start_time)
+        """Log with the stored metrics' means, at the run's step (`trl_cream.trainer.run_log`), so that report_to
+        integrations see one ordered run."""
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics.items() if values}
+        self._metrics.clear()
+        with self._steps.applied(self.state):
+            super().log({**logs, **metrics, "cream/round": self._round}, start_time)
+
+    @contextmanager
+    def at_run_step(self, step: int) -> Iterator[None]:
+        """``state.global_step`` is the run's step ``step`` for the block (an integration called directly, e.g. with a
+        round's completions table)."""
+        with self._steps.pinned(step), self._steps.applied(self.state):
+            yield
 
     def log_at(self, logs: dict[str, float], step: int) -> None:
         """Log at the run's step ``step`` (a round's own metrics, the SFT stage's logs)."""
-        with self.steps.pinned(step):
+        with self._steps.pinned(step):
             self.log(logs)
 
     # The Trainer must not create repos or push on its own: CREAM pushes every iteration itself (trl_cream.hub).
@@ -216,7 +271,7 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
             set_seed(seed)  # the same data order and dropout whether or not sampling ran in this process
         self.train_dataset = pairs
         self.optimizer, self.lr_scheduler = None, None  # fresh AdamW and warm-up every round
-        self.stats = {}
+        self._metrics.clear()
         history = self.state.log_history  # Trainer.train starts a fresh state; keep the whole run's history
         self._round_output_dir = str(output_dir) if output_dir is not None else None
         with frozen_gc(self.args.freeze_gc):
@@ -225,8 +280,9 @@ class TrlOnlineDPOBase(OnlineDPOTrainer):
             finally:
                 self._round_output_dir = None
             self.state.log_history = history + self.state.log_history
-            self.steps.finish_stage(self.state.global_step)
+            self._steps.finish_stage(self.state.global_step)
             self.optimizer, self.lr_scheduler = None, None  # free AdamW's state before the next round's scoring
-            engines.release_engine(self)  # DeepSpeed: the next round builds a fresh engine (trl_cream.engines)
+            if engines.release_engine(self.accelerator):  # DeepSpeed: the next round builds a fresh engine
+                self.model_wrapped, self.deepspeed = self.model, None
             gc.collect()
         return output

@@ -47,6 +47,7 @@ class ColocatedEngine:
     def __init__(self) -> None:
         self.sampler: VLLMSampler | None = None
         self.holds: Path | None = None
+        self.policy_dir: Path | None = None  # π_t's saved folder ``M<k>``, set by the round's sampling phase
         self.timings: dict[str, float] = {}
 
     def _build(self, policy: Policy, args: Any, iteration_dir: Path) -> VLLMSampler:
@@ -104,12 +105,13 @@ class ColocatedEngine:
         policy: Policy,
         args: Any,
         prompt_ids: list[TokenIds],
-        iteration_dir: Path,
         logps_out: list[list[float]] | None = None,
     ) -> list[list[TokenIds]]:
-        """This rank's candidates from π_t, sampled by the engine (its seeds drawn from torch's generator, which
-        `distributed.start_round` has seeded for this rank and round)."""
-        sampler = self.hold(policy, args, iteration_dir)
+        """This rank's candidates from π_t = ``policy_dir``, sampled by the engine (its seeds drawn from torch's
+        generator, which `distributed.start_round` has seeded for this rank and round)."""
+        if self.policy_dir is None:
+            raise RuntimeError("The vLLM engine was asked to sample before the round named π_t's folder M<k>.")
+        sampler = self.hold(policy, args, self.policy_dir)
         show = policy.accelerator.is_local_main_process and not args.disable_tqdm
         return sampler.generate(
             prompt_ids, args, policy.eos_ids, pad_token_id(policy.tokenizer), logps_out, show_progress=show

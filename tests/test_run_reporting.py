@@ -1,5 +1,6 @@
-"""A newcomer's first hour (issue 14): the README quickstart trains, each round prints a line, TensorBoard sees one
-ordered run, and a round that learns nothing says so."""
+"""What a run shows its user (`trl_cream.trainer.schedule`, `run_log`, `report`): the whole-step warm-up, the README
+quickstart training every round with one console line each and one ordered TensorBoard run, and the flag on a round
+that learns nothing."""
 
 from __future__ import annotations
 

@@ -1,16 +1,14 @@
-"""The small things a new user notices (issue 14, item 6): the model card's front matter and sections, the eval
-command's π_0 message, the evaluation footnote."""
+"""The model card of an iteration (`trl_cream.hub.model_card`): front matter, name, sections, lineage, base model and
+the links to the tracking runs."""
 
 from __future__ import annotations
 
 import sys
 from types import SimpleNamespace
 
-import pytest
 from conftest import cream_args
 
-from trl_cream import CreamTrainer, cli
-from trl_cream.evaluation.report import render_markdown
+from trl_cream import CreamTrainer
 from trl_cream.hub import model_card
 from trl_cream.hub.model_card import build_model_card
 
@@ -58,47 +56,3 @@ def test_card_links_the_wandb_and_trackio_runs(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=None))
     assert model_card.run_urls()[0] is None
     assert "Visualize in" not in _card(cream_args(tmp_path), "org/base")
-
-
-def test_eval_says_which_checkpoint_is_pi0(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--checkpoints", "M1=out/M1", "M2=out/M2", "M3=out/M3", "--tasks", "nope"])
-    out = capsys.readouterr().out
-    assert "the first checkpoint, M1 (out/M1), is taken as π_0" in out and "(2 pair(s))" in out
-    assert "list M0 first" in out
-
-
-def _results(*modes: str) -> dict:
-    accuracy = {f"task{i}": {"accuracy": 0.5, "n": 10, "mode": mode} for i, mode in enumerate(modes)}
-    return {"iterations": ["M0"], "accuracy": {"M0": accuracy}, "consistency": {}}
-
-
-def test_loglikelihood_footnote_only_when_a_task_used_it():
-    generated = render_markdown(_results("generate", "generate"))
-    assert "Log-likelihood tasks" not in generated and "sqrt(p(1-p)" in generated
-    mixed = render_markdown(_results("generate", "loglikelihood"))
-    assert "Log-likelihood tasks: `acc`" in mixed and "sqrt(p(1-p)" in mixed
-
-
-def test_study_plot_keeps_coinciding_methods_apart_and_c_bars_within_0_1():
-    from trl_cream.recipes.study_report import PAIRS, study_figure
-
-    same = {"mean": 0.9, "std": 0.3}  # SRLM and CREAM identical; mean + std would reach 1.2
-    average = {"Average": {"mean": 0.4, "std": 0.01, "stderr": 0.02}}
-    table1 = {"M0": average, "M1": average, **{f"{m} {k}": average for m in ("srlm", "cream") for k in ("M2", "M3")}}
-    results = {
-        "settings": {"methods": ["srlm", "cream"]},
-        "summary": {
-            "table1": table1,
-            "table2": {m: {p: {"consistency": same} for p in PAIRS} for m in ("srlm", "cream")},
-        },
-    }
-    acc_axes, c_axes = study_figure(results).axes
-    for axes in (acc_axes, c_axes):
-        lines = [container.lines[0] for container in axes.containers]
-        xs = [tuple(line.get_xdata()) for line in lines]
-        assert len(xs) == 2 and xs[0] != xs[1]  # side by side, not on top of each other
-        assert lines[0].get_linestyle() != lines[1].get_linestyle()
-    for container in c_axes.containers:
-        for segment in container.lines[2][0].get_segments():
-            assert 0.0 <= min(segment[:, 1]) and max(segment[:, 1]) <= 1.0 + 1e-12

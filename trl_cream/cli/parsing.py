@@ -13,9 +13,9 @@ from dataclasses import fields
 from typing import Any
 
 from trl import TrlParser
-from trl.experimental.online_dpo import OnlineDPOConfig
 
-from .trainer.config import CreamConfig
+from ..trainer.config import CreamConfig
+from ..trainer.trl_base import OnlineDPOConfig
 
 # CREAM's own options in `--help`, in this order; the inherited Trainer / online DPO fields come after them.
 CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -27,7 +27,8 @@ CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "CREAM: sampling",
         ("num_generations", "temperature", "top_p", "max_new_tokens", "max_length", "generation_backend",
-         "generation_batch_size", "scoring_batch_size", "long_prompts", "policy_logps_from_sampling"),
+         "generation_batch_size", "scoring_batch_size", "long_prompts", "policy_logps_from_sampling",
+         "vllm_max_model_length", "vllm_max_num_seqs"),
     ),
     (
         "CREAM: consistency and rewards",
@@ -44,7 +45,7 @@ CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "CREAM: output and resume",
         ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_strategy", "report_to", "run_name",
-         "log_level"),
+         "log_level", "log_completions", "num_completions_to_print", "log_unique_prompts"),
     ),
 )  # fmt: skip
 

@@ -56,6 +56,13 @@ class TrainScriptArguments:
         metadata={"help": "M1 as a LoRA adapter on `model_name_or_path` (π_0 = the base with adapters disabled)."},
     )
 
+    def __post_init__(self) -> None:
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(
+                f"--max_prompts {self.max_prompts}: give a positive number of prompts, or leave it out to use them "
+                "all."
+            )
+
 
 @dataclass
 class EvalArguments:
@@ -110,16 +117,48 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Sampling seed for Table 2."})
 
 
+_DATA_FILES = {"json", "jsonl", "csv", "parquet"}
+
+
+def _check_local(spec: str, what: str) -> None:
+    """Refuse a local path that does not exist before any Hub call: only a string that can be a Hub id
+    (``name`` or ``namespace/name``) is looked up on the Hub."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return
+    try:
+        validate_repo_id(spec)
+        local_parent = path.parent != Path(".") and path.parent.exists()  # e.g. models/m1 with models/ here
+        hub_like = not (spec.startswith((".", "~")) or local_parent or path.suffix.lstrip(".") in _DATA_FILES)
+    except HFValidationError:
+        hub_like = False
+    if not hub_like:
+        raise ValueError(f"{what} {spec!r}: that local path does not exist ({path.resolve()}). Check the path.")
+
+
 def _load_dataset(spec: str, split: str, config: str | None = None) -> Any:
     from datasets import load_dataset, load_from_disk
 
-    path = Path(spec)
+    _check_local(spec, "--dataset_name")
+    path = Path(spec).expanduser()
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         data = load_from_disk(str(path))
+        if hasattr(data, "keys") and split not in data:
+            raise ValueError(
+                f"{spec!r} is a saved DatasetDict with splits {list(data)} but no {split!r} split: pick one with "
+                f"--dataset_train_split (e.g. --dataset_train_split {next(iter(data))})."
+            )
         return data[split] if hasattr(data, "keys") else data
     suffix = path.suffix.lstrip(".")
-    if path.is_file() and suffix in {"json", "jsonl", "csv", "parquet"}:
+    if path.is_file() and suffix in _DATA_FILES:
         return load_dataset("json" if suffix == "jsonl" else suffix, data_files=str(path), split="train")
+    if path.is_file():
+        raise ValueError(
+            f"{spec!r}: a .{suffix or '<no suffix>'} file is not a dataset format trl-cream reads. Give a JSON/JSONL, "
+            "CSV or Parquet file with a prompt column, a save_to_disk folder, or a Hub dataset id."
+        )
     return load_dataset(spec, name=config, split=split)
 
 
@@ -127,8 +166,8 @@ def train_parser() -> Any:
     """The `trl-cream train` parser: script arguments, every CreamConfig field and TRL's ModelConfig."""
     from trl import ModelConfig
 
-    from .cli_parsing import build_parser
-    from .trainer.config import CreamConfig
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser
 
     titles = {TrainScriptArguments: "data (trl-cream train)", ModelConfig: "model (TRL's ModelConfig)"}
     return build_parser((TrainScriptArguments, CreamConfig, ModelConfig), "trl-cream train", titles)
@@ -138,9 +177,9 @@ def train_main(argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
-    from .cli_parsing import setup_logging
-    from .hub.model_card import rounds_table
-    from .trainer.trainer import CreamTrainer
+    from ..hub.model_card import rounds_table
+    from ..trainer.trainer import CreamTrainer
+    from .parsing import setup_logging
 
     parser = train_parser()
     script, args, model_args = parser.parse_args_and_config(_bare_resume_flag(argv))
@@ -164,6 +203,9 @@ def train_main(argv: list[str]) -> int:
     }
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
+    _check_local(model_args.model_name_or_path, "--model_name_or_path")
+    if script.ref_model_name_or_path:
+        _check_local(script.ref_model_name_or_path, "--ref_model_name_or_path")
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=args.trust_remote_code
@@ -240,10 +282,10 @@ def eval_main(argv: list[str]) -> int:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from .cli_parsing import build_parser
-    from .evaluation import run_evaluation
-    from .evaluation.report import render_markdown
-    from .recipes.demo_data import build_demo_datasets
+    from ..evaluation import run_evaluation
+    from ..evaluation.report import render_markdown
+    from ..recipes.demo_data import build_demo_datasets
+    from .parsing import build_parser
 
     parser = build_parser((EvalArguments,), "trl-cream eval")
     (args,) = parser.parse_args_and_config(argv)
@@ -261,6 +303,13 @@ def eval_main(argv: list[str]) -> int:
         "(--checkpoints M0=<base> M1=... M2=...).",
         flush=True,
     )
+    for name, path in checkpoints.items():  # before the tokenizer and data: a folder that is no model is named
+        folder = Path(path)
+        if folder.is_dir() and not ((folder / "config.json").exists() or (folder / "adapter_config.json").exists()):
+            parser.error(
+                f"--checkpoints {name}={path}: that folder holds no model (neither config.json nor "
+                "adapter_config.json). Give a saved model or adapter folder (e.g. output_dir/M2), or a Hub id."
+            )
     unknown = set(args.tasks) - {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
     if unknown:
         parser.error(f"unknown --tasks {sorted(unknown)}; choose among arc_easy arc_challenge openbookqa siqa gsm8k.")
@@ -291,9 +340,9 @@ def eval_main(argv: list[str]) -> int:
 def demo_main(argv: list[str]) -> int:
     import torch
 
-    from .cli_parsing import build_parser, setup_logging
-    from .recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
-    from .trainer.config import CreamConfig
+    from ..recipes.demo import DEMO_DEFAULTS, DemoArguments, run_demo
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser, setup_logging
 
     parser = build_parser((DemoArguments, CreamConfig), "trl-cream demo", {DemoArguments: "demo"})
     parser.set_defaults(**DEMO_DEFAULTS, use_cpu=not torch.cuda.is_available())
@@ -306,9 +355,9 @@ def demo_main(argv: list[str]) -> int:
 def study_main(argv: list[str]) -> int:
     import torch
 
-    from .cli_parsing import build_parser, setup_logging
-    from .recipes.study import StudyArguments, run_study, study_defaults
-    from .trainer.config import CreamConfig
+    from ..recipes.study import StudyArguments, run_study, study_defaults
+    from ..trainer.config import CreamConfig
+    from .parsing import build_parser, setup_logging
 
     parser = build_parser((StudyArguments, CreamConfig), "trl-cream study", {StudyArguments: "study"})
     size, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # the preset's N as a default
@@ -331,7 +380,7 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("output_dir", help="The output_dir of a `trl-cream train`/`demo` run or of a study.")
     parser.add_argument("--output", default=None, help="Where to write the page (default: OUTPUT_DIR/inspect.html).")
     args = parser.parse_args(argv)
-    from .inspection.page import write_page
+    from ..inspection.page import write_page
 
     try:
         path = write_page(args.output_dir, args.output)
@@ -354,7 +403,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-cream: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
     return COMMANDS[command](rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
