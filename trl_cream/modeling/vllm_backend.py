@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,26 @@ def _launcher_environment() -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in mine)
 
 
+@contextmanager
+def _kept_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global random states after the block, so that when the engine starts
+    (round 1, or the round a resumed run restarts in) does not change what is sampled or trained afterwards."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class VLLMSampler:
     """One vLLM engine in this process, sampling a round's candidates from π_t.
 
@@ -158,7 +179,8 @@ class VLLMSampler:
             kwargs.update(enable_lora=True, max_lora_rank=_allowed_lora_rank(lora_rank), max_loras=1)
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
-        self.llm = vllm.LLM(**kwargs)
+        with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
+            self.llm = vllm.LLM(**kwargs)
         self.sleeps = enable_sleep_mode
         self._asleep = False
         self._lora: Any = None
