@@ -501,6 +501,9 @@ def test_cli_paths_and_data_files_are_named_before_any_hub_call(tmp_path, monkey
             cli._check_local(missing, "--model_name_or_path")
     cli._check_local("HuggingFaceTB/SmolLM2-135M-Instruct", "--model_name_or_path")  # a Hub id: left to the Hub
 
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "Say hello."}\n{"prompt": "caf\xe9?"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl line 2 is not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        cli._load_dataset("latin1.jsonl", "train")
     (tmp_path / "prompts.txt").write_text("What is 3 plus 4?\n")
     with pytest.raises(ValueError, match=r"'prompts.txt': a .txt file is not a dataset format trl-cream reads"):
         cli._load_dataset("prompts.txt", "train")

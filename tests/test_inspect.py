@@ -429,3 +429,24 @@ def test_each_iterations_card_shows_its_rounds_plot_and_most_inconsistent_prompt
         for line, row in zip(table, lowest):
             assert line.startswith("| " + " ".join(row.prompt.split()).replace("|", "\\|")[:40])
             assert (f"| {row.tau:.2f} |" if not math.isnan(row.tau) else "| — |") in line
+
+
+def test_log_unique_prompts_keeps_the_first_row_of_a_repeated_prompt():
+    from trl_cream.inspection.rounds import prompt_rows, unique_prompts
+    from trl_cream.inspection.trackers import completions_frame
+
+    texts = ["same", "other", "same"]
+    rows = {k: [] for k in ("prompt_index", "candidate_index", "prompt", "completion", "num_tokens", "reward",
+                            "baseline_reward", "rank", "baseline_rank")}  # fmt: skip
+    for j, text in enumerate(texts):
+        for i, (r, b) in enumerate([(1.0, 0.0), (0.0, 1.0)]):
+            values = (j, i, text, f"c{j}{i}", 3, r + j, b, 1.0 + i, 2.0 - i)
+            for key, value in zip(rows, values):
+                rows[key].append(value)
+    table = prompt_rows(1, Dataset.from_dict(rows), None)
+    assert [r.tau for r in table] == [-1.0, -1.0, -1.0]  # the two rankings are reversed on every prompt
+    kept = unique_prompts(table)
+    assert [(r.prompt, r.prompt_index) for r in kept] == [("same", 0), ("other", 1)]
+    frame = completions_frame(kept, step=7)
+    assert list(frame["prompt"]) == ["same", "other"] and set(frame["step"]) == {7}
+    assert list(frame["completion_1"]) == ["c01", "c11"] and frame["chosen"].isna().all()

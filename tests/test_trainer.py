@@ -224,7 +224,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, m0, tokenizer, p
         ({"consistency_granularity": "batch"}, "consistency_granularity='batch' is unknown"),
         ({"ref_policy": "previous"}, "ref_policy='previous' is unknown"),
         ({"beta": [0.1, 0.2, 0.3]}, "one per round"),
-        ({"generation_backend": "vllm"}, "generation_backend='vllm' is unknown"),
+        ({"generation_backend": "sglang"}, "generation_backend='sglang' is unknown"),
         ({"generation_backend": "paged", "repetition_penalty": 1.2}, "not supported by generation_backend='paged'"),
     ],
 )
@@ -284,3 +284,35 @@ def test_a_named_policy_adapter_is_saved_at_the_top_of_each_iteration(tmp_path, 
     CreamTrainer(model=model, args=args, train_dataset=prompts, processing_class=tokenizer).train()
     for m in ("M1", "M2"):
         assert (tmp_path / m / "adapter_config.json").exists() and not (tmp_path / m / "policy").exists()
+
+
+def test_run_ending_integrations_are_wrapped_not_monkeypatched_and_end_once():
+    """`run_log.attach` holds a tracker's ``on_train_end`` back until the run ends, through a `TrainerCallback` that
+    wraps it (every other event is passed on), instead of replacing methods on the tracker object."""
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler
+
+    from trl_cream.trainer import run_log
+
+    calls: list[str] = []
+
+    class TrackioCallback(TrainerCallback):  # the name is what marks a run-ending integration
+        def on_log(self, args, state, control, **kwargs):
+            calls.append("log")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            calls.append("end")
+
+    tracker, other = TrackioCallback(), TrainerCallback()
+    handler = CallbackHandler([tracker, other], None, None, None, None)
+    run_log.attach(handler, "/tmp/unused")
+    assert "on_train_end" not in vars(tracker) and handler.callbacks[1] is other
+    (wrapped,) = [c for c in handler.callbacks if isinstance(c, run_log.RunEndDeferred)]
+    assert wrapped.integration is tracker
+    args, state, control = TrainingArguments("/tmp/unused", report_to="none"), TrainerState(), TrainerControl()
+    for _ in range(2):  # two rounds: logs pass, their ends do not
+        handler.on_log(args, state, control, logs={"loss": 1.0})
+        handler.on_train_end(args, state, control)
+    assert calls == ["log", "log"]
+    run_log.end_run(handler, args, state, control)
+    assert calls == ["log", "log", "end"]

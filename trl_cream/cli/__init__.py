@@ -153,6 +153,10 @@ def _load_dataset(spec: str, split: str, config: str | None = None) -> Any:
         return data[split] if hasattr(data, "keys") else data
     suffix = path.suffix.lstrip(".")
     if path.is_file() and suffix in _DATA_FILES:
+        if suffix != "parquet":
+            from ..trainer.data import check_utf8_file
+
+            check_utf8_file(path)
         return load_dataset("json" if suffix == "jsonl" else suffix, data_files=str(path), split="train")
     if path.is_file():
         raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,3 +176,16 @@ def split_equally(items: list[Any], parts: int) -> Iterator[list[Any]]:
         end = start + size + (1 if k < extra else 0)
         yield items[start:end]
         start = end
+
+
+def check_utf8_file(path: str | Path) -> None:
+    """A text data file (JSON/JSONL/CSV) that is not valid UTF-8: name the line and the byte, read line by line."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number} is not valid UTF-8 (byte {line[error.start]:#04x} at column "
+                    f"{error.start + 1}): re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that row."
+                ) from None

@@ -96,6 +96,9 @@ PARENT_CONFIG_FIELDS: tuple[str, ...] = (
     "generation_kwargs",
     "ds3_gather_for_generation",
     "use_vllm",
+    "vllm_gpu_memory_utilization",  # the vLLM backend's (trl_cream.trainer.vllm_engine)
+    "vllm_tensor_parallel_size",
+    "vllm_enable_sleep_mode",
     "disable_dropout",
     "trust_remote_code",
 )
