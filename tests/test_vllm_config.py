@@ -85,3 +85,18 @@ def test_importing_trl_cream_does_not_import_vllm():
 
     code = "import sys, trl_cream, trl_cream.cli, trl_cream.modeling.vllm_backend; print('vllm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_paged_backend_is_refused_below_the_transformers_it_needs(tmp_path, monkeypatch):
+    """vLLM's pins allow transformers 5.16.1, whose continuous batching the paged backend cannot drive: refused up
+    front there (this file also runs in make test-vllm's venv at 5.16.1), accepted from 5.23 on."""
+    import transformers
+    from packaging.version import Version
+
+    from trl_cream.trainer.config_checks import PAGED_MIN_TRANSFORMERS
+
+    if Version(transformers.__version__) >= Version(PAGED_MIN_TRANSFORMERS):
+        assert cream_args(tmp_path, generation_backend="paged").generation_backend == "paged"
+    monkeypatch.setattr(transformers, "__version__", "5.16.1")
+    with pytest.raises(ValueError, match=r"paged.*transformers>=5\.23.*5\.16\.1.*'generate' or 'vllm'"):
+        cream_args(tmp_path, generation_backend="paged")

@@ -14,6 +14,7 @@ from .config_checks import (
     check_logging_settings,
     check_optimization_settings,
     check_output_and_lengths,
+    check_paged_transformers,
     check_sampling_settings,
     check_vllm_settings,
 )
@@ -523,6 +524,8 @@ class CreamConfig(OnlineDPOConfig):
             raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
         check_choices(self)
         refuse_ignored_parent_fields(self)
+        if self.generation_backend == "paged":
+            check_paged_transformers()
         penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
         if self.generation_backend == "paged" and penalty not in (None, 1.0):
             raise ValueError(

@@ -145,3 +145,21 @@ def check_logging_settings(args: Any) -> None:
                 f"{', '.join(extra)} only applies to the completions tables, which are off "
                 "(log_completions=False). Set log_completions=True, or drop the setting."
             )
+
+
+# The lowest transformers release the paged backend is tested with. At 5.16.1 (the floor vLLM's pins allow) its
+# `ContinuousBatchingConfig` has no `page_size`, which `modeling/paged.py` sizes the cache with; 5.17-5.22 untested.
+PAGED_MIN_TRANSFORMERS = "5.23"
+
+
+def check_paged_transformers() -> None:
+    """Refuse ``generation_backend="paged"`` on a transformers release whose continuous batching it cannot drive."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(PAGED_MIN_TRANSFORMERS):
+        raise ValueError(
+            f"generation_backend='paged' needs transformers>={PAGED_MIN_TRANSFORMERS} (its continuous batching "
+            f"config with page_size); this environment has transformers {transformers.__version__} (e.g. the range "
+            "vLLM pins). Use generation_backend='generate' or 'vllm', or upgrade transformers."
+        )
