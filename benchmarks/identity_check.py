@@ -19,17 +19,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-from conftest import QUESTIONS, cream_args, perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
+from conftest import QUESTIONS, cream_args, lora_m1, perturbed, tiny_llama, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_cream import CreamTrainer  # noqa: E402
-
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
 def tensors_hash(folder: Path) -> str:
@@ -54,13 +51,9 @@ def run(kind: str, root: Path) -> dict[str, str]:
             model=perturbed(m0), ref_model=m0, args=cream_args(out), train_dataset=prompts, processing_class=tokenizer
         )
     else:
-        model = get_peft_model(m0, LoraConfig(**LORA))
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-        trainer = CreamTrainer(model=model, args=cream_args(out), train_dataset=prompts, processing_class=tokenizer)
+        trainer = CreamTrainer(
+            model=lora_m1(m0), args=cream_args(out), train_dataset=prompts, processing_class=tokenizer
+        )
     output = trainer.train()
     return {
         "M2": tensors_hash(out / "M2"),

