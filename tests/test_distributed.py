@@ -168,10 +168,11 @@ def test_replicas_log_at_their_trainer_level(monkeypatch):
 
     logger = logging.getLogger("trl_cream")
     monkeypatch.setattr(logger, "level", logging.NOTSET)
-    main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.INFO)
+    fields = dict(deepspeed=None, fsdp=None, generation_backend="generate", ds3_gather_for_generation=True)
+    main = SimpleNamespace(should_log=True, get_process_log_level=lambda: logging.INFO, **fields)
     distributed.setup(_accelerator(), main, use_peft=False)
     assert logger.level == logging.NOTSET  # the main process keeps the user's logging configuration
-    replica = SimpleNamespace(should_log=False, get_process_log_level=lambda: logging.WARNING)
+    replica = SimpleNamespace(should_log=False, get_process_log_level=lambda: logging.WARNING, **fields)
     distributed.setup(_accelerator(), replica, use_peft=False)
     assert logger.level == logging.WARNING
     with pytest.raises(ValueError, match="LoRA/QLoRA"):

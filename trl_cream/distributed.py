@@ -17,14 +17,21 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
-from .engines import check_engine_requested, check_zero3_sampling, full_state_dict, is_deepspeed, is_zero3
+from .engines import (
+    LaunchArgs,
+    check_engine_requested,
+    check_zero3_sampling,
+    full_state_dict,
+    is_deepspeed,
+    is_zero3,
+)
 from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
@@ -185,12 +192,25 @@ def needs_lockstep(accelerator: Any) -> bool:
     return sharded and state.num_processes > 1
 
 
-def setup(accelerator: Any, args: Any, use_peft: bool) -> None:
+@runtime_checkable
+class ProcessArgs(LaunchArgs, Protocol):
+    """What [`setup`] reads of the config: the engine fields, the sampling backend and the process's log level
+    (`CreamConfig` satisfies it structurally)."""
+
+    generation_backend: str
+    ds3_gather_for_generation: bool
+
+    @property
+    def should_log(self) -> bool: ...
+    def get_process_log_level(self) -> int: ...
+
+
+def setup(accelerator: Any, args: ProcessArgs, use_peft: bool) -> None:
     """Once, when the trainer is built: refuse unsupported sharded set-ups (`check_supported`) and log from the
     replicas at their Trainer level (``log_level_replica``, warnings by default), so round messages appear once."""
     check_engine_requested(accelerator, args)
     check_supported(accelerator, use_peft)
-    backend, gather = getattr(args, "generation_backend", "generate"), getattr(args, "ds3_gather_for_generation", True)
+    backend, gather = args.generation_backend, args.ds3_gather_for_generation
     check_zero3_sampling(accelerator, gather)
     check_generation_backend(accelerator, backend, gather)
     if not args.should_log:

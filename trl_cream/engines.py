@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from accelerate.utils import DistributedType, extract_model_from_parallel
@@ -44,15 +44,23 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def check_engine_requested(accelerator: Any, args: Any) -> None:
+@runtime_checkable
+class LaunchArgs(Protocol):
+    """The engine fields of the training arguments (`transformers.TrainingArguments`, hence `CreamConfig`)."""
+
+    deepspeed: dict | str | None
+    fsdp: str | None
+
+
+def check_engine_requested(accelerator: Any, args: LaunchArgs) -> None:
     """Refuse a run whose launch asked for DeepSpeed or FSDP but whose accelerator fell back to plain DDP (or one
     process): the user would believe the model is sharded. accelerate does this silently, e.g. for an FSDP config on
     CPU, or a DeepSpeed config whose training arguments lack ``use_cpu`` on a CPU machine."""
     state = accelerator.state
     asked = []
-    if _flag("ACCELERATE_USE_DEEPSPEED") or getattr(args, "deepspeed", None):
+    if _flag("ACCELERATE_USE_DEEPSPEED") or args.deepspeed:
         asked.append(("DeepSpeed", state.distributed_type == DistributedType.DEEPSPEED))
-    if _flag("ACCELERATE_USE_FSDP") or getattr(args, "fsdp", None):
+    if _flag("ACCELERATE_USE_FSDP") or args.fsdp:
         fsdp = getattr(state, "fsdp_plugin", None) is not None and state.distributed_type == DistributedType.FSDP
         asked.append(("FSDP", fsdp))
     for engine, running in asked:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from transformers import TrainingArguments
 from trl import TrlParser
 
 from ..trainer.config import CreamConfig
@@ -116,9 +117,10 @@ def _regroup(parser: argparse.ArgumentParser, groups: list[tuple[str, tuple[str,
     parser._action_groups = [parser._positionals, *new_groups, optionals]
 
 
-def setup_logging(args: Any) -> None:
+def setup_logging(args: TrainingArguments) -> None:
     """Give the ``trl_cream`` logger a handler on stderr: INFO on the main process unless ``--log_level`` says
-    otherwise; ``--log_level_replica`` (default warning) on the other processes."""
+    otherwise; ``--log_level_replica`` (default warning) on the other processes. ``args``: the command's
+    `CreamConfig` (only its `TrainingArguments` logging fields are read)."""
     from transformers.training_args import trainer_log_levels
 
     name = args.log_level if args.should_log else args.log_level_replica

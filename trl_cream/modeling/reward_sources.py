@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -266,6 +266,18 @@ def external_rewards(
     return reward, baseline, metrics
 
 
+@runtime_checkable
+class RewardArgs(Protocol):
+    """The fields [`add_external_rewards`] reads, typed as `CreamConfig` declares them (it satisfies this
+    structurally)."""
+
+    reward_source: str
+    baseline_source: str
+    judge_max_new_tokens: int
+    scoring_batch_size: int
+    max_length: int
+
+
 @dataclass
 class ExternalRewards:
     """The reward model and judge handed to the trainer, put on ``device`` in eval mode (models only)."""
@@ -285,7 +297,7 @@ class ExternalRewards:
 def add_external_rewards(
     scores: RoundScores,
     sources: ExternalRewards,
-    args: Any,
+    args: RewardArgs,
     prompts: Sequence[Any],
     candidates: Sequence[Sequence[Sequence[int]]],
     policy: torch.nn.Module,
@@ -300,8 +312,8 @@ def add_external_rewards(
     Args:
         scores: the round's log-probs.
         sources: the reward model / judge handed to the trainer.
-        args: the `CreamConfig` (``reward_source``, ``baseline_source``, ``judge_max_new_tokens``,
-            ``scoring_batch_size``, ``max_length``).
+        args: the `CreamConfig`, or any [`RewardArgs`] (``reward_source``, ``baseline_source``,
+            ``judge_max_new_tokens``, ``scoring_batch_size``, ``max_length``).
         prompts: the round's prompts, in the order of ``candidates``.
         candidates: the round's candidate token ids, ``[num_prompts][N]``.
         policy: the (unwrapped) policy, the judge when no ``judge_model`` was given.

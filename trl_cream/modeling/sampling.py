@@ -11,7 +11,7 @@ import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,23 @@ from trl.data_utils import maybe_apply_chat_template
 from .paged import generate_paged
 
 TokenIds = list[int]
+
+
+@runtime_checkable
+class SamplingArgs(Protocol):
+    """The fields [`SamplingSettings.from_args`] reads, typed as `CreamConfig` declares them (which satisfies this
+    structurally, so this layer imports nothing of the trainer's)."""
+
+    num_generations: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float | None
+    repetition_penalty: float
+    max_new_tokens: int
+    generation_kwargs: dict | None
+    generation_batch_size: int
+    generation_backend: str
 
 
 @dataclass(frozen=True)
@@ -52,8 +69,8 @@ class SamplingSettings:
     backend: str = "generate"
 
     @classmethod
-    def from_args(cls, args: Any) -> SamplingSettings:
-        """The sampling fields of a `CreamConfig` (or any object with its field names)."""
+    def from_args(cls, args: SamplingArgs) -> SamplingSettings:
+        """The sampling fields of a `CreamConfig` (or any object with its field names, [`SamplingArgs`])."""
         return cls(
             num_generations=args.num_generations,
             temperature=args.temperature,

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from datasets import Dataset
@@ -52,7 +52,19 @@ def not_compared_fields(config_cls: type) -> frozenset[str]:
     return listed
 
 
-def public_config(args: Any) -> dict[str, Any]:
+@runtime_checkable
+class RunArgs(Protocol):
+    """What the manifest reads of the config: all of it as a dict (`TrainingArguments.to_dict`), the seeds and the
+    number of rounds (`CreamConfig` satisfies it structurally)."""
+
+    seed: int
+    data_seed: int | None
+    num_iterations: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def public_config(args: RunArgs) -> dict[str, Any]:
     """The configuration as JSON-ready values, without any token, password or secret (key or value)."""
     config = json.loads(json.dumps(args.to_dict(), default=str))
     return {
@@ -148,7 +160,7 @@ def run_identity(model: Any, ref_model: Any | None, tokenizer: Any, peft: bool) 
 
 # ---------------------------------------------------------------- the manifest
 def build_manifest(
-    args: Any,
+    args: RunArgs,
     prompts: Dataset,
     sft_dataset: Dataset | None,
     use_peft: bool,

@@ -76,14 +76,14 @@ def _parent_default(name: str) -> Any:
     return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
-def check_choices(config: Any) -> None:
+def check_choices(config: CreamConfig) -> None:
     """Each choice field of `CHOICES` holds one of its allowed values."""
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise ValueError(f"{name}={getattr(config, name)!r} is unknown; choose one of {', '.join(choices)}.")
 
 
-def refuse_ignored_parent_fields(config: Any) -> None:
+def refuse_ignored_parent_fields(config: CreamConfig) -> None:
     """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
     ignored = dict(IGNORED_PARENT_FIELDS)
     if config.generation_backend != "vllm":

@@ -5,7 +5,10 @@ be sampled with them, and the optimizer, batch and epoch settings with which a r
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config.py imports these checks
+    from .config import CreamConfig
 
 
 def _generation_keys() -> frozenset[str]:
@@ -14,7 +17,7 @@ def _generation_keys() -> frozenset[str]:
     return frozenset(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
 
 
-def check_sampling_settings(args: Any) -> None:
+def check_sampling_settings(args: CreamConfig) -> None:
     """Temperature, top-p, top-k and `generation_kwargs` as the candidates will be sampled with them."""
     kwargs = dict(args.generation_kwargs or {})
     unknown = sorted(set(kwargs) - _generation_keys())
@@ -48,7 +51,7 @@ def check_sampling_settings(args: Any) -> None:
         raise ValueError(f"{where('top_k')}: top_k={top_k} must be >= 0 (0 turns top-k filtering off).")
 
 
-def check_output_and_lengths(args: Any) -> None:
+def check_output_and_lengths(args: CreamConfig) -> None:
     """``output_dir`` names a folder (not ``""``, not an existing file) and ``max_length`` is set."""
     from pathlib import Path
 
@@ -69,7 +72,7 @@ def check_output_and_lengths(args: Any) -> None:
         )
 
 
-def check_optimization_settings(args: Any) -> None:
+def check_optimization_settings(args: CreamConfig) -> None:
     """Learning rate, batch sizes and epochs: values with which a round would crash or silently learn nothing."""
     if args.learning_rate <= 0:
         raise ValueError(
@@ -91,7 +94,7 @@ def check_optimization_settings(args: Any) -> None:
         )
 
 
-def check_vllm_settings(args: Any) -> None:
+def check_vllm_settings(args: CreamConfig) -> None:
     """`generation_backend="vllm"`: vLLM importable, and TRL's vLLM settings that can work here."""
     if args.generation_backend != "vllm":
         return
@@ -130,7 +133,7 @@ def check_vllm_settings(args: Any) -> None:
         raise ValueError(f"vllm_max_num_seqs={args.vllm_max_num_seqs} must be a positive integer.")
 
 
-def check_logging_settings(args: Any) -> None:
+def check_logging_settings(args: CreamConfig) -> None:
     """The completions-table settings (`log_completions` and the two that only mean something with it)."""
     shown = args.num_completions_to_print
     if shown is not None and (isinstance(shown, bool) or not isinstance(shown, int) or shown < 0):

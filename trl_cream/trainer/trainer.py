@@ -338,9 +338,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         prompt), or leave it empty to have π_t scored by a forward pass. With ``generation_backend="vllm"`` the
         candidates come from this process's vLLM engine (`trainer/vllm_engine.py`), made to hold the round's ``M<k>``:
         it needs the run's state (the engine kept across rounds, the saved ``M<k>``), so it is not a table entry."""
-        if self.args.generation_backend == "vllm":
-            return self.vllm_engine.generate(self._policy(), self.args, prompt_ids, logps_out)
         settings, tokenizer = SamplingSettings.from_args(self.args), self.tokenizer
+        if settings.backend == "vllm":
+            return self.vllm_engine.generate(self._policy(), self.args, settings, prompt_ids, logps_out)
         config = settings.generation_config(tokenizer, self.eos_ids)
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation

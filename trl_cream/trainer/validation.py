@@ -119,7 +119,7 @@ def _shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the whole shape, not the local shard
 
 
-def warn_half_precision_on_cpu(args: Any) -> None:
+def warn_half_precision_on_cpu(args: CreamConfig) -> None:
     """``bf16``/``fp16`` on a CPU-only run: said once, as the run then computes in float32 (the same numbers)."""
     on_cpu = args.use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     flags = [name for name in ("bf16", "fp16") if getattr(args, name, False)]
@@ -148,7 +148,7 @@ def check_context_window(model: Any, prompt_ids: list[list[int]], max_new_tokens
 
 
 def check_prompts_fit(
-    model: Any, tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence[Any], args: Any
+    model: Any, tokenizer: PreTrainedTokenizerBase | None, prompts: Sequence[Any], args: CreamConfig
 ) -> None:
     """The prompts, tokenized as round 1 will, against `max_length` (`long_prompts`) and the model's context window."""
     if tokenizer is None:
@@ -280,7 +280,9 @@ def nonfinite_weights(model: nn.Module) -> list[str]:
     return bad
 
 
-def check_training_finite(accelerator: Any, model: nn.Module, loss: float, round_index: int, args: Any) -> None:
+def check_training_finite(
+    accelerator: Any, model: nn.Module, loss: float, round_index: int, args: CreamConfig
+) -> None:
     """After a round's training and before ``M<t+1>`` is saved: refuse non-finite weights or a non-finite loss, so
     that a diverged model is never saved, pushed or marked done (every process reaches the same verdict)."""
     bad = nonfinite_weights(accelerator.unwrap_model(model))
@@ -308,7 +310,7 @@ def check_training_finite(accelerator: Any, model: nn.Module, loss: float, round
 def check_inputs(
     model: Any,
     ref_model: Any | None,
-    args: Any,
+    args: CreamConfig | None,
     train_dataset: Dataset | None,
     processing_class: PreTrainedTokenizerBase | None,
     peft_config: Any | None,

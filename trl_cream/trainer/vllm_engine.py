@@ -14,15 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..modeling import adapters
-from ..modeling.sampling import TokenIds, pad_token_id
+from ..modeling.sampling import SamplingSettings, TokenIds, pad_token_id
 from ..modeling.vllm_backend import VLLMSampler
 from .phases import Policy
+
+if TYPE_CHECKING:
+    from .config import CreamConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class ColocatedEngine:
         self.policy_dir: Path | None = None  # π_t's saved folder ``M<k>``, set by the round's sampling phase
         self.timings: dict[str, float] = {}
 
-    def _build(self, policy: Policy, args: Any, iteration_dir: Path) -> VLLMSampler:
+    def _build(self, policy: Policy, args: CreamConfig, iteration_dir: Path) -> VLLMSampler:
         model = policy.model
         lora_rank, model_dir, quantization = None, iteration_dir, None
         if policy.use_peft:
@@ -83,7 +86,7 @@ class ColocatedEngine:
         logger.info("vLLM engine started from %s in %.1f s.", model_dir, self.timings["engine_start_s"])
         return sampler
 
-    def hold(self, policy: Policy, args: Any, iteration_dir: Path) -> VLLMSampler:
+    def hold(self, policy: Policy, args: CreamConfig, iteration_dir: Path) -> VLLMSampler:
         """The engine, holding π_t = ``iteration_dir`` (built, or updated, when needed)."""
         iteration_dir = Path(iteration_dir)
         if self.sampler is None:
@@ -103,18 +106,20 @@ class ColocatedEngine:
     def generate(
         self,
         policy: Policy,
-        args: Any,
+        args: CreamConfig,
+        settings: SamplingSettings,
         prompt_ids: list[TokenIds],
         logps_out: list[list[float]] | None = None,
     ) -> list[list[TokenIds]]:
-        """This rank's candidates from π_t = ``policy_dir``, sampled by the engine (its seeds drawn from torch's
-        generator, which `distributed.start_round` has seeded for this rank and round)."""
+        """This rank's candidates from π_t = ``policy_dir``, sampled by the engine with the run's ``settings`` (its
+        seeds drawn from torch's generator, which `distributed.start_round` has seeded for this rank and round);
+        ``args`` sizes the engine when it is built."""
         if self.policy_dir is None:
             raise RuntimeError("The vLLM engine was asked to sample before the round named π_t's folder M<k>.")
         sampler = self.hold(policy, args, self.policy_dir)
         show = policy.accelerator.is_local_main_process and not args.disable_tqdm
         return sampler.generate(
-            prompt_ids, args, policy.eos_ids, pad_token_id(policy.tokenizer), logps_out, show_progress=show
+            prompt_ids, settings, policy.eos_ids, pad_token_id(policy.tokenizer), logps_out, show_progress=show
         )
 
     def close(self) -> None:
