@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from trl_cream import CreamConfig, CreamTrainer
 from trl_cream.hub import HubPublisher, HubPushError, HubSettings, RetryPolicy, is_pushed, marker_path
-from trl_cream.hub.model_card import build_model_card
+from trl_cream.hub.model_card import CardSettings, build_model_card
 
 REPO = "tester/cream"
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -432,8 +432,8 @@ def test_card_lists_every_round_and_the_evaluation_tables(tmp_path):
         "consistency": {},
     }
     card = build_model_card(
-        trainer_cls=CreamTrainer, index=3, first_index=1, args=args, rounds=rounds, peft=False,
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", evaluation=evaluation,
+        trainer_cls=CreamTrainer, index=3, first_index=1, settings=CardSettings.from_args(args), rounds=rounds,
+        peft=False, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", evaluation=evaluation,
     ).content  # fmt: skip
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "| 1 | 0.625 | 0.250 ± 0.500 | 1 | 3 | 1.500 |" in card
@@ -447,7 +447,8 @@ def test_card_lists_every_round_and_the_evaluation_tables(tmp_path):
 def test_card_of_a_local_run_loads_from_the_folder(tmp_path):
     args = cream_args(tmp_path / "run")  # no hub_model_id
     card = build_model_card(
-        trainer_cls=CreamTrainer, index=2, first_index=1, args=args, rounds=[{"round": 1, "consistency": 0.5}],
+        trainer_cls=CreamTrainer, index=2, first_index=1, settings=CardSettings.from_args(args),
+        rounds=[{"round": 1, "consistency": 0.5}],
         peft=True, base_model=str(tmp_path / "base"),
     ).content  # fmt: skip
     folder = (tmp_path / "run" / "M2").as_posix()

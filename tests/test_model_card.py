@@ -10,15 +10,15 @@ from conftest import cream_args
 
 from trl_cream import CreamTrainer
 from trl_cream.hub import model_card
-from trl_cream.hub.model_card import build_model_card
+from trl_cream.hub.model_card import CardSettings, build_model_card
 
 ROUND = {"round": 1, "consistency": 0.625, "kendall_tau_mean": 0.25, "kendall_tau_std": 0.5, "num_pairs": 3}
 
 
 def _card(args, base_model: str, **kwargs) -> str:
     return build_model_card(
-        trainer_cls=CreamTrainer, index=2, first_index=1, args=args, rounds=[ROUND], peft=False,
-        base_model=base_model, **kwargs,
+        trainer_cls=CreamTrainer, index=2, first_index=1, settings=CardSettings.from_args(args), rounds=[ROUND],
+        peft=False, base_model=base_model, **kwargs,
     ).content  # fmt: skip
 
 

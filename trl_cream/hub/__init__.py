@@ -1,5 +1,7 @@
-"""Publishing CREAM iterations to the Hugging Face Hub: settings and retries, the background publisher, model cards."""
+"""Publishing CREAM iterations to the Hugging Face Hub: settings and retries, the background publisher, model cards,
+and the trainer's door to them (`session`)."""
 
+from .model_card import CardSettings
 from .publisher import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
@@ -8,20 +10,21 @@ from .publisher import (
     HubPushError,
     HubSettings,
     RetryPolicy,
-    base_model_path,
     is_pushed,
     iteration_target,
     latest_local_iteration,
     marker_path,
-    publish_iteration,
-    start,
     validate_settings,
 )
+from .session import base_model_path, publish_iteration, start
+from .utils import HubArgs
 
 __all__ = [
     "FAILURE_MODES",
     "MERGED_SUBFOLDER",
     "STRATEGIES",
+    "CardSettings",
+    "HubArgs",
     "HubPublisher",
     "HubPushError",
     "HubSettings",

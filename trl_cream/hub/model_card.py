@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from transformers.integrations import is_wandb_available
 from trl.trainer.utils import generate_model_card, get_trackio_space_url
 
 from ..runs.layout import RunLayout, round_of_iteration
-from .utils import MERGED_SUBFOLDER, iteration_target
+from .utils import MERGED_SUBFOLDER, HubArgs, iteration_target
 
 # Config fields shown on the card (never `hub_token` or any other secret).
 CARD_CONFIG_FIELDS: tuple[str, ...] = (
@@ -35,6 +36,45 @@ CARD_CONFIG_FIELDS: tuple[str, ...] = (
     "max_length",
     "seed",
 )
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """What the model card reads of the config; built by [`CardSettings.from_args`] when a card is written (so that a
+    field changed since the trainer was built, such as ``gradient_accumulation_steps`` on a resume with another
+    process count, shows as it is now).
+
+    Attributes:
+        output_dir (`str`): the run's folder (a local run's card loads ``M<k>`` from it).
+        hub_model_id (`str` or `None`): the Hub repo; `None` for a local run.
+        strategy (`str`): ``hub_iteration_strategy``.
+        push_merged_weights (`bool`): whether the merged LoRA weights go up too.
+        base_model_id (`str` or `None`): ``hub_base_model_id``, π_0's Hub id when set.
+        results (`str` or `None`): ``hub_card_results``, the ``results.json`` of `trl-cream eval` to show.
+        config (`tuple`): ``(name, value)`` of each field of `CARD_CONFIG_FIELDS` the config has, in that order.
+    """
+
+    output_dir: str
+    hub_model_id: str | None = None
+    strategy: str = "branch"
+    push_merged_weights: bool = False
+    base_model_id: str | None = None
+    results: str | None = None
+    config: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_args(cls, args: HubArgs) -> CardSettings:
+        """The card's fields of a `CreamConfig` ([`HubArgs`], plus those of `CARD_CONFIG_FIELDS` it has)."""
+        return cls(
+            output_dir=str(args.output_dir),
+            hub_model_id=args.hub_model_id,
+            strategy=args.hub_iteration_strategy,
+            push_merged_weights=args.push_merged_weights,
+            base_model_id=args.hub_base_model_id,
+            results=args.hub_card_results,
+            config=tuple((name, getattr(args, name)) for name in CARD_CONFIG_FIELDS if hasattr(args, name)),
+        )
+
 
 # (metrics key, column header, format) of the rounds table.
 ROUND_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -153,7 +193,7 @@ def build_model_card(
     trainer_cls: type,
     index: int,
     first_index: int,
-    args: Any,
+    settings: CardSettings,
     rounds: list[dict[str, Any]],
     peft: bool,
     base_model: str | None,
@@ -166,17 +206,17 @@ def build_model_card(
     """The card of ``M<index>``: TRL's language-model card (tags, trainer name, paper, citation, W&B / Trackio links)
     with CREAM's lineage, evaluation and loading sections before "Training procedure", and the configuration and
     every round inside it."""
-    hub_model_id = args.hub_model_id or Path(args.output_dir).name
-    strategy = getattr(args, "hub_iteration_strategy", "branch")
+    hub_model_id = settings.hub_model_id or Path(settings.output_dir).name
+    strategy = settings.strategy
     repo_id, revision = iteration_target(hub_model_id, strategy, index)
-    if not args.hub_model_id:  # a local run: load from the folder
-        repo_id, revision = RunLayout(args.output_dir).iteration_dir(index).as_posix(), "main"
+    if not settings.hub_model_id:  # a local run: load from the folder
+        repo_id, revision = RunLayout(settings.output_dir).iteration_dir(index).as_posix(), "main"
     paper = getattr(trainer_cls, "_paper", {}) or {}
     name = getattr(trainer_cls, "_name", "CREAM")
     base_hub_id = base_model if base_model and not _is_local(base_model) else None
     card = generate_model_card(
         base_model=base_hub_id,
-        model_name=card_model_name(args.hub_model_id, base_model, index),
+        model_name=card_model_name(settings.hub_model_id, base_model, index),
         hub_model_id=repo_id,
         dataset_name=None,
         tags=[*getattr(trainer_cls, "_tag_names", []), f"cream-iteration-{index}"],
@@ -191,16 +231,14 @@ def build_model_card(
     if trackio_url:
         card.data.tags = [*card.data.tags, f"trackio:{trackio_url}"]
     text = card.text.replace("[None](https://huggingface.co/None)", "a local base model")
-    before = [_lineage(index, first_index, args.hub_model_id, strategy, base_model, sft_metrics)]
+    before = [_lineage(index, first_index, settings.hub_model_id, strategy, base_model, sft_metrics)]
     if evaluation:
         before.append(_evaluation_section(evaluation))
     if round_section:  # the round's plot and its most inconsistent prompts (`trl_cream.inspection.card`)
         before.append(round_section)
-    before.append(
-        load_instructions(repo_id, revision, peft, base_model, peft and getattr(args, "push_merged_weights", False))
-    )
+    before.append(load_instructions(repo_id, revision, peft, base_model, peft and settings.push_merged_weights))
     inside = [
-        "### CREAM configuration\n\n" + _config_table(args),
+        "### CREAM configuration\n\n" + _config_table(settings.config),
         _rounds_section(round_of_iteration(index, first_index), rounds),
     ]
     text = _insert(text, "## Training procedure", "\n".join(before) + "\n", before_marker=True)
@@ -256,11 +294,9 @@ def _lineage(
     return "\n".join(lines) + "\n"
 
 
-def _config_table(args: Any) -> str:
+def _config_table(config: tuple[tuple[str, Any], ...]) -> str:
     rows = ["| field | value |", "|---|---|"]
-    for name in CARD_CONFIG_FIELDS:
-        if hasattr(args, name):
-            rows.append(f"| `{name}` | `{getattr(args, name)}` |")
+    rows += [f"| `{name}` | `{value}` |" for name, value in config]
     return "\n".join(rows) + "\n"
 
 

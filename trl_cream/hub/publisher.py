@@ -21,7 +21,6 @@ into a marker, and ``training_args.bin`` (a pickle) is never uploaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import tempfile
@@ -34,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..inspection.card import round_section
 from ..runs.files import atomic_write_json
-from ..runs.layout import RunLayout, iteration_index, round_of_iteration
-from .model_card import build_model_card, load_round_metrics, run_urls, write_card
+from ..runs.layout import RunLayout, iteration_index
 from .utils import (
     FAILURE_MODES,
     MERGED_SUBFOLDER,
     STRATEGIES,
+    HubArgs,
     RetryPolicy,
     describe,
     is_retryable,
@@ -127,7 +125,8 @@ class HubSettings:
     last_iteration: int | None = None
 
     @classmethod
-    def from_args(cls, args: Any) -> HubSettings:
+    def from_args(cls, args: HubArgs) -> HubSettings:
+        """The hub fields of a `CreamConfig` ([`HubArgs`])."""
         return cls(
             output_dir=Path(args.output_dir),
             hub_model_id=args.hub_model_id,
@@ -326,103 +325,3 @@ class HubPublisher:
             raise HubPushError(message) from None
         logger.warning("%s Training goes on (hub_push_failure='warn').", message)
         warnings.warn(message, stacklevel=2)
-
-
-# ---------------------------------------------------------------- glue for CreamTrainer
-def start(
-    args: Any, *, use_peft: bool, base_model: str | None, is_main: bool, num_processes: int
-) -> HubPublisher | None:
-    """Called from `CreamTrainer.__init__`: with `push_to_hub`, build the publisher on the main process and check,
-    before any training, that the Hub answers and the token is accepted. With several processes, the main process's
-    verdict is broadcast, so that every rank raises the same error instead of waiting for the main one.
-
-    Args:
-        args: the `CreamConfig`.
-        use_peft: whether the policy is a LoRA adapter.
-        base_model: the base model's path or Hub id ([`base_model_path`]).
-        is_main: whether this is the main process (the one that pushes).
-        num_processes: the world size.
-    """
-    if not args.push_to_hub:
-        return None
-    if args.push_merged_weights and use_peft and not base_model:
-        raise ValueError(
-            "push_merged_weights=True needs the base model's path or Hub id to merge the adapter into, but the "
-            "adapter's base_model_name_or_path is empty. Load the base model with from_pretrained(path) or set "
-            "push_merged_weights=False."
-        )
-    publisher, error = None, None
-    if is_main:
-        publisher = HubPublisher(HubSettings.from_args(args))
-        try:
-            publisher.check_access()
-        except HubPushError as failure:
-            error = str(failure)
-    if num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        error = broadcast_object_list([error], from_process=0)[0]
-    if error is not None:
-        raise HubPushError(error)
-    return publisher
-
-
-def publish_iteration(
-    publisher: HubPublisher | None,
-    args: Any,
-    index: int,
-    *,
-    first_index: int,
-    trainer_cls: type,
-    round_metrics: list[dict[str, Any]],
-    sft_metrics: dict[str, Any],
-    use_peft: bool,
-    base_model: str | None,
-) -> None:
-    """Write ``M<index>/README.md`` and, with a publisher (`push_to_hub`), schedule its push. Main process only.
-
-    Args:
-        publisher: from [`start`]; `None` writes the card only.
-        args: the `CreamConfig` (output_dir, hub settings, the fields shown on the card).
-        index: the iteration ``k`` of ``M<k>``.
-        first_index: ``k`` of the starting policy.
-        trainer_cls: the trainer class (TRL's card reads its `_tag_names`, `_name`, `_paper`).
-        round_metrics: the finished rounds' metrics kept in memory (older ones are read from disk).
-        sft_metrics: the SFT stage's metrics (empty without one).
-        use_peft: whether ``M<k>`` is a LoRA adapter.
-        base_model: the base model's path or Hub id ([`base_model_path`]).
-    """
-    layout = RunLayout(args.output_dir)
-    folder = layout.iteration_dir(index)
-    evaluation = json.loads(Path(args.hub_card_results).read_text()) if args.hub_card_results else None
-    wandb_url, trackio_url = run_urls()  # the run's links, as on TRL's own cards
-    card = build_model_card(
-        trainer_cls=trainer_cls,
-        index=index,
-        first_index=first_index,
-        args=args,
-        rounds=load_round_metrics(args.output_dir, round_metrics, round_of_iteration(index, first_index)),
-        peft=use_peft,
-        base_model=args.hub_base_model_id or base_model,
-        sft_metrics=sft_metrics,
-        evaluation=evaluation,
-        wandb_url=wandb_url,
-        trackio_url=trackio_url,
-        round_section=round_section(args.output_dir, round_of_iteration(index, first_index), folder),
-    )
-    write_card(card, folder)
-    if publisher is not None:
-        t = round_of_iteration(index, first_index)
-        publisher.submit(index, folder, layout.round_dir(t) if t > 0 else None)
-
-
-def base_model_path(model: Any, ref_model: Any | None, use_peft: bool) -> str | None:
-    """The base model's path or Hub id: the adapter's ``base_model_name_or_path`` (LoRA), else the name π_0 (or the
-    policy) was loaded from."""
-    if use_peft:
-        for config in model.peft_config.values():
-            if config.base_model_name_or_path:
-                return config.base_model_name_or_path
-        return None
-    reference = ref_model if ref_model is not None else model
-    return getattr(reference.config, "_name_or_path", None) or None

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..runs.layout import iteration_index, iteration_name
 
@@ -108,7 +108,29 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, token: str
 
 
 # ---------------------------------------------------------------- config checks
-def validate_settings(args: Any) -> None:
+@runtime_checkable
+class HubArgs(Protocol):
+    """The config fields the hub layer reads (the checks below, [`HubSettings.from_args`], [`CardSettings.from_args`],
+    [`start`]), typed as `CreamConfig` declares them; `CreamConfig` satisfies it structurally."""
+
+    output_dir: str | None
+    num_iterations: int
+    save_round_artifacts: bool
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_token: str | None
+    hub_private_repo: bool | None
+    hub_iteration_strategy: str
+    hub_push_failure: str
+    hub_push_retries: int
+    hub_push_backoff: float
+    push_round_datasets: bool
+    push_merged_weights: bool
+    hub_base_model_id: str | None
+    hub_card_results: str | None
+
+
+def validate_settings(args: HubArgs) -> None:
     """The up-front checks of the hub fields of a `CreamConfig` (no network)."""
     if args.hub_iteration_strategy not in STRATEGIES:
         raise ValueError(
@@ -143,7 +165,7 @@ def validate_settings(args: Any) -> None:
         )
 
 
-def check_repo_ids(args: Any) -> None:
+def check_repo_ids(args: HubArgs) -> None:
     """`hub_model_id` and every repo id derived from it (``-M<k>`` repos, ``-rounds``), by huggingface_hub's own
     validator, so that a bad id fails when the config is built, not after a round has trained."""
     from huggingface_hub.errors import HFValidationError

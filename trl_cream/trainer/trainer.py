@@ -371,9 +371,9 @@ class CreamTrainer(TrlOnlineDPOBase):
         if not self.accelerator.is_main_process:
             return
         hub.publish_iteration(
-            self._hub, self.args, index, first_index=self.store.iteration(1), trainer_cls=type(self),
-            round_metrics=self.round_metrics, sft_metrics=self.sft_metrics, use_peft=self.use_peft,
-            base_model=self._base_model(),
+            self._hub, hub.CardSettings.from_args(self.args), index, first_index=self.store.iteration(1),
+            trainer_cls=type(self), round_metrics=self.round_metrics, sft_metrics=self.sft_metrics,
+            use_peft=self.use_peft, base_model=self._base_model(),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- the run
