@@ -492,25 +492,25 @@ def test_a_4bit_model_whose_width_bitsandbytes_cannot_block_is_refused(tmp_path,
 
 # ---------------------------------------------------------------- issue 23 item 7: the CLI's paths and data files
 def test_cli_paths_and_data_files_are_named_before_any_hub_call(tmp_path, monkeypatch):
-    from trl_cream import cli
+    from trl_cream.cli import sources
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     for missing in ("./no_such_model", str(tmp_path / "no_such_model"), "models/m1", "prompts.jsonl"):
         with pytest.raises(ValueError, match=rf"--model_name_or_path '{re.escape(missing)}': that local path does"):
-            cli._check_local(missing, "--model_name_or_path")
-    cli._check_local("HuggingFaceTB/SmolLM2-135M-Instruct", "--model_name_or_path")  # a Hub id: left to the Hub
+            sources.check_local(missing, "--model_name_or_path")
+    sources.check_local("HuggingFaceTB/SmolLM2-135M-Instruct", "--model_name_or_path")  # a Hub id: left to the Hub
 
     (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "Say hello."}\n{"prompt": "caf\xe9?"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl line 2 is not valid UTF-8 \(byte 0xe9 at column 16\)"):
-        cli._load_dataset("latin1.jsonl", "train")
+        sources.load_data("latin1.jsonl", "train")
     (tmp_path / "prompts.txt").write_text("What is 3 plus 4?\n")
     with pytest.raises(ValueError, match=r"'prompts.txt': a .txt file is not a dataset format trl-cream reads"):
-        cli._load_dataset("prompts.txt", "train")
+        sources.load_data("prompts.txt", "train")
     __import__("datasets").DatasetDict({"validation": chat_prompts()}).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match=r"splits \['validation'\] but no 'train' split.*--dataset_train_split valid"):
-        cli._load_dataset("saved", "train")
-    assert len(cli._load_dataset("saved", "validation")) == len(CHAT)
+        sources.load_data("saved", "train")
+    assert len(sources.load_data("saved", "validation")) == len(CHAT)
 
 
 def test_cli_eval_on_a_folder_that_is_not_a_model_names_it(tmp_path, capsys):

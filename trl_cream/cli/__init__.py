@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .sources import check_local, load_data
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 USAGE = """usage: trl-cream {train,eval,demo,study,inspect} [--config FILE.yaml] [--field value ...]
@@ -117,55 +119,6 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Sampling seed for Table 2."})
 
 
-_DATA_FILES = {"json", "jsonl", "csv", "parquet"}
-
-
-def _check_local(spec: str, what: str) -> None:
-    """Refuse a local path that does not exist before any Hub call: only a string that can be a Hub id
-    (``name`` or ``namespace/name``) is looked up on the Hub."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        return
-    try:
-        validate_repo_id(spec)
-        local_parent = path.parent != Path(".") and path.parent.exists()  # e.g. models/m1 with models/ here
-        hub_like = not (spec.startswith((".", "~")) or local_parent or path.suffix.lstrip(".") in _DATA_FILES)
-    except HFValidationError:
-        hub_like = False
-    if not hub_like:
-        raise ValueError(f"{what} {spec!r}: that local path does not exist ({path.resolve()}). Check the path.")
-
-
-def _load_dataset(spec: str, split: str, config: str | None = None) -> Any:
-    from datasets import load_dataset, load_from_disk
-
-    _check_local(spec, "--dataset_name")
-    path = Path(spec).expanduser()
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        data = load_from_disk(str(path))
-        if hasattr(data, "keys") and split not in data:
-            raise ValueError(
-                f"{spec!r} is a saved DatasetDict with splits {list(data)} but no {split!r} split: pick one with "
-                f"--dataset_train_split (e.g. --dataset_train_split {next(iter(data))})."
-            )
-        return data[split] if hasattr(data, "keys") else data
-    suffix = path.suffix.lstrip(".")
-    if path.is_file() and suffix in _DATA_FILES:
-        if suffix != "parquet":
-            from ..trainer.data import check_utf8_file
-
-            check_utf8_file(path)
-        return load_dataset("json" if suffix == "jsonl" else suffix, data_files=str(path), split="train")
-    if path.is_file():
-        raise ValueError(
-            f"{spec!r}: a .{suffix or '<no suffix>'} file is not a dataset format trl-cream reads. Give a JSON/JSONL, "
-            "CSV or Parquet file with a prompt column, a save_to_disk folder, or a Hub dataset id."
-        )
-    return load_dataset(spec, name=config, split=split)
-
-
 def train_parser() -> Any:
     """The `trl-cream train` parser: script arguments, every CreamConfig field and TRL's ModelConfig."""
     from trl import ModelConfig
@@ -192,12 +145,12 @@ def train_main(argv: list[str]) -> int:
         parser.error("--dataset_name (the prompts) is required.")
     if model_args.model_name_or_path is None:
         parser.error("--model_name_or_path (M0, or M1 with --ref_model_name_or_path) is required.")
-    prompts = _load_dataset(script.dataset_name, script.dataset_train_split, script.dataset_config)
+    prompts = load_data(script.dataset_name, script.dataset_train_split, script.dataset_config)
     if script.prompt_column != "prompt":
         prompts = prompts.rename_column(script.prompt_column, "prompt")
     if script.max_prompts is not None:
         prompts = prompts.select(range(min(script.max_prompts, len(prompts))))
-    sft = _load_dataset(script.sft_dataset_name, script.sft_dataset_split) if script.sft_dataset_name else None
+    sft = load_data(script.sft_dataset_name, script.sft_dataset_split) if script.sft_dataset_name else None
 
     quantization = get_quantization_config(model_args)
     kwargs: dict[str, Any] = {
@@ -207,9 +160,9 @@ def train_main(argv: list[str]) -> int:
     }
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=_quantized_device_map())
-    _check_local(model_args.model_name_or_path, "--model_name_or_path")
+    check_local(model_args.model_name_or_path, "--model_name_or_path")
     if script.ref_model_name_or_path:
-        _check_local(script.ref_model_name_or_path, "--ref_model_name_or_path")
+        check_local(script.ref_model_name_or_path, "--ref_model_name_or_path")
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=args.trust_remote_code
