@@ -78,3 +78,49 @@ def test_the_algorithm_loads_without_datasets_or_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def _drift(protocol: type) -> list[str]:
+    """How ``protocol`` differs from `CreamConfig`: a field it names that the config lacks or declares with another
+    type, or a property/method the config does not have."""
+    import typing
+
+    from trl_cream.trainer.config import CreamConfig
+
+    declared = typing.get_type_hints(CreamConfig)
+    fields = typing.get_type_hints(protocol)
+    drift = [f"{n}: {t} vs {declared.get(n, '<no field>')}" for n, t in fields.items() if declared.get(n) != t]
+    others = set(getattr(protocol, "__protocol_attrs__", None) or typing._get_protocol_attrs(protocol)) - set(fields)
+    return drift + [f"{n}: not on CreamConfig" for n in sorted(others) if not hasattr(CreamConfig, n)]
+
+
+def test_the_settings_protocols_name_cream_config_fields_with_their_types(tmp_path):
+    """Below the trainer layer functions take a Protocol of the config fields they read (docs/architecture.md, "What
+    a function reads of the config"); `CreamConfig` must satisfy each one, field for field and type for type."""
+    from typing import Protocol
+
+    from conftest import cream_args
+
+    from trl_cream.distributed import ProcessArgs
+    from trl_cream.engines import LaunchArgs
+    from trl_cream.hub.utils import HubArgs
+    from trl_cream.modeling.reward_sources import RewardArgs
+    from trl_cream.modeling.sampling import SamplingArgs
+    from trl_cream.runs.manifest import RunArgs
+
+    config = cream_args(tmp_path)
+    for protocol in (SamplingArgs, RewardArgs, LaunchArgs, ProcessArgs, RunArgs, HubArgs):
+        assert _drift(protocol) == [], protocol.__name__
+        assert isinstance(config, protocol), protocol.__name__
+
+    class Drifted(Protocol):  # the check sees a wrong type, a missing field and a missing method
+        top_k: str
+        no_such_field: int
+
+        def no_such_method(self) -> None: ...
+
+    assert _drift(Drifted) == [
+        "top_k: <class 'str'> vs <class 'int'>",
+        "no_such_field: <class 'int'> vs <no field>",
+        "no_such_method: not on CreamConfig",
+    ]
