@@ -10,7 +10,7 @@ import logging
 import math
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,14 @@ class LearningRateProbe(TrainerCallback):
         self.steps = 0
         self.max_lr: float | None = None
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self.steps += 1
         if optimizer is not None:
             lr = max(float(group["lr"]) for group in optimizer.param_groups)

@@ -128,7 +128,14 @@ class SFTLogForwarder(TrainerCallback):
     def __init__(self, log: Callable[[dict[str, float], int], None]) -> None:
         self._log = log
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs:
             numbers = {f"sft/{k}": float(v) for k, v in logs.items() if isinstance(v, (int, float))}
             self._log(numbers, state.global_step)
