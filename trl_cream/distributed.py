@@ -24,14 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
-from .engines import (
-    LaunchArgs,
-    check_engine_requested,
-    check_zero3_sampling,
-    full_state_dict,
-    is_deepspeed,
-    is_zero3,
-)
+from .engines import LaunchArgs, check_engine_requested, check_zero3_sampling, full_state_dict, is_deepspeed, is_zero3
 from .modeling.sampling import score_candidates
 
 TokenIds = list[int]
