@@ -133,6 +133,28 @@ def test_pushed_weights_including_the_tied_lm_head_are_sampled_from(engine, save
         engine.load_weights(policy_weights(model))
 
 
+def test_prompts_beyond_one_steps_token_budget_are_sampled(saved_model, tokenizer):
+    """A round's prompts together exceed what one engine step prefills (vLLM's default budget is 2048 tokens): with
+    chunked prefill, vLLM split a prompt across steps and then tried to rewind its seeded CPU generator, which
+    raised "CPU Generator does not use offset" (found sampling a 16-prompt SmolLM2 round). Its own engine: placed
+    after the tests of the module's engine, as two live engines in one process share vLLM's process groups."""
+    path, model = saved_model
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = [torch.randint(3, len(tokenizer), (200,), generator=generator).tolist() for _ in range(24)]
+    assert sum(map(len, prompt_ids)) > 2048
+    sampler = VLLMSampler(path, max_model_len=256, seed=0, max_num_seqs=96)
+    try:
+        logps: list[list[float]] = []
+        torch.manual_seed(0)
+        settings = Settings(max_new_tokens=4)
+        candidates = sampler.generate(prompt_ids, settings, [tokenizer.eos_token_id], tokenizer.pad_token_id, logps)
+    finally:
+        sampler.close()
+    assert [len(c) for c in candidates] == [4] * len(prompt_ids)
+    forward = score_candidates(model, prompt_ids, candidates, tokenizer.pad_token_id, 256, show_progress=False)
+    torch.testing.assert_close(torch.tensor(logps), forward, atol=TOL, rtol=0)
+
+
 def test_lora_request_samples_from_the_saved_adapter(tmp_path, tokenizer):
     base = vllm_llama(tokenizer)
     base_dir = tmp_path / "base"

@@ -89,6 +89,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CPU_BATCHED_TOKENS = 4096  # tokens one engine step may prefill on CPU (TRL's colocated engines use the same)
+
+
 def _launcher_environment() -> None:
     """The environment the external launcher reads: a lone process gets rank 0 of 1 (as under torchrun); on CPU
     each local rank's OpenMP threads are bound to its own share of the cores unless the user set the binding."""
@@ -173,6 +176,11 @@ class VLLMSampler:
         }
         if gpu_memory_utilization is not None and torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if not torch.cuda.is_available():
+            # A prompt prefilled over several steps (chunked prefill: a step's prompts beyond its token budget) makes
+            # vLLM rewind the request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
+            # offset"). Prefill each prompt whole instead; a step then needs room for the longest sequence.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, CPU_BATCHED_TOKENS))
         if quantization is not None:
             kwargs["quantization"] = quantization
         if lora_rank is not None:
