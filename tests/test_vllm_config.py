@@ -6,6 +6,7 @@ These run without vLLM (its presence is patched where a check needs it); tests/t
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import cream_args
 
 from trl_cream.modeling import vllm_backend
@@ -100,3 +101,47 @@ def test_paged_backend_is_refused_below_the_transformers_it_needs(tmp_path, monk
     monkeypatch.setattr(transformers, "__version__", "5.16.1")
     with pytest.raises(ValueError, match=r"paged.*transformers>=5\.23.*5\.16\.1.*'generate' or 'vllm'"):
         cream_args(tmp_path, generation_backend="paged")
+
+
+def _llm_kwargs(on_gpu: bool, **overrides) -> dict:
+    from trl_cream.modeling.vllm_backend import VLLMSampler
+
+    settings = dict(
+        model_dir="m", max_model_len=1536, seed=0, dtype=torch.bfloat16, max_num_seqs=64, gpu_memory_utilization=0.5,
+        tensor_parallel_size=1, lora_rank=None, quantization=None, enable_sleep_mode=False, enforce_eager=None,
+    )  # fmt: skip
+    return VLLMSampler.llm_kwargs(**{**settings, **overrides}, on_gpu=on_gpu)
+
+
+def test_engine_is_eager_on_cpu_and_uses_cuda_graphs_on_a_gpu_unless_told():
+    cpu, gpu = _llm_kwargs(on_gpu=False), _llm_kwargs(on_gpu=True)
+    assert cpu["enforce_eager"] is True and gpu["enforce_eager"] is False
+    assert _llm_kwargs(on_gpu=True, enforce_eager=True)["enforce_eager"] is True
+    assert _llm_kwargs(on_gpu=False, enforce_eager=False)["enforce_eager"] is False
+    # CPU only: no chunked prefill (a seeded CPU generator cannot be rewound), a step holds the longest sequence
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] >= 4096
+    assert _llm_kwargs(on_gpu=False, max_model_len=8192)["max_num_batched_tokens"] == 8192
+    assert "enable_chunked_prefill" not in gpu and gpu["gpu_memory_utilization"] == 0.5
+    assert "gpu_memory_utilization" not in cpu
+    assert gpu["dtype"] == "bfloat16" and gpu["max_num_seqs"] == 64
+
+
+@pytest.mark.parametrize("eager", [None, True, False])
+def test_the_run_passes_its_vllm_settings_to_the_engine(tmp_path, vllm_present, monkeypatch, eager):
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama, tiny_tokenizer
+
+    from trl_cream.trainer import vllm_engine
+
+    built: dict = {}
+    monkeypatch.setattr(vllm_engine, "VLLMSampler", lambda model_dir, **kwargs: built.update(kwargs) or "engine")
+    args = cream_args(
+        tmp_path, generation_backend="vllm", vllm_enforce_eager=eager, vllm_max_num_seqs=8, vllm_max_model_length=256
+    )
+    policy = SimpleNamespace(
+        model=tiny_llama(tiny_tokenizer()), use_peft=False, accelerator=SimpleNamespace(process_index=1)
+    )
+    assert vllm_engine.ColocatedEngine()._build(policy, args, tmp_path / "M1") == "engine"
+    assert built["enforce_eager"] is eager
+    assert (built["max_num_seqs"], built["max_model_len"], built["seed"]) == (8, 256, args.seed + 1)

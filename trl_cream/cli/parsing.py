@@ -29,7 +29,7 @@ CREAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "CREAM: sampling",
         ("num_generations", "temperature", "top_p", "max_new_tokens", "max_length", "generation_backend",
          "generation_batch_size", "scoring_batch_size", "long_prompts", "policy_logps_from_sampling",
-         "vllm_max_model_length", "vllm_max_num_seqs"),
+         "vllm_max_model_length", "vllm_max_num_seqs", "vllm_enforce_eager"),
     ),
     (
         "CREAM: consistency and rewards",

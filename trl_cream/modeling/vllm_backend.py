@@ -145,6 +145,7 @@ class VLLMSampler:
         quantization: vLLM's quantization of the base (``"bitsandbytes"`` for a QLoRA base), or `None`.
         enable_sleep_mode: put the engine to sleep after each sampling (level 1: weights offloaded to CPU memory, KV
             cache freed), so that scoring and training get the GPU memory back; woken before the next sampling.
+        enforce_eager: run the model eagerly; `None`: eagerly on CPU, with CUDA graphs on a GPU.
     """
 
     def __init__(
@@ -159,13 +160,43 @@ class VLLMSampler:
         lora_rank: int | None = None,
         quantization: str | None = None,
         enable_sleep_mode: bool = False,
+        enforce_eager: bool | None = None,
     ) -> None:
         vllm = _import_vllm()
         _launcher_environment()
+        kwargs = self.llm_kwargs(
+            model_dir, max_model_len, seed, dtype, max_num_seqs, gpu_memory_utilization, tensor_parallel_size,
+            lora_rank, quantization, enable_sleep_mode, enforce_eager, on_gpu=torch.cuda.is_available(),
+        )  # fmt: skip
+        with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
+            self.llm = vllm.LLM(**kwargs)
+        self.sleeps = enable_sleep_mode
+        self._asleep = False
+        self._lora: Any = None
+        self._lora_versions = 0
+
+    @staticmethod
+    def llm_kwargs(
+        model_dir: str | Path,
+        max_model_len: int,
+        seed: int,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        gpu_memory_utilization: float | None,
+        tensor_parallel_size: int,
+        lora_rank: int | None,
+        quantization: str | None,
+        enable_sleep_mode: bool,
+        enforce_eager: bool | None,
+        on_gpu: bool,
+    ) -> dict[str, Any]:
+        """The keyword arguments of `vllm.LLM` for these settings (the arguments of `__init__`), on a GPU or not."""
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
             "dtype": str(dtype).removeprefix("torch."),
-            "enforce_eager": True,
+            # Eager on CPU (measured there); on a GPU CUDA graphs, as TRL's colocated engines (pushed weights are
+            # copied into the captured parameters, so the graphs stay valid).
+            "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
             "distributed_executor_backend": "external_launcher",
             "tensor_parallel_size": tensor_parallel_size,
             "seed": seed,
@@ -174,9 +205,9 @@ class VLLMSampler:
             "skip_tokenizer_init": True,  # prompts go in as token ids, candidates come out as token ids
             "generation_config": "vllm",  # the model's generation_config.json must not change the sampling settings
         }
-        if gpu_memory_utilization is not None and torch.cuda.is_available():
+        if gpu_memory_utilization is not None and on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if not torch.cuda.is_available():
+        if not on_gpu:
             # A prompt prefilled over several steps (chunked prefill: a step's prompts beyond its token budget) makes
             # vLLM rewind the request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
             # offset"). Prefill each prompt whole instead; a step then needs room for the longest sequence.
@@ -187,12 +218,7 @@ class VLLMSampler:
             kwargs.update(enable_lora=True, max_lora_rank=_allowed_lora_rank(lora_rank), max_loras=1)
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
-        with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
-            self.llm = vllm.LLM(**kwargs)
-        self.sleeps = enable_sleep_mode
-        self._asleep = False
-        self._lora: Any = None
-        self._lora_versions = 0
+        return kwargs
 
     def _wake(self) -> None:
         if self._asleep:

@@ -145,11 +145,15 @@ class CreamConfig(OnlineDPOConfig):
             [Scaling out](scaling.md#vllm)); before each round it holds π_t (full fine-tuning: the weights are pushed
             into it; LoRA: the saved adapter of ``M<k>``). It takes TRL's `vllm_gpu_memory_utilization`,
             `vllm_tensor_parallel_size` (1) and `vllm_enable_sleep_mode` (GPU only), and `vllm_max_model_length`,
-            `vllm_max_num_seqs` below.
+            `vllm_max_num_seqs`, `vllm_enforce_eager` below.
         vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
             The vLLM engine's `max_model_len` (prompt + completion); `None` uses `max_length`.
         vllm_max_num_seqs (`int`, *optional*, defaults to `64`):
             Sequences the vLLM engine runs at once (`max_num_seqs`); more sequences need more KV cache.
+        vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
+            Run the vLLM engine's model eagerly (vLLM's `enforce_eager`). `None`: eagerly on CPU, with CUDA graphs on a
+            GPU (as TRL's colocated engines: faster decoding for some extra memory). Set `True` if graph capture
+            fails or its memory is needed.
         round1_baseline (`str`, *optional*, defaults to `"mean_logp"`):
             The baseline reward ``r'`` of round 1, where ``π_{t−1} = π_0`` and ``log π_{t−1} − log π_0`` would be 0:
             `"mean_logp"` ranks by π_0's length-normalised log-likelihood (the authors' code), `"sum_logp"` by its
@@ -338,6 +342,13 @@ class CreamConfig(OnlineDPOConfig):
     vllm_max_num_seqs: int = field(
         default=64,
         metadata={"help": "generation_backend='vllm': sequences the engine runs at once (max_num_seqs)."},
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None,
+        metadata={
+            "help": "generation_backend='vllm': run the engine's model eagerly (vLLM's enforce_eager). Default: "
+            "eagerly on CPU, with CUDA graphs on a GPU (as TRL's colocated engines; faster decoding, more memory)."
+        },
     )
     round1_baseline: str = field(
         default="mean_logp",

@@ -81,6 +81,7 @@ class ColocatedEngine:
             lora_rank=lora_rank,
             quantization=quantization,
             enable_sleep_mode=args.vllm_enable_sleep_mode,
+            enforce_eager=args.vllm_enforce_eager,
         )
         self.timings["engine_start_s"] = time.perf_counter() - started
         logger.info("vLLM engine started from %s in %.1f s.", model_dir, self.timings["engine_start_s"])
