@@ -76,7 +76,7 @@ dist: $(STAMP)
 	sys.exit(0 if ok else 'dist: LICENSE is missing from the wheel or the sdist')"
 
 test: lint docs dist test-vllm
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25  # the 25 slowest tests: where CI time goes
 
 demo: $(STAMP)
 	$(VENV)/bin/trl-cream demo $(DEMO_ARGS)
