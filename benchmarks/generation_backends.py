@@ -13,6 +13,12 @@ between backends: compare tokens/s). All backends run in one process with the sa
 
     python benchmarks/generation_backends.py --model smollm2 --backends generate,vllm --sample \
         --prompts 16 --new_tokens 64                                # the issue's workload
+    python benchmarks/generation_backends.py --model smollm2 --backends generate,vllm --sample \
+        --prompts 16 --new_tokens 64 --demo_prompts                 # a demo round's sampling (real prompts)
+
+Random-token prompts make nearly every candidate run to `--new_tokens`; with `--demo_prompts` (SmolLM2 only) the
+prompts are the demo's questions in SmolLM2's chat template, as a CREAM round samples them, and candidates stop at
+EOS at their natural lengths (where continuous batching gains over padded batches).
 
 Prints the median of `--repeats` timed runs (after one warm-up run) per backend, and each ratio to generate.
 Absolute figures depend on the machine and its load; the ratio is the result.
@@ -53,6 +59,19 @@ def load_model(name: str, device: str, dtype: torch.dtype) -> tuple[torch.nn.Mod
         config = LlamaConfig(**ARCHITECTURES[name], max_position_embeddings=4096, eos_token_id=1, pad_token_id=0)
         model, eos = LlamaForCausalLM(config).to(dtype), 1
     return model.to(device).eval(), eos, model.config.vocab_size
+
+
+def demo_prompt_ids(n: int) -> list[list[int]]:
+    """The offline demo's first ``n`` prompts in SmolLM2's chat template, as token ids (as a round samples them)."""
+    from transformers import AutoTokenizer
+
+    from trl_cream.recipes import assets, demo_data
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_model_dir())
+    prompts = demo_data.build_demo_datasets({"prompts": n, "sft_mc": 1, "sft_chat": 1}, seed=0).prompts["prompt"]
+    return [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts
+    ]
 
 
 class _Tokenizer:
@@ -96,21 +115,31 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per call of the 'generate' backend.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample", action="store_true", help="Sample (T=0.8, top-p 0.95) instead of greedy.")
+    parser.add_argument(
+        "--demo_prompts", action="store_true", help="The demo's prompts in the chat template (--model smollm2)."
+    )
     default = ",".join([*GENERATION_BACKENDS, *(["vllm"] if vllm_available() else [])])
     parser.add_argument("--backends", default=default, help=f"Comma-separated (default here: {default}).")
     a = parser.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     model, eos, vocab = load_model(a.model, a.device, dtype)
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(max(1, a.prompt_len // 2), a.prompt_len + 1, (a.prompts,), generator=generator)
-    prompt_ids = [torch.randint(2, vocab, (int(n),), generator=generator).tolist() for n in lengths]
+    if a.demo_prompts:
+        if a.model != "smollm2":
+            parser.error("--demo_prompts needs --model smollm2 (the prompts are in SmolLM2's chat template).")
+        prompt_ids = demo_prompt_ids(a.prompts)
+        a.prompt_len = max(len(ids) for ids in prompt_ids)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.randint(max(1, a.prompt_len // 2), a.prompt_len + 1, (a.prompts,), generator=generator)
+        prompt_ids = [torch.randint(2, vocab, (int(n),), generator=generator).tolist() for n in lengths]
     sampling = dict(do_sample=True, temperature=0.8, top_p=0.95) if a.sample else dict(do_sample=False)
     config = GenerationConfig(**sampling, max_new_tokens=a.new_tokens, eos_token_id=[eos], pad_token_id=eos)
     tokenizer = _Tokenizer(eos)
 
     print(
         f"model={a.model} device={a.device} dtype={dtype} prompts={a.prompts} x N={a.num_generations} "
-        f"prompt<={a.prompt_len} new<={a.new_tokens} {'sampled' if a.sample else 'greedy'}, median of {a.repeats}"
+        f"prompt<={a.prompt_len}{' (demo)' if a.demo_prompts else ''} new<={a.new_tokens} "
+        f"{'sampled' if a.sample else 'greedy'}, median of {a.repeats}"
     )
     rates: dict[str, float] = {}
     for backend in a.backends.split(","):
@@ -135,7 +164,7 @@ def main() -> None:
         rates[backend] = sequences / seconds
         print(
             f"{backend:>8}: median {seconds:.3f} s | {sequences / seconds:.1f} sequences/s | "
-            f"{tokens / seconds:.0f} tokens/s ({tokens} tokens)"
+            f"{tokens / seconds:.0f} tokens/s ({tokens} tokens); runs {', '.join(f'{t:.1f}' for t, _ in results)} s"
         )
     for backend in rates:
         if backend != "generate" and "generate" in rates:

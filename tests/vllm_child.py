@@ -2,9 +2,11 @@
 one process or under torchrun with two; it can SIGKILL itself in round 2 right after sampling (candidates drawn,
 not saved) so that a resumed run must sample round 2 again from a fresh engine.
 
-    python tests/vllm_child.py OUTPUT_DIR none|sampling [--resume]
+    python tests/vllm_child.py OUTPUT_DIR none|sampling [--resume] [--release]
 
-Each rank appends the prompts it sampled to ``OUTPUT_DIR/sampled/rank<r>.jsonl``.
+Each rank appends the prompts it sampled, and whether its engine stayed up after sampling, to
+``OUTPUT_DIR/sampled/rank<r>.jsonl``. ``--release``: `vllm_enable_sleep_mode=True` (on CPU the engine is shut down
+after each sampling and started again next round).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ class Recording(CreamTrainer):
         record = Path(self.args.output_dir) / "sampled" / f"rank{self.accelerator.process_index}.jsonl"
         record.parent.mkdir(parents=True, exist_ok=True)
         with record.open("a") as f:
-            f.write(json.dumps({"round": self.round, "prompt_ids": prompt_ids}) + "\n")
+            resident = self.vllm_engine.sampler is not None
+            f.write(json.dumps({"round": self.round, "prompt_ids": prompt_ids, "resident": resident}) + "\n")
         if self.kill_at == "sampling" and self.round == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
 
 
-def main(output_dir: Path, kill_at: str, resume: bool) -> None:
+def main(output_dir: Path, kill_at: str, resume: bool, release: bool) -> None:
     tokenizer = tiny_tokenizer()
     m0 = vllm_llama(tokenizer)
     start = output_dir.parent / f"{output_dir.name}_m1"
@@ -54,7 +57,7 @@ def main(output_dir: Path, kill_at: str, resume: bool) -> None:
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in questions]})
     args = cream_args(
         output_dir, generation_backend="vllm", num_generations=4, max_new_tokens=12, learning_rate=5e-2,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=2, vllm_enable_sleep_mode=release,
     )  # fmt: skip
     trainer = Recording(
         model=AutoModelForCausalLM.from_pretrained(start), ref_model=m0, args=args, train_dataset=prompts,
@@ -65,4 +68,4 @@ def main(output_dir: Path, kill_at: str, resume: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], "--resume" in sys.argv)
+    main(Path(sys.argv[1]), sys.argv[2], "--resume" in sys.argv, "--release" in sys.argv)

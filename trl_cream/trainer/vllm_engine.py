@@ -1,5 +1,8 @@
 """The run's colocated vLLM engine (`generation_backend="vllm"`): built on the first round's sampling, kept across
-rounds, made to hold π_t before each round's sampling, shut down when `train()` ends.
+rounds, made to hold π_t before each round's sampling, shut down when `train()` ends. With
+`vllm_enable_sleep_mode=True` its memory is given back while the round scores and trains: on a GPU by vLLM's sleep
+mode; on CPU, which has no sleep mode, by shutting the engine down after each sampling and starting it again (from
+``M<k>``, a few seconds) for the next round's.
 
 π_t of round t is ``M<k>`` (``k = iteration_index(t)``), which the run has saved before the round samples:
 
@@ -52,6 +55,7 @@ class ColocatedEngine:
         self.holds: Path | None = None
         self.policy_dir: Path | None = None  # π_t's saved folder ``M<k>``, set by the round's sampling phase
         self.timings: dict[str, float] = {}
+        self.starts = 0  # engines built in this run (more than one when shut down between rounds on CPU)
 
     def _build(self, policy: Policy, args: CreamConfig, iteration_dir: Path) -> VLLMSampler:
         model = policy.model
@@ -80,10 +84,11 @@ class ColocatedEngine:
             tensor_parallel_size=args.vllm_tensor_parallel_size,
             lora_rank=lora_rank,
             quantization=quantization,
-            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            enable_sleep_mode=args.vllm_enable_sleep_mode and torch.cuda.is_available(),
             enforce_eager=args.vllm_enforce_eager,
         )
         self.timings["engine_start_s"] = time.perf_counter() - started
+        self.starts += 1
         logger.info("vLLM engine started from %s in %.1f s.", model_dir, self.timings["engine_start_s"])
         return sampler
 
@@ -119,9 +124,12 @@ class ColocatedEngine:
             raise RuntimeError("The vLLM engine was asked to sample before the round named π_t's folder M<k>.")
         sampler = self.hold(policy, args, self.policy_dir)
         show = policy.accelerator.is_local_main_process and not args.disable_tqdm
-        return sampler.generate(
+        candidates = sampler.generate(
             prompt_ids, settings, policy.eos_ids, pad_token_id(policy.tokenizer), logps_out, show_progress=show
         )
+        if args.vllm_enable_sleep_mode and not torch.cuda.is_available():
+            self.close()  # CPU: no sleep mode; give the engine's memory and threads back until the next sampling
+        return candidates
 
     def close(self) -> None:
         """Shut the engine down (idempotent); `CreamTrainer.train` calls it before returning."""
