@@ -20,7 +20,8 @@ from conftest import perturbed, tiny_tokenizer  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_cream.modeling.sampling import score_candidates, tokenize_prompts  # noqa: E402
+from trl_cream.modeling.sampling import tokenize_prompts  # noqa: E402
+from trl_cream.modeling.scoring import score_candidates  # noqa: E402
 from trl_cream.modeling.vllm_backend import EngineSettings, VLLMSampler  # noqa: E402
 from trl_cream.trainer.vllm_engine import policy_weights  # noqa: E402
 

@@ -29,7 +29,8 @@ from ..core.labelling import RoundScores, label_round
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
-from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
+from ..modeling.sampling import SamplingSettings, tokenize_prompts
+from ..modeling.scoring import completion_logps
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
 from ..runs.tables import candidates_dataset, pairs_dataset
