@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from trl_cream.modeling.sampling import completion_logps, pad_pairs
+from trl_cream.modeling.scoring import completion_logps, pad_pairs
 
 SIZES = {
     # SmolLM2-135M's architecture with random weights (no download needed).

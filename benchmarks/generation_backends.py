@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from trl_cream.modeling.sampling import GENERATION_BACKENDS, generate_candidates
-from trl_cream.modeling.vllm_backend import VLLMSampler, vllm_available
+from trl_cream.modeling.vllm_backend import EngineSettings, VLLMSampler, vllm_available
 
 ARCHITECTURES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -95,7 +95,10 @@ def vllm_runner(model: torch.nn.Module, prompt_ids: list, a: argparse.Namespace,
     """A function sampling the workload with a vLLM engine built (once) from ``model`` saved to a temporary folder."""
     folder = tempfile.mkdtemp(prefix="vllm_bench_")
     model.save_pretrained(folder)
-    sampler = VLLMSampler(folder, max_model_len=a.prompt_len + a.new_tokens + 8, seed=0, dtype=dtype, max_num_seqs=256)
+    engine = EngineSettings(
+        folder, max_model_len=a.prompt_len + a.new_tokens + 8, seed=0, dtype=dtype, max_num_seqs=256
+    )
+    sampler = VLLMSampler(engine)
     decoding = dict(temperature=0.8, top_p=0.95, top_k=None) if a.sample else dict(temperature=1.0, top_p=1.0, top_k=1)
     settings = SimpleNamespace(
         num_generations=a.num_generations, min_p=None, repetition_penalty=1.0, max_new_tokens=a.new_tokens,

@@ -198,13 +198,15 @@ def vllm_rate(model: nn.Module, prompt_ids: list[list[int]], size: dict[str, int
     """Sequences/s of a vLLM engine built from ``model`` (saved to a temporary folder; start-up not timed), greedy."""
     from types import SimpleNamespace
 
-    from trl_cream.modeling.vllm_backend import VLLMSampler
+    from trl_cream.modeling.vllm_backend import EngineSettings, VLLMSampler
 
     folder = tempfile.mkdtemp(prefix="gpu_check_vllm_")
     model.save_pretrained(folder)
     dtype = next(model.parameters()).dtype
     sampler = VLLMSampler(
-        folder, max_model_len=64 + size["sample_tokens"], seed=0, dtype=dtype, gpu_memory_utilization=0.3
+        EngineSettings(
+            folder, max_model_len=64 + size["sample_tokens"], seed=0, dtype=dtype, gpu_memory_utilization=0.3
+        )
     )
     settings = SimpleNamespace(
         num_generations=size["n"], temperature=1.0, top_p=1.0, top_k=1, min_p=None, repetition_penalty=1.0,

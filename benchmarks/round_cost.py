@@ -50,7 +50,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  
 
 from trl_cream import CreamConfig, CreamTrainer  # noqa: E402
 from trl_cream.core.loss import cream_dpo_loss  # noqa: E402
-from trl_cream.modeling.sampling import completion_logps, cut_at_stop, pad_pairs, tokenize_prompts  # noqa: E402
+from trl_cream.modeling.sampling import cut_at_stop, tokenize_prompts  # noqa: E402
+from trl_cream.modeling.scoring import completion_logps, pad_pairs  # noqa: E402
 from trl_cream.trainer.data import PairCollator  # noqa: E402
 
 TokenIds = list[int]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from trl_cream import distributed, engines
 from trl_cream.core.labelling import RoundScores
-from trl_cream.modeling.sampling import score_candidates
+from trl_cream.modeling.scoring import score_candidates
 
 ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "dist_worker.py"

@@ -10,7 +10,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from trl_cream.core.loss import cream_dpo_loss, pair_metrics
-from trl_cream.modeling.sampling import completion_logps, pad_pairs
+from trl_cream.modeling.scoring import completion_logps, pad_pairs
 
 BETA = 0.1
 

@@ -13,7 +13,8 @@ from transformers import GenerationConfig
 
 from trl_cream import CreamTrainer
 from trl_cream.modeling.perf import frozen_gc, sampled_policy_scores
-from trl_cream.modeling.sampling import generate_candidates, score_candidates, tokenize_prompts
+from trl_cream.modeling.sampling import generate_candidates, tokenize_prompts
+from trl_cream.modeling.scoring import score_candidates
 
 
 class _Node:

@@ -15,12 +15,11 @@ from trl_cream.modeling.sampling import (
     GENERATION_BACKENDS,
     SamplingSettings,
     generate_candidates,
-    pad_pairs,
     pad_token_id,
     sampling_generation_config,
-    score_candidates,
     tokenize_prompts,
 )
+from trl_cream.modeling.scoring import pad_pairs, score_candidates
 
 
 def test_generate_and_score_use_eval_mode_and_restore_it(m0, tokenizer, prompts):

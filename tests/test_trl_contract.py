@@ -120,7 +120,7 @@ def test_every_field_of_the_parent_config_is_either_read_or_refused() -> None:
     """A field TRL adds to OnlineDPOConfig must be classified: used by CREAM, or refused when set (CreamConfig)."""
     from transformers import TrainingArguments
 
-    from trl_cream.trainer.config import IGNORED_PARENT_FIELDS, VLLM_PARENT_FIELDS
+    from trl_cream.trainer.config_checks import IGNORED_PARENT_FIELDS, VLLM_PARENT_FIELDS
 
     own = {f.name for f in dataclasses.fields(OnlineDPOConfig)} - {
         f.name for f in dataclasses.fields(TrainingArguments)

@@ -20,8 +20,9 @@ from conftest import perturbed, tiny_tokenizer  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_cream.modeling.sampling import score_candidates, tokenize_prompts  # noqa: E402
-from trl_cream.modeling.vllm_backend import VLLMSampler  # noqa: E402
+from trl_cream.modeling.sampling import tokenize_prompts  # noqa: E402
+from trl_cream.modeling.scoring import score_candidates  # noqa: E402
+from trl_cream.modeling.vllm_backend import EngineSettings, VLLMSampler  # noqa: E402
 from trl_cream.trainer.vllm_engine import policy_weights  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -82,7 +83,7 @@ def saved_model(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def engine(saved_model):
     path, _ = saved_model
-    sampler = VLLMSampler(path, max_model_len=128, seed=0, max_num_seqs=16)
+    sampler = VLLMSampler(EngineSettings(path, max_model_len=128, seed=0, max_num_seqs=16))
     yield sampler
     sampler.close()
 
@@ -142,7 +143,7 @@ def test_prompts_beyond_one_steps_token_budget_are_sampled(saved_model, tokenize
     generator = torch.Generator().manual_seed(0)
     prompt_ids = [torch.randint(3, len(tokenizer), (200,), generator=generator).tolist() for _ in range(24)]
     assert sum(map(len, prompt_ids)) > 2048
-    sampler = VLLMSampler(path, max_model_len=256, seed=0, max_num_seqs=96)
+    sampler = VLLMSampler(EngineSettings(path, max_model_len=256, seed=0, max_num_seqs=96))
     try:
         logps: list[list[float]] = []
         torch.manual_seed(0)
@@ -168,7 +169,7 @@ def test_lora_request_samples_from_the_saved_adapter(tmp_path, tokenizer):
     torch.manual_seed(5)
     expected_draw = torch.rand(3)
     torch.manual_seed(5)
-    sampler = VLLMSampler(base_dir, max_model_len=128, seed=0, max_num_seqs=8, lora_rank=8)
+    sampler = VLLMSampler(EngineSettings(base_dir, max_model_len=128, seed=0, max_num_seqs=8, lora_rank=8))
     # starting an engine leaves torch's generator as it was (vLLM reseeds it): a resumed run samples alike
     assert torch.equal(torch.rand(3), expected_draw)
     try:

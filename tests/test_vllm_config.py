@@ -104,13 +104,13 @@ def test_paged_backend_is_refused_below_the_transformers_it_needs(tmp_path, monk
 
 
 def _llm_kwargs(on_gpu: bool, **overrides) -> dict:
-    from trl_cream.modeling.vllm_backend import VLLMSampler
+    from trl_cream.modeling.vllm_backend import EngineSettings
 
     settings = dict(
         model_dir="m", max_model_len=1536, seed=0, dtype=torch.bfloat16, max_num_seqs=64, gpu_memory_utilization=0.5,
         tensor_parallel_size=1, lora_rank=None, quantization=None, enable_sleep_mode=False, enforce_eager=None,
     )  # fmt: skip
-    return VLLMSampler.llm_kwargs(**{**settings, **overrides}, on_gpu=on_gpu)
+    return EngineSettings(**{**settings, **overrides}).llm_kwargs(on_gpu=on_gpu)
 
 
 def test_engine_is_eager_on_cpu_and_uses_cuda_graphs_on_a_gpu_unless_told():
@@ -135,7 +135,7 @@ def test_the_run_passes_its_vllm_settings_to_the_engine(tmp_path, vllm_present, 
     from trl_cream.trainer import vllm_engine
 
     built: dict = {}
-    monkeypatch.setattr(vllm_engine, "VLLMSampler", lambda model_dir, **kwargs: built.update(kwargs) or "engine")
+    monkeypatch.setattr(vllm_engine, "VLLMSampler", lambda settings: built.update(vars(settings)) or "engine")
     args = cream_args(
         tmp_path, generation_backend="vllm", vllm_enforce_eager=eager, vllm_max_num_seqs=8, vllm_max_model_length=256
     )

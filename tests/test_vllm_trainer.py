@@ -17,7 +17,7 @@ from test_vllm import GREEDY, TOL, hf_greedy, vllm_llama  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from trl_cream import CreamTrainer  # noqa: E402
-from trl_cream.modeling.sampling import score_candidates  # noqa: E402
+from trl_cream.modeling.scoring import score_candidates  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 

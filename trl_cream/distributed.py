@@ -25,7 +25,7 @@ from accelerate.utils import gather_object, set_seed
 
 from .core.labelling import RoundScores
 from .engines import LaunchArgs, check_engine_requested, check_zero3_sampling, full_state_dict, is_deepspeed, is_zero3
-from .modeling.sampling import score_candidates
+from .modeling.scoring import score_candidates
 
 TokenIds = list[int]
 
@@ -121,7 +121,7 @@ def gather_scores(shard: Shard, scores: RoundScores, candidates: Sequence[Sequen
 
 
 def num_scoring_batches(candidates: Sequence[Sequence[TokenIds]], batch_size: int) -> int:
-    """Forward passes `sampling.score_candidates` runs for these candidates: the distinct (prompt, candidate) pairs,
+    """Forward passes `scoring.score_candidates` runs for these candidates: the distinct (prompt, candidate) pairs,
     ``batch_size`` per forward."""
     unique = {(j, tuple(c)) for j, cands in enumerate(candidates) for c in cands}
     return math.ceil(len(unique) / batch_size)
@@ -146,7 +146,7 @@ def score_shard(
     batch_size: int,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """`sampling.score_candidates` on this rank's share (``[0, 0]`` when it has no prompt); under ZeRO-3 / FSDP, the
+    """`scoring.score_candidates` on this rank's share (``[0, 0]`` when it has no prompt); under ZeRO-3 / FSDP, the
     rank then runs dummy forwards until it has run as many as the busiest rank. Every rank must call it."""
     batches = num_scoring_batches(candidates, batch_size)
     most = max_over_ranks(batches) if needs_lockstep(accelerator) else batches

@@ -3,8 +3,8 @@
 Accuracy is exact match under greedy decoding. Ranking consistency samples ``N`` candidates per prompt from the newer
 checkpoint ``M_k`` and ranks them twice, with its implicit DPO reward ``r = log π_k - log π_0`` and with the older
 checkpoint's ``r' = log π_{k-1} - log π_0``, then reports Kendall's τ, Spearman's ρ, TopOrder and ``C = (τ + 1) / 2``
-as mean ± std over prompts. Sampling and scoring reuse `trl_cream.modeling.sampling`, so the numbers here are computed
-exactly as the trainer computes its rewards.
+as mean ± std over prompts. Sampling and scoring reuse `trl_cream.modeling.sampling` and `trl_cream.modeling.scoring`,
+so the numbers here are computed exactly as the trainer computes its rewards.
 """
 
 from __future__ import annotations

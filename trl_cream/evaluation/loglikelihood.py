@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..modeling import sampling
+from ..modeling import sampling, scoring
 from .results import TaskResult, binomial_stderr, sample_stderr  # noqa: F401  (were defined here before 0.2)
 
 EVAL_MODES: tuple[str, ...] = ("generate", "loglikelihood")
@@ -196,14 +196,14 @@ def _continuation_logps(
     device: torch.device,
 ) -> list[float]:
     """Σ log-probs of each ``(context index, continuation ids)`` after its context, sharing each context's cache."""
-    ctx_ids, ctx_mask = sampling.pad_pairs(contexts, [[pad_id]] * len(contexts), pad_id, device)[:2]
+    ctx_ids, ctx_mask = scoring.pad_pairs(contexts, [[pad_id]] * len(contexts), pad_id, device)[:2]
     positions = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     index = torch.tensor([b for b, _ in continuations], device=device)
     cache = getattr(out, "cache", None)  # transformers >= 5.24; older versions name it `past_key_values`
     cache = out.past_key_values if cache is None else cache
     cache.batch_select_indices(index)
-    cont_ids, cont_mask = sampling.pad_pairs([[]] * len(continuations), [c for _, c in continuations], pad_id, device)[
+    cont_ids, cont_mask = scoring.pad_pairs([[]] * len(continuations), [c for _, c in continuations], pad_id, device)[
         2:
     ]
     mask = torch.cat([ctx_mask[index], cont_mask], dim=1)

@@ -12,7 +12,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ..core.consistency import round_statistics
 from ..core.rewards import baseline_rewards, implicit_rewards
-from ..modeling import sampling
+from ..modeling import sampling, scoring
 
 
 def _as_messages(prompt: str | Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -139,7 +139,7 @@ def _score_checkpoints(
 
     def score(model: torch.nn.Module, name: str, disable_adapter: bool = False) -> torch.Tensor:
         with model.disable_adapter() if disable_adapter else contextlib.nullcontext():
-            return sampling.score_candidates(
+            return scoring.score_candidates(
                 model, prompt_ids, candidates, pad_id, max_length, **common, desc=f"{desc} scoring {name}"
             )
 

@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,9 @@ def _default_group_kept(keep: bool) -> Iterator[None]:
         dist.destroy_process_group = destroy
 
 
-class VLLMSampler:
-    """One vLLM engine in this process, sampling a round's candidates from π_t.
+@dataclass(frozen=True)
+class EngineSettings:
+    """What one vLLM engine is built with: the arguments of `vllm.LLM`, from the run's settings.
 
     Args:
         model_dir: the folder the engine loads: ``M<k>`` for full fine-tuning, the base model for LoRA.
@@ -171,79 +173,68 @@ class VLLMSampler:
         enforce_eager: run the model eagerly; `None`: eagerly on CPU, with CUDA graphs on a GPU.
     """
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        max_model_len: int,
-        seed: int,
-        dtype: torch.dtype = torch.float32,
-        max_num_seqs: int = 256,
-        gpu_memory_utilization: float | None = None,
-        tensor_parallel_size: int = 1,
-        lora_rank: int | None = None,
-        quantization: str | None = None,
-        enable_sleep_mode: bool = False,
-        enforce_eager: bool | None = None,
-    ) -> None:
-        vllm = _import_vllm()
-        _launcher_environment()
-        kwargs = self.llm_kwargs(
-            model_dir, max_model_len, seed, dtype, max_num_seqs, gpu_memory_utilization, tensor_parallel_size,
-            lora_rank, quantization, enable_sleep_mode, enforce_eager, on_gpu=torch.cuda.is_available(),
-        )  # fmt: skip
-        # A process group that exists before the engine (torchrun, accelerate) is the run's: `close` keeps it.
-        self._owns_process_group = not torch.distributed.is_initialized()
-        with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
-            self.llm = vllm.LLM(**kwargs)
-        self.sleeps = enable_sleep_mode
-        self._asleep = False
-        self._lora: Any = None
-        self._lora_versions = 0
+    model_dir: str | Path
+    max_model_len: int
+    seed: int
+    dtype: torch.dtype = torch.float32
+    max_num_seqs: int = 256
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    lora_rank: int | None = None
+    quantization: str | None = None
+    enable_sleep_mode: bool = False
+    enforce_eager: bool | None = None
 
-    @staticmethod
-    def llm_kwargs(
-        model_dir: str | Path,
-        max_model_len: int,
-        seed: int,
-        dtype: torch.dtype,
-        max_num_seqs: int,
-        gpu_memory_utilization: float | None,
-        tensor_parallel_size: int,
-        lora_rank: int | None,
-        quantization: str | None,
-        enable_sleep_mode: bool,
-        enforce_eager: bool | None,
-        on_gpu: bool,
-    ) -> dict[str, Any]:
-        """The keyword arguments of `vllm.LLM` for these settings (the arguments of `__init__`), on a GPU or not."""
+    def llm_kwargs(self, on_gpu: bool) -> dict[str, Any]:
+        """The keyword arguments of `vllm.LLM` for these settings, on a GPU or not."""
         kwargs: dict[str, Any] = {
-            "model": str(model_dir),
-            "dtype": str(dtype).removeprefix("torch."),
+            "model": str(self.model_dir),
+            "dtype": str(self.dtype).removeprefix("torch."),
             # Eager on CPU (measured there); on a GPU CUDA graphs, as TRL's colocated engines (pushed weights are
             # copied into the captured parameters, so the graphs stay valid).
-            "enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager,
+            "enforce_eager": (not on_gpu) if self.enforce_eager is None else self.enforce_eager,
             "distributed_executor_backend": "external_launcher",
-            "tensor_parallel_size": tensor_parallel_size,
-            "seed": seed,
-            "max_model_len": max_model_len,
-            "max_num_seqs": max_num_seqs,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "seed": self.seed,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
             "skip_tokenizer_init": True,  # prompts go in as token ids, candidates come out as token ids
             "generation_config": "vllm",  # the model's generation_config.json must not change the sampling settings
         }
-        if gpu_memory_utilization is not None and on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if self.gpu_memory_utilization is not None and on_gpu:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         if not on_gpu:
             # A prompt prefilled over several steps (chunked prefill: a step's prompts beyond its token budget) makes
             # vLLM rewind the request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
             # offset"). Prefill each prompt whole instead; a step then needs room for the longest sequence.
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, CPU_BATCHED_TOKENS))
-        if quantization is not None:
-            kwargs["quantization"] = quantization
-        if lora_rank is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=_allowed_lora_rank(lora_rank), max_loras=1)
-        if enable_sleep_mode:
+            kwargs.update(
+                enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, CPU_BATCHED_TOKENS)
+            )
+        if self.quantization is not None:
+            kwargs["quantization"] = self.quantization
+        if self.lora_rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=_allowed_lora_rank(self.lora_rank), max_loras=1)
+        if self.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         return kwargs
+
+
+class VLLMSampler:
+    """One vLLM engine in this process, built from ``settings``, sampling a round's candidates from π_t."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        vllm = _import_vllm()
+        _launcher_environment()
+        kwargs = settings.llm_kwargs(on_gpu=torch.cuda.is_available())
+        # A process group that exists before the engine (torchrun, accelerate) is the run's: `close` keeps it.
+        self._owns_process_group = not torch.distributed.is_initialized()
+        with _kept_random_state():  # vLLM reseeds the global generators with `seed` when it starts
+            self.llm = vllm.LLM(**kwargs)
+        self.settings = settings
+        self.sleeps = settings.enable_sleep_mode
+        self._asleep = False
+        self._lora: Any = None
+        self._lora_versions = 0
 
     def _wake(self) -> None:
         if self._asleep:

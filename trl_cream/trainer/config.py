@@ -1,100 +1,19 @@
-"""Configuration of CREAM training: TRL's online DPO config plus the fields of Algorithm 1."""
+"""Configuration of CREAM training: TRL's online DPO config plus the fields of Algorithm 1 (its checks:
+`trl_cream.trainer.config_checks`)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..core.consistency import GRANULARITIES, MEASURES
 from ..core.rewards import ROUND1_BASELINES
-from ..hub.utils import FAILURE_MODES, STRATEGIES, validate_settings
+from ..hub.utils import FAILURE_MODES, STRATEGIES
 from ..modeling.sampling import BACKEND_NAMES, LONG_PROMPT_MODES
-from .config_checks import (
-    check_logging_settings,
-    check_optimization_settings,
-    check_output_and_lengths,
-    check_paged_transformers,
-    check_sampling_settings,
-    check_vllm_settings,
-)
+from .config_checks import BASELINE_SOURCES, REF_POLICIES, REWARD_SOURCES, check_config
 from .schedule import whole_step_warmup
 from .trl_base import OnlineDPOConfig
-
-REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
-BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
-
-REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
-
-# Every choice field and its allowed values, checked once, here (the owning layer defines each tuple).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "consistency_measure": MEASURES,
-    "consistency_granularity": GRANULARITIES,
-    "ref_policy": REF_POLICIES,
-    "generation_backend": BACKEND_NAMES,
-    "long_prompts": LONG_PROMPT_MODES,
-    "round1_baseline": ROUND1_BASELINES,
-    "reward_source": REWARD_SOURCES,
-    "baseline_source": BASELINE_SOURCES,
-}
-
-_VLLM = "CREAM's vLLM backend (`generation_backend='vllm'`) runs one engine colocated in each training process"
-# Fields inherited from OnlineDPOConfig that CREAM does not use: setting one to anything but TRL's default is refused,
-# with what to use instead.
-IGNORED_PARENT_FIELDS: dict[str, str] = {
-    "reward_model_path": (
-        "CREAM ranks candidates with its own implicit reward; for an external reward model pass "
-        "`reward_model=` to CreamTrainer with reward_source='reward_model' (or baseline_source='reward_model')"
-    ),
-    "reward_weights": "CREAM uses one reward source (`reward_source`), so there is nothing to weight",
-    "missing_eos_penalty": (
-        "CREAM's rewards are log-likelihood ratios, not reward-model scores to penalise; lower `max_new_tokens` "
-        "or raise it so that candidates finish"
-    ),
-    "cache_implementation": "pass it in `generation_kwargs` (e.g. {'cache_implementation': 'static'})",
-    "model_init_kwargs": "CreamTrainer takes an instantiated model: pass the kwargs to from_pretrained yourself",
-    "vllm_model_impl": _VLLM,
-    "vllm_structured_outputs_regex": _VLLM,
-    "vllm_mode": _VLLM + ", so a vLLM server is not used: leave vllm_mode='colocate'",
-    "vllm_server_base_url": _VLLM,
-    "vllm_server_host": _VLLM,
-    "vllm_server_port": _VLLM,
-    "vllm_server_timeout": _VLLM,
-    "vllm_group_port": _VLLM,
-}
-# TRL's vLLM settings that the vLLM backend uses (`check_vllm_settings`); with another backend they are refused too.
-VLLM_PARENT_FIELDS: tuple[str, ...] = (
-    "vllm_gpu_memory_utilization",
-    "vllm_tensor_parallel_size",
-    "vllm_enable_sleep_mode",
-)
-
-
-def _parent_default(name: str) -> Any:
-    """TRL's default of an `OnlineDPOConfig` field."""
-    spec = OnlineDPOConfig.__dataclass_fields__[name]
-    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
-
-
-def check_choices(config: CreamConfig) -> None:
-    """Each choice field of `CHOICES` holds one of its allowed values."""
-    for name, choices in CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{name}={getattr(config, name)!r} is unknown; choose one of {', '.join(choices)}.")
-
-
-def refuse_ignored_parent_fields(config: CreamConfig) -> None:
-    """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
-    ignored = dict(IGNORED_PARENT_FIELDS)
-    if config.generation_backend != "vllm":
-        ignored.update({name: "it is used only by generation_backend='vllm'" for name in VLLM_PARENT_FIELDS})
-    for name, instead in ignored.items():
-        if name in OnlineDPOConfig.__dataclass_fields__ and getattr(config, name) != _parent_default(name):
-            raise ValueError(
-                f"{name}={getattr(config, name)!r} is a field of TRL's OnlineDPOConfig that CREAM does not use, so it "
-                f"would be silently ignored: {instead}. Leave {name} at its default "
-                f"({_parent_default(name)!r})."
-            )
 
 
 def _bf16_available() -> bool:
@@ -521,57 +440,10 @@ class CreamConfig(OnlineDPOConfig):
     )
 
     def __post_init__(self) -> None:
-        self._validate()
+        check_config(self)  # before anything is loaded or generated
         if self.bf16 is None and not self.fp16 and not _bf16_available():
             self.bf16 = False  # TRL defaults to bf16, which Trainer refuses on a machine without bf16 support
         super().__post_init__()
-
-    def _validate(self) -> None:
-        """Check the CREAM fields before anything is loaded or generated."""
-        if self.num_generations < 2:
-            raise ValueError(
-                f"num_generations={self.num_generations}: CREAM ranks candidates against each other, so it needs at "
-                "least 2 per prompt (the paper uses 5)."
-            )
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations={self.num_iterations}: run at least one CREAM round.")
-        check_choices(self)
-        refuse_ignored_parent_fields(self)
-        if self.generation_backend == "paged":
-            check_paged_transformers()
-        penalty = (self.generation_kwargs or {}).get("repetition_penalty", self.repetition_penalty)
-        if self.generation_backend == "paged" and penalty not in (None, 1.0):
-            raise ValueError(
-                f"repetition_penalty={penalty} is not supported by generation_backend='paged' "
-                "(transformers' continuous batching drops that logits processor); set repetition_penalty=1.0 or "
-                "use generation_backend='generate'."
-            )
-        for name in ("generation_batch_size", "scoring_batch_size", "judge_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
-        if self.loss_type != "sigmoid":
-            raise ValueError(f"loss_type={self.loss_type!r}: CREAM's loss is built on the sigmoid DPO loss only.")
-        if self.use_vllm:
-            raise ValueError(
-                "use_vllm=True is TRL's switch, which CreamTrainer does not read: set generation_backend='vllm' "
-                "(and leave use_vllm=False) to sample the candidates with vLLM."
-            )
-        betas = self.beta if isinstance(self.beta, (list, tuple)) else [self.beta]
-        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
-            raise ValueError(f"beta={self.beta!r}: every β must be a number, e.g. beta=0.1 or beta=[0.1, 0.05].")
-        if len(betas) not in (1, self.num_iterations):
-            raise ValueError(
-                f"beta={self.beta}: give one value, or one per round ({self.num_iterations} values for "
-                f"num_iterations={self.num_iterations})."
-            )
-        if any(b <= 0 for b in betas):
-            raise ValueError(f"beta={self.beta}: every β must be positive.")
-        check_sampling_settings(self)
-        check_vllm_settings(self)
-        check_optimization_settings(self)
-        check_output_and_lengths(self)
-        check_logging_settings(self)
-        validate_settings(self)
 
     def __getstate__(self) -> dict:
         """Pickle (``training_args.bin``) without `hub_token`: a token never lands in an artifact."""

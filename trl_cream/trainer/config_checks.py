@@ -1,14 +1,151 @@
-"""Checks of `CreamConfig`'s plain values that `__post_init__` runs, so that a bad value fails when the config is
-built (also from the CLI parser), before anything is loaded or written: the sampling settings as the candidates will
-be sampled with them, and the optimizer, batch and epoch settings with which a round would crash or learn nothing."""
+"""The checks `CreamConfig.__post_init__` runs (`check_config`), so that a bad value fails when the config is built
+(also from the CLI parser), before anything is loaded or written: the rounds, the choice fields (`CHOICES`), the
+`OnlineDPOConfig` fields CREAM does not use, β, the sampling settings as the candidates will be sampled with them,
+the vLLM engine's settings, and the optimizer, batch and epoch settings with which a round would crash or learn
+nothing."""
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
+from dataclasses import MISSING
+from typing import TYPE_CHECKING, Any
+
+from ..core.consistency import GRANULARITIES, MEASURES
+from ..core.rewards import ROUND1_BASELINES
+from ..hub.utils import validate_settings
+from ..modeling.sampling import BACKEND_NAMES, LONG_PROMPT_MODES
+from .trl_base import OnlineDPOConfig
 
 if TYPE_CHECKING:  # config.py imports these checks
     from .config import CreamConfig
+
+REWARD_SOURCES: tuple[str, ...] = ("implicit", "reward_model", "judge")
+BASELINE_SOURCES: tuple[str, ...] = ("previous", "reward_model")
+
+REF_POLICIES: tuple[str, ...] = ("round_start", "initial")
+
+# Every choice field and its allowed values, checked once, here (the owning layer defines each tuple).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "consistency_measure": MEASURES,
+    "consistency_granularity": GRANULARITIES,
+    "ref_policy": REF_POLICIES,
+    "generation_backend": BACKEND_NAMES,
+    "long_prompts": LONG_PROMPT_MODES,
+    "round1_baseline": ROUND1_BASELINES,
+    "reward_source": REWARD_SOURCES,
+    "baseline_source": BASELINE_SOURCES,
+}
+
+_VLLM = "CREAM's vLLM backend (`generation_backend='vllm'`) runs one engine colocated in each training process"
+# Fields inherited from OnlineDPOConfig that CREAM does not use: setting one to anything but TRL's default is refused,
+# with what to use instead.
+IGNORED_PARENT_FIELDS: dict[str, str] = {
+    "reward_model_path": (
+        "CREAM ranks candidates with its own implicit reward; for an external reward model pass "
+        "`reward_model=` to CreamTrainer with reward_source='reward_model' (or baseline_source='reward_model')"
+    ),
+    "reward_weights": "CREAM uses one reward source (`reward_source`), so there is nothing to weight",
+    "missing_eos_penalty": (
+        "CREAM's rewards are log-likelihood ratios, not reward-model scores to penalise; lower `max_new_tokens` "
+        "or raise it so that candidates finish"
+    ),
+    "cache_implementation": "pass it in `generation_kwargs` (e.g. {'cache_implementation': 'static'})",
+    "model_init_kwargs": "CreamTrainer takes an instantiated model: pass the kwargs to from_pretrained yourself",
+    "vllm_model_impl": _VLLM,
+    "vllm_structured_outputs_regex": _VLLM,
+    "vllm_mode": _VLLM + ", so a vLLM server is not used: leave vllm_mode='colocate'",
+    "vllm_server_base_url": _VLLM,
+    "vllm_server_host": _VLLM,
+    "vllm_server_port": _VLLM,
+    "vllm_server_timeout": _VLLM,
+    "vllm_group_port": _VLLM,
+}
+# TRL's vLLM settings that the vLLM backend uses (`check_vllm_settings`); with another backend they are refused too.
+VLLM_PARENT_FIELDS: tuple[str, ...] = (
+    "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size",
+    "vllm_enable_sleep_mode",
+)
+
+
+def _parent_default(name: str) -> Any:
+    """TRL's default of an `OnlineDPOConfig` field."""
+    spec = OnlineDPOConfig.__dataclass_fields__[name]
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
+
+
+def check_choices(config: CreamConfig) -> None:
+    """Each choice field of `CHOICES` holds one of its allowed values."""
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name}={getattr(config, name)!r} is unknown; choose one of {', '.join(choices)}.")
+
+
+def refuse_ignored_parent_fields(config: CreamConfig) -> None:
+    """Refuse an `OnlineDPOConfig` field CREAM ignores (`IGNORED_PARENT_FIELDS`) when set to a non-default value."""
+    ignored = dict(IGNORED_PARENT_FIELDS)
+    if config.generation_backend != "vllm":
+        ignored.update({name: "it is used only by generation_backend='vllm'" for name in VLLM_PARENT_FIELDS})
+    for name, instead in ignored.items():
+        if name in OnlineDPOConfig.__dataclass_fields__ and getattr(config, name) != _parent_default(name):
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} is a field of TRL's OnlineDPOConfig that CREAM does not use, so it "
+                f"would be silently ignored: {instead}. Leave {name} at its default "
+                f"({_parent_default(name)!r})."
+            )
+
+
+def check_config(args: CreamConfig) -> None:
+    """Every check of a `CreamConfig`'s own values, in order (`CreamConfig.__post_init__` runs it)."""
+    if args.num_generations < 2:
+        raise ValueError(
+            f"num_generations={args.num_generations}: CREAM ranks candidates against each other, so it needs at "
+            "least 2 per prompt (the paper uses 5)."
+        )
+    if args.num_iterations < 1:
+        raise ValueError(f"num_iterations={args.num_iterations}: run at least one CREAM round.")
+    check_choices(args)
+    refuse_ignored_parent_fields(args)
+    if args.generation_backend == "paged":
+        check_paged_transformers()
+    penalty = (args.generation_kwargs or {}).get("repetition_penalty", args.repetition_penalty)
+    if args.generation_backend == "paged" and penalty not in (None, 1.0):
+        raise ValueError(
+            f"repetition_penalty={penalty} is not supported by generation_backend='paged' "
+            "(transformers' continuous batching drops that logits processor); set repetition_penalty=1.0 or "
+            "use generation_backend='generate'."
+        )
+    for name in ("generation_batch_size", "scoring_batch_size", "judge_max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}={getattr(args, name)} must be a positive integer.")
+    if args.loss_type != "sigmoid":
+        raise ValueError(f"loss_type={args.loss_type!r}: CREAM's loss is built on the sigmoid DPO loss only.")
+    if args.use_vllm:
+        raise ValueError(
+            "use_vllm=True is TRL's switch, which CreamTrainer does not read: set generation_backend='vllm' "
+            "(and leave use_vllm=False) to sample the candidates with vLLM."
+        )
+    check_beta(args)
+    check_sampling_settings(args)
+    check_vllm_settings(args)
+    check_optimization_settings(args)
+    check_output_and_lengths(args)
+    check_logging_settings(args)
+    validate_settings(args)
+
+
+def check_beta(args: CreamConfig) -> None:
+    """β: one positive number, or one per round."""
+    betas = args.beta if isinstance(args.beta, (list, tuple)) else [args.beta]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+        raise ValueError(f"beta={args.beta!r}: every β must be a number, e.g. beta=0.1 or beta=[0.1, 0.05].")
+    if len(betas) not in (1, args.num_iterations):
+        raise ValueError(
+            f"beta={args.beta}: give one value, or one per round ({args.num_iterations} values for "
+            f"num_iterations={args.num_iterations})."
+        )
+    if any(b <= 0 for b in betas):
+        raise ValueError(f"beta={args.beta}: every β must be positive.")
 
 
 def _generation_keys() -> frozenset[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from ..modeling.sampling import pad_pairs, truncate_prompts
+from ..modeling.scoring import pad_pairs, truncate_prompts
 
 TokenIds = list[int]
 

@@ -1,5 +1,6 @@
-"""The model-facing steps of a CREAM round, as functions of explicit values: score candidates under ``π_t``, ``π_0``
-and ``π_{t−1}``, advance ``π_{t−1}``, save the policy.
+"""The steps of a CREAM round, as functions of explicit values: score candidates under ``π_t``, ``π_0`` and
+``π_{t−1}``, label them (rewards, rankings, C, pairs), advance ``π_{t−1}``, save the policy; and the values the
+phases pass along (`RoundState`, `RoundSamples`, `Policy`).
 
 `CreamTrainer` calls them through its hook methods (``score_round``, ``save_policy``); sampling goes from the
 ``generate_candidates`` hook straight to `trl_cream.modeling.sampling.generate_candidates`, whose
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -22,10 +24,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.trainer import TRAINING_ARGS_NAME
 
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .config import CreamConfig
+
 from .. import distributed, engines
-from ..core.labelling import RoundScores
+from ..core.labelling import RoundScores, label_round
 from ..modeling import adapters
 from ..modeling.perf import sampled_policy_scores
+from ..runs.tables import candidates_dataset, pairs_dataset
 from ..runs.weights import load_adapter_weights
 from .resume import RunStart
 
@@ -64,6 +72,15 @@ class RoundState:
             logger.info("Resuming round %d: %s reused from %s.", self.t, what, where)
         elif self.resuming:
             logger.info("Resuming round %d: %s recomputed.", self.t, what)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the seconds the block takes as ``timings[phase]`` (even if it raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = round(time.perf_counter() - start, 3)
 
 
 @dataclass
@@ -163,6 +180,25 @@ def score(
                 previous = run(prev, "π_t-1")
     lengths = torch.tensor([[len(c) for c in cands] for cands in candidates], dtype=torch.long)
     return RoundScores(policy=scores_t, initial=initial, previous=previous, lengths=lengths)
+
+
+def label(
+    t: int,
+    samples: RoundSamples,
+    scores: RoundScores,
+    args: CreamConfig,
+    decode: Callable[..., list[str]] | None = None,
+) -> tuple[Dataset, dict[str, Any], Dataset | None]:
+    """Round ``t``'s rewards, both rankings, C and best/worst pairs (Algorithm 1 lines 9-12), with the round's metrics;
+    with ``decode`` (the tokenizer's ``batch_decode``), also the table of every candidate."""
+    labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
+    pairs = pairs_dataset(t, samples.prompt_ids, samples.candidates, scores, labels, args.ref_policy)
+    metrics = {"round": t, "beta": args.beta_for_round(t), **labels.metrics}
+    table = None
+    if decode is not None:
+        completions = [decode(c, skip_special_tokens=True) for c in samples.candidates]
+        table = candidates_dataset(samples.prompts, samples.candidates, completions, scores, labels)
+    return pairs, metrics, table
 
 
 def advance_previous(policy: Policy) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,14 +23,14 @@ from transformers.trainer_utils import TrainOutput
 from trl.models.utils import unwrap_model_for_generation
 
 from .. import distributed, engines, hub, inspection
-from ..core.labelling import RoundScores, label_round
+from ..core.labelling import RoundScores
 from ..core.loss import cream_dpo_loss, pair_metrics
 from ..modeling import reward_sources, sampling
 from ..modeling.perf import frozen_gc
-from ..modeling.sampling import SamplingSettings, completion_logps, tokenize_prompts
+from ..modeling.sampling import SamplingSettings, tokenize_prompts
+from ..modeling.scoring import completion_logps
 from ..runs.manifest import build_manifest, run_identity
 from ..runs.store import PhaseStore
-from ..runs.tables import candidates_dataset, pairs_dataset
 from . import phases, report, resume, run_log
 from .config import CreamConfig
 from .data import PairCollator, split_equally
@@ -205,21 +203,21 @@ class CreamTrainer(TrlOnlineDPOBase):
         logger.info(
             "CREAM round %d/%d: %d prompts x %d candidates", t, args.num_iterations, len(prompts), args.num_generations
         )
-        with _timed(state, "generate"):
+        with state.timed("generate"):
             samples = self.sample_phase(state, prompts)  # line 5: N responses per prompt from π_t
-        with _timed(state, "score"), frozen_gc(args.freeze_gc):
+        with state.timed("score"), frozen_gc(args.freeze_gc):
             scores = self.score_phase(state, samples)  # lines 6, 8: log π_t, log π_0, log π_{t−1}
         phases.advance_previous(self._policy())  # π_t becomes round t + 1's π_{t−1}
-        with _timed(state, "pair"):
+        with state.timed("pair"):
             pairs, metrics = self.label_phase(state, samples, scores)  # lines 9-12: rankings, C, pairs
         self.log_at({f"cream/{k}": float(v) for k, v in report.tidy(metrics).items() if k != "round"}, step)
         inspection.log_completions(self, t, samples, scores, pairs, step)  # log_completions: the round's table
-        with _timed(state, "train"):
+        with state.timed("train"):
             output = self.train_phase(state, pairs)  # lines 13-14
         check_training_finite(self.accelerator, self.model, output.training_loss, t, args)  # before M_{t+1} is saved
         metrics.update(train_loss=output.training_loss if output.global_step else None, train_steps=output.global_step)
         report.flag_no_op(t, metrics, self.lr_probe)  # warns once and marks a round that learnt nothing
-        with _timed(state, "save"):
+        with state.timed("save"):
             self.save_iteration(self.store.iteration(t + 1))  # M_{t+1}
         self.store.drop_trainer_checkpoints(t)
         metrics.update({f"time_{k}_s": v for k, v in state.timings.items()})
@@ -296,15 +294,8 @@ class CreamTrainer(TrlOnlineDPOBase):
 
         def label() -> tuple[Dataset, dict[str, Any], Dataset | None]:
             self.store.drop_trainer_checkpoints(t)  # they would belong to pairs that are no longer on disk
-            labels = label_round(scores, args.consistency_measure, args.consistency_granularity, args.round1_baseline)
-            pairs = pairs_dataset(t, samples.prompt_ids, samples.candidates, scores, labels, args.ref_policy)
-            metrics = {"round": t, "beta": args.beta_for_round(t), **labels.metrics}
-            table = None
-            if args.save_round_artifacts and self.accelerator.is_main_process:
-                decode = self.processing_class.batch_decode
-                completions = [decode(c, skip_special_tokens=True) for c in samples.candidates]
-                table = candidates_dataset(samples.prompts, samples.candidates, completions, scores, labels)
-            return pairs, metrics, table
+            with_table = args.save_round_artifacts and self.accelerator.is_main_process
+            return phases.label(t, samples, scores, args, self.processing_class.batch_decode if with_table else None)
 
         def load() -> tuple[Dataset, dict[str, Any], None] | None:
             loaded = self.store.load_pairs(t)
@@ -461,12 +452,3 @@ class CreamTrainer(TrlOnlineDPOBase):
 
     def _base_model(self) -> str | None:
         return hub.base_model_path(self.accelerator.unwrap_model(self.model), self.ref_model, self.use_peft)
-
-
-@contextmanager
-def _timed(state: phases.RoundState, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        state.timings[name] = round(time.perf_counter() - start, 3)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..modeling import adapters
 from ..modeling.sampling import SamplingSettings, TokenIds, pad_token_id
-from ..modeling.vllm_backend import VLLMSampler
+from ..modeling.vllm_backend import EngineSettings, VLLMSampler
 from .phases import Policy
 
 if TYPE_CHECKING:
@@ -47,6 +47,37 @@ def policy_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, param.detach()) for name, param in model.named_parameters(remove_duplicate=False)]
 
 
+def engine_settings(policy: Policy, args: CreamConfig, iteration_dir: Path) -> EngineSettings:
+    """What this process's engine is built with: π_t's folder ``iteration_dir`` (full fine-tuning) or the policy's
+    base model and adapter rank (LoRA/QLoRA), sized by the run's ``vllm_*`` fields."""
+    model = policy.model
+    lora_rank, model_dir, quantization = None, iteration_dir, None
+    if policy.use_peft:
+        config = model.peft_config[adapters.policy_adapter_name(model)]
+        lora_rank, model_dir = int(config.r), config.base_model_name_or_path or ""
+        if not model_dir:
+            raise ValueError(
+                "generation_backend='vllm' with LoRA loads the base model into vLLM from its "
+                "`base_model_name_or_path`, which this PEFT model does not have (a base built in memory). Load "
+                "the base with from_pretrained(<folder or Hub id>) or use generation_backend='generate'."
+            )
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+            quantization = "bitsandbytes"
+    return EngineSettings(
+        model_dir=model_dir,
+        max_model_len=args.vllm_max_model_length or args.max_length,
+        seed=args.seed + policy.accelerator.process_index,
+        dtype=_dtype(model),
+        max_num_seqs=args.vllm_max_num_seqs,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        lora_rank=lora_rank,
+        quantization=quantization,
+        enable_sleep_mode=args.vllm_enable_sleep_mode and torch.cuda.is_available(),
+        enforce_eager=args.vllm_enforce_eager,
+    )
+
+
 class ColocatedEngine:
     """Holds this process's `VLLMSampler` and which ``M<k>`` it holds."""
 
@@ -58,38 +89,12 @@ class ColocatedEngine:
         self.starts = 0  # engines built in this run (more than one when shut down between rounds on CPU)
 
     def _build(self, policy: Policy, args: CreamConfig, iteration_dir: Path) -> VLLMSampler:
-        model = policy.model
-        lora_rank, model_dir, quantization = None, iteration_dir, None
-        if policy.use_peft:
-            config = model.peft_config[adapters.policy_adapter_name(model)]
-            lora_rank, model_dir = int(config.r), config.base_model_name_or_path or ""
-            if not model_dir:
-                raise ValueError(
-                    "generation_backend='vllm' with LoRA loads the base model into vLLM from its "
-                    "`base_model_name_or_path`, which this PEFT model does not have (a base built in memory). Load "
-                    "the base with from_pretrained(<folder or Hub id>) or use generation_backend='generate'."
-                )
-            if getattr(model, "is_loaded_in_4bit", False) or getattr(
-                model.get_base_model(), "is_loaded_in_4bit", False
-            ):
-                quantization = "bitsandbytes"
+        settings = engine_settings(policy, args, iteration_dir)
         started = time.perf_counter()
-        sampler = VLLMSampler(
-            model_dir,
-            max_model_len=args.vllm_max_model_length or args.max_length,
-            seed=args.seed + policy.accelerator.process_index,
-            dtype=_dtype(model),
-            max_num_seqs=args.vllm_max_num_seqs,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            lora_rank=lora_rank,
-            quantization=quantization,
-            enable_sleep_mode=args.vllm_enable_sleep_mode and torch.cuda.is_available(),
-            enforce_eager=args.vllm_enforce_eager,
-        )
+        sampler = VLLMSampler(settings)
         self.timings["engine_start_s"] = time.perf_counter() - started
         self.starts += 1
-        logger.info("vLLM engine started from %s in %.1f s.", model_dir, self.timings["engine_start_s"])
+        logger.info("vLLM engine started from %s in %.1f s.", settings.model_dir, self.timings["engine_start_s"])
         return sampler
 
     def hold(self, policy: Policy, args: CreamConfig, iteration_dir: Path) -> VLLMSampler:
