@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,20 +152,62 @@ def cream_args(output_dir: Path, **overrides):
     return CreamConfig(**kwargs)
 
 
-@pytest.fixture(scope="session")
-def finished_full_run(tmp_path_factory) -> SimpleNamespace:
-    """One finished 2-round full fine-tuning run with `cream_args`' defaults (M1 = `perturbed(m0)`, π_0 = m0, the 8
-    `QUESTIONS`), trained once per session and shared by the tests that only READ its results (never write into
-    ``out``). Attributes: ``out`` (the output_dir), ``args``, ``output`` (what `train()` returned), ``log_history``."""
+# ------------------------------------------------------------------------------------ finished runs, shared
+# A test that only reads a finished run's results (files, metrics, logs, manifest) takes one of these instead of
+# training its own: each is trained once per session. None may be written into: a test that writes (a resume, a
+# damaged file, another run in the folder) takes `finished_run`, a copy in its own tmp_path. Each fixture checks at
+# the end of the session that no file of its run changed.
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """``relative path → SHA-256`` of every file under ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _train_default_run(out: Path, **overrides) -> SimpleNamespace:
+    """A full fine-tuning run with `cream_args`' defaults (+ ``overrides``): M1 = `perturbed(m0)`, π_0 = m0 (the
+    tiny Llama), the 8 `QUESTIONS` as chat prompts."""
     from trl_cream import CreamTrainer
 
     tokenizer = tiny_tokenizer()
     m0 = tiny_llama(tokenizer)
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
-    out = tmp_path_factory.mktemp("finished_full_run") / "run"
-    args = cream_args(out)
+    args = cream_args(out, **overrides)
     trainer = CreamTrainer(
         model=perturbed(m0), ref_model=m0, args=args, train_dataset=prompts, processing_class=tokenizer
     )
     output = trainer.train()
     return SimpleNamespace(out=out, args=args, output=output, log_history=list(trainer.state.log_history))
+
+
+def _unchanged_after_the_session(run: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    before = _digests(run.out)
+    yield run
+    after = _digests(run.out)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test wrote into the shared finished run {run.out}: {changed[:5]} (copy it first)"
+
+
+@pytest.fixture(scope="session")
+def finished_full_run(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One finished 2-round full fine-tuning run with `cream_args`' defaults (`_train_default_run`), read-only.
+    Attributes: ``out`` (the output_dir), ``args``, ``output`` (what `train()` returned), ``log_history``."""
+    yield from _unchanged_after_the_session(_train_default_run(tmp_path_factory.mktemp("finished_full_run") / "run"))
+
+
+@pytest.fixture(scope="session")
+def finished_one_round_run(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One finished 1-round full fine-tuning run, `cream_args(num_iterations=1)` otherwise as `finished_full_run`,
+    read-only (tests that write take `finished_run`). Attributes as `finished_full_run`'s."""
+    out = tmp_path_factory.mktemp("finished_one_round_run") / "run"
+    yield from _unchanged_after_the_session(_train_default_run(out, num_iterations=1))
+
+
+@pytest.fixture()
+def finished_run(finished_one_round_run, tmp_path) -> Path:
+    """A copy of `finished_one_round_run`'s folder at ``tmp_path / "run"``, for a test that writes into it."""
+    return Path(shutil.copytree(finished_one_round_run.out, tmp_path / "run"))

@@ -18,7 +18,9 @@ def test_demo_pipeline_minimal(tmp_path, capsys):
         disable_tqdm=True, generation_batch_size=4, seed=0,
     )  # fmt: skip
     args = CreamConfig(**{**DEMO_DEFAULTS, **overrides})
-    demo = DemoArguments(size="tiny", eval_max_new_tokens=8, consistency_prompts=2)
+    demo = DemoArguments(
+        size="tiny", eval_max_new_tokens=8, consistency_prompts=2, eval_mc_questions=2, eval_gsm8k_questions=1
+    )
     out = run_demo(demo, args)
 
     printed = capsys.readouterr().out
@@ -29,6 +31,9 @@ def test_demo_pipeline_minimal(tmp_path, capsys):
     for per_task in results["accuracy"].values():
         assert set(per_task) == {"arc_easy", "arc_challenge", "openbookqa", "siqa", "gsm8k"}
         assert all(0 <= r["accuracy"] <= 1 and r["n"] > 0 for r in per_task.values())
+    assert results["settings"]["num_questions"] == {
+        "arc_easy": 2, "arc_challenge": 2, "openbookqa": 2, "siqa": 2, "gsm8k": 1
+    }  # fmt: skip
     assert set(results["consistency"]) == {"M2 vs M1", "M3 vs M2"}
     assert (tmp_path / "report" / "results.png").stat().st_size > 1000
     for m in ("M1", "M2", "M3"):

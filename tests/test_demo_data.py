@@ -206,6 +206,19 @@ def test_size_arguments(roots: tuple[Path, Path]) -> None:
         build(roots, {"promptz": 4})
 
 
+def test_eval_counts_from_the_preset_the_mode_or_the_demo_arguments() -> None:
+    tiny = dd.SIZE_PRESETS["tiny"]
+    assert dd.eval_sizes("tiny") == tiny
+    assert dd.eval_sizes("tiny", "loglikelihood").eval_mc == tiny.eval_mc_loglikelihood
+    sizes = dd.eval_sizes("tiny", "loglikelihood", eval_mc=2, eval_gsm8k=1)
+    assert (sizes.eval_mc, sizes.eval_gsm8k, sizes.prompts) == (2, 1, tiny.prompts)
+    assert dd.eval_sizes("small", eval_gsm8k=3).eval_mc == dd.SIZE_PRESETS["small"].eval_mc
+    with pytest.raises(ValueError, match=r"eval_gsm8k=0: evaluate at least 1 question per task"):
+        dd.eval_sizes("tiny", eval_gsm8k=0)
+    with pytest.raises(ValueError, match=r"eval_mc=-1"):
+        dd.eval_sizes("tiny", eval_mc=-1)
+
+
 @pytest.mark.slow
 def test_real_default_demo() -> None:
     data = dd.build_demo_datasets(seed=0)

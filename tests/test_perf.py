@@ -99,20 +99,18 @@ def test_sampled_policy_scores_share_duplicates_and_fall_back():
     assert sampled_policy_scores([[-1.0, -2.0, -1.1]], prompts, cands, max_length=3) is None  # would be truncated
 
 
-def test_policy_logps_from_sampling_in_a_round(tmp_path, m0, tokenizer, prompts):
+def test_policy_logps_from_sampling_in_a_round(finished_one_round_run, tmp_path, m0, tokenizer, prompts):
     """The opt-in path gives the same candidates and pairs, and π_t scores within the stated tolerance."""
-    tables = {}
-    for flag in (False, True):
-        out = tmp_path / str(flag)
-        CreamTrainer(
-            model=perturbed(m0),
-            ref_model=m0,
-            args=cream_args(out, num_iterations=1, policy_logps_from_sampling=flag),
-            train_dataset=prompts,
-            processing_class=tokenizer,
-        ).train()
-        tables[flag] = load_from_disk(str(out / "rounds" / "round_1" / "candidates"))
-    a, b = tables[False], tables[True]
+    assert not finished_one_round_run.args.policy_logps_from_sampling  # the default: π_t scored by a forward
+    a = load_from_disk(str(finished_one_round_run.out / "rounds" / "round_1" / "candidates"))
+    CreamTrainer(
+        model=perturbed(m0),
+        ref_model=m0,
+        args=cream_args(tmp_path, num_iterations=1, policy_logps_from_sampling=True),
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    ).train()
+    b = load_from_disk(str(tmp_path / "rounds" / "round_1" / "candidates"))
     assert a["completion_input_ids"] == b["completion_input_ids"]
     torch.testing.assert_close(torch.tensor(b["logp_policy"]), torch.tensor(a["logp_policy"]), atol=1e-4, rtol=1e-5)
     assert a["logp_initial"] == b["logp_initial"]

@@ -144,9 +144,8 @@ def _trainer(out: Path, m0, tokenizer, prompts, **overrides) -> CreamTrainer:
     )
 
 
-def test_a_different_run_is_refused_on_resume_and_on_a_fresh_start(tmp_path, m0, tokenizer, prompts):
-    out = tmp_path / "run"
-    _trainer(out, m0, tokenizer, prompts).train()
+def test_a_different_run_is_refused_on_resume_and_on_a_fresh_start(finished_run, tmp_path, m0, tokenizer, prompts):
+    out = finished_run  # a copy of a finished `_trainer(out, m0, tokenizer, prompts).train()`
     with pytest.raises(ValueError, match=r"config\.learning_rate: 0\.005 -> 0\.001.*original settings"):
         _trainer(out, m0, tokenizer, prompts, learning_rate=1e-3).train(resume_from_checkpoint=True)
     other_prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q + "!"}] for q in QUESTIONS]})

@@ -124,7 +124,12 @@ def _one_round(tmp_path, m0, tokenizer, prompts, **kwargs):
         **model_kwargs,
     )  # fmt: skip
     trainer.train()
-    round_dir = tmp_path / "rounds" / "round_1"
+    return _round_1(tmp_path)
+
+
+def _round_1(out):
+    """Round 1's candidates, pairs (None without any) and metrics, read from a finished run's folder."""
+    round_dir = out / "rounds" / "round_1"
     metrics = json.loads((round_dir / "metrics.json").read_text())
     pairs = load_from_disk(str(round_dir / "pairs")) if metrics["num_pairs"] else None  # datasets can't load 0 rows
     return load_from_disk(str(round_dir / "candidates")), pairs, metrics
@@ -164,9 +169,11 @@ def test_judge_source_with_the_policy_as_judge(tmp_path, m0, tokenizer, prompts)
     assert set(candidates["reward"]) == {JUDGE_FAILURE_SCORE}
 
 
-def test_baseline_from_a_reward_model_changes_c_and_nothing_else(tmp_path, m0, tokenizer, prompts):
+def test_baseline_from_a_reward_model_changes_c_and_nothing_else(
+    finished_one_round_run, tmp_path, m0, tokenizer, prompts
+):
     rm = tiny_reward_model(tokenizer, seed=7)
-    cand_a, pairs_a, metrics_a = _one_round(tmp_path / "a", m0, tokenizer, prompts)
+    cand_a, pairs_a, metrics_a = _round_1(finished_one_round_run.out)  # = _one_round(tmp_path / "a", ...) unchanged
     cand_b, pairs_b, metrics_b = _one_round(
         tmp_path / "b", m0, tokenizer, prompts, baseline_source="reward_model", reward_model=rm,
         reward_processing_class=tokenizer,

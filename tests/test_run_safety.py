@@ -204,23 +204,6 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.fixture(scope="module")
-def finished_template(tmp_path_factory) -> Path:
-    """One finished 1-round run, copied by `finished_run` for each test that damages it."""
-    from conftest import tiny_llama, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
-    out = tmp_path_factory.mktemp("finished") / "run"
-    make(out, tiny_llama(tokenizer), tokenizer, prompts).train()
-    return out
-
-
-@pytest.fixture()
-def finished_run(finished_template, tmp_path) -> Path:
-    return Path(shutil.copytree(finished_template, tmp_path / "run"))
-
-
 @pytest.mark.parametrize(
     ("damaged", "message"),
     [

@@ -90,6 +90,13 @@ class DemoArguments:
             "loglikelihood, which is cheaper per question than generation)."
         },
     )
+    eval_gsm8k_questions: int | None = field(
+        default=None,
+        metadata={
+            "help": "GSM8K problems. Default: the size preset's. Each is a greedy answer of up to "
+            "--eval_max_new_tokens tokens, the costliest question of the evaluation (and a 135M model scores ~0 %)."
+        },
+    )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Greedy token budget per evaluation answer."})
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call during evaluation."})
     consistency_prompts: int = field(
@@ -173,7 +180,8 @@ def _demo_data(demo: DemoArguments, args: CreamConfig) -> tuple[str, Any]:
 
     model_path = demo.model or str(assets.smollm2_model_dir())
     data = demo_data.build_demo_datasets(
-        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions), args.seed
+        demo_data.eval_sizes(demo.size, demo.eval_mode, demo.eval_mc_questions, demo.eval_gsm8k_questions),
+        args.seed,
     )
     return model_path, data
 

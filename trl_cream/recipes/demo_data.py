@@ -231,8 +231,9 @@ class DemoSizes:
 
 
 SIZE_PRESETS: dict[str, DemoSizes] = {
-    # Unit tests / smoke runs: seconds.
-    "tiny": DemoSizes(sft_mc=16, sft_chat=4, prompts=8, eval_mc=8, eval_gsm8k=4, eval_mc_loglikelihood=8),
+    # Smoke runs (tests/test_demo.py): every phase once, nothing measured. SFT 10 rows (3 steps of 4), 2 prompts per
+    # round, 4 questions per multiple-choice task and 2 GSM8K problems per checkpoint.
+    "tiny": DemoSizes(sft_mc=8, sft_chat=2, prompts=4, eval_mc=4, eval_gsm8k=2, eval_mc_loglikelihood=4),
     # The default demo on 2 CPU cores with SmolLM2-135M (within 20 min; measured costs in benchmarks/RESULTS.md):
     # SFT 80 rows (~10 steps of 8), 2 CREAM rounds of 10 prompts, 4 checkpoints x (4 x 24 MC + 10 GSM8K) evals.
     # 24 rows per task give a standard error of ~10 points: the demo shows the pipeline, not significance. Scored by
@@ -247,12 +248,25 @@ SIZE_PRESETS: dict[str, DemoSizes] = {
 DEFAULT_SIZE = "small"
 
 
-def eval_sizes(size: str | DemoSizes, eval_mode: str = "generate", eval_mc: int | None = None) -> DemoSizes:
-    """The sizes of a preset with the multiple-choice eval count that fits ``eval_mode``, or ``eval_mc`` if given.
+def eval_sizes(
+    size: str | DemoSizes, eval_mode: str = "generate", eval_mc: int | None = None, eval_gsm8k: int | None = None
+) -> DemoSizes:
+    """The sizes of a preset with the multiple-choice eval count that fits ``eval_mode``, or ``eval_mc`` if given,
+    and ``eval_gsm8k`` GSM8K problems if given.
 
     ``eval_mode="loglikelihood"`` uses the preset's `eval_mc_loglikelihood` (when set) instead of `eval_mc`.
+
+    Raises:
+        `ValueError`: ``eval_mc`` or ``eval_gsm8k`` is below 1.
     """
+    for name, value in (("eval_mc", eval_mc), ("eval_gsm8k", eval_gsm8k)):
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{name}={value}: evaluate at least 1 question per task, or leave it unset for the size preset's."
+            )
     sizes = _resolve_sizes(size)
+    if eval_gsm8k is not None:
+        sizes = replace(sizes, eval_gsm8k=eval_gsm8k)
     if eval_mc is not None:
         return replace(sizes, eval_mc=eval_mc)
     if eval_mode == "loglikelihood" and sizes.eval_mc_loglikelihood is not None:
