@@ -94,7 +94,7 @@ class DemoArguments:
         default=None,
         metadata={
             "help": "GSM8K problems. Default: the size preset's. Each is a greedy answer of up to "
-            "--eval_max_new_tokens tokens, the costliest question of the evaluation (and a 135M model scores ~0 %)."
+            "--eval_max_new_tokens tokens, the costliest question (a 135M model solves almost none)."
         },
     )
     eval_max_new_tokens: int = field(default=48, metadata={"help": "Greedy token budget per evaluation answer."})
