@@ -132,8 +132,8 @@ class ColocatedEngine:
         candidates = sampler.generate(
             prompt_ids, settings, policy.eos_ids, pad_token_id(policy.tokenizer), logps_out, show_progress=show
         )
-        if args.vllm_enable_sleep_mode and not torch.cuda.is_available():
-            self.close()  # CPU: no sleep mode; give the engine's memory and threads back until the next sampling
+        if args.vllm_enable_sleep_mode and not sampler.sleeps:
+            self.close()  # no sleep mode here (CPU): give the engine's memory and threads back until the next sampling
         return candidates
 
     def close(self) -> None:
